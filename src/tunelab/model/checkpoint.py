@@ -1,0 +1,143 @@
+"""Read and write model directories: HF layout in, tunelab format and HF export out.
+
+Never unpickles: safetensors, or torch.load(weights_only=True) for old .bin files.
+Writes go to a temporary directory that is renamed into place, so a kill never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.errors import ModelError
+from tunelab.model.config import ModelConfig, from_hf_config
+from tunelab.model.convert import hf_to_tunelab, to_hf_config, tunelab_to_hf
+from tunelab.model.heads import EncoderModel, build_model
+from tunelab.tokenizer.tokenizer import Tokenizer
+
+CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary directory beside target; on success it replaces target in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]}); the file may be truncated") from None
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: one safetensors file, a sharded index, or a .bin file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        state = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(read_safetensors(path / shard))
+        return state
+    if (path / "model.safetensors").exists():
+        return read_safetensors(path / "model.safetensors")
+    if (path / "pytorch_model.bin").exists():
+        try:
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot read safely ({e})") from None
+    raise ModelError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy a state dict in, naming missing or unexpected tensors instead of failing silently."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not _tied(model, k)]
+    if missing:
+        raise ModelError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    for name, tensor in state.items():
+        if name not in expected:
+            raise ModelError(f"{source}: unexpected tensor {name!r}")
+        if tensor.shape != expected[name].shape:
+            raise ModelError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    return model.cfg.tie_embeddings and name in ("lm_head.weight", "mlm_head.decoder.weight")
+
+
+def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """(model, tokenizer) from a tunelab or HF-layout directory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists():
+        cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
+        state = read_safetensors(path / "model.safetensors")
+    elif (path / "config.json").exists():
+        try:
+            hf = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path / 'config.json'}: invalid JSON at line {e.lineno}") from None
+        cfg = from_hf_config(hf)
+        state = hf_to_tunelab(read_hf_weights(path), cfg)
+    else:
+        raise ModelError(f"{path}: neither {CONFIG_FILE} nor config.json; not a model directory")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    if isinstance(model, EncoderModel) and any(k.startswith("mlm_head.") for k in state):
+        with torch.device("meta"):
+            model = EncoderModel(cfg, mlm=True)
+    model = model.to_empty(device="cpu")
+    load_weights(model, state, path)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, Tokenizer.from_dir(path)
+
+
+def save_model_dir(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, extra: dict | None = None) -> None:
+    """Write a tunelab checkpoint directory atomically: weights, config, tokenizer."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not _tied(model, k)}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"format": 1, "model": model.cfg.to_dict(), **(extra or {})}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+
+def export_hf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path) -> None:
+    """Write an HF directory that transformers' AutoModel*.from_pretrained loads with equal logits."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        save_file(tunelab_to_hf(state, model.cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = to_hf_config(model.cfg)
+        hf["torch_dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)

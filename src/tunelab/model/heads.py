@@ -1,0 +1,92 @@
+"""Heads that read the transformer's hidden states, and the models they make with it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tunelab.model.config import ModelConfig
+from tunelab.model.transformer import _ACTS, KVCache, Transformer, make_norm
+
+
+class CausalLM(nn.Module):
+    """Transformer + next-token head (tied to the embeddings when the config says so)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.tok_embed.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V); last_only=True computes them for the final position alone."""
+        h = self.transformer(
+            input_ids, attention_mask, position_ids, segment_ids=segment_ids, cache=cache
+        )
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(hidden of the first token))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: transform (dense, act, norm), then a decoder tied to the embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.act = _ACTS[cfg.act]
+        self.norm = make_norm(cfg)
+        self.decoder = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(h))))
+
+
+class EncoderModel(nn.Module):
+    """A bidirectional encoder (BERT, MiniLM) with its pooler and an optional MLM head."""
+
+    def __init__(self, cfg: ModelConfig, mlm: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.mlm_head = MLMHead(cfg) if mlm else None
+        if mlm:
+            self.mlm_head.decoder.weight = self.transformer.tok_embed.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Hidden states (B, T, d); pool() and mlm_head read them."""
+        return self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
+
+    def mean_pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model a config describes: an encoder for bidirectional configs, else a causal LM."""
+    return CausalLM(cfg) if cfg.causal else EncoderModel(cfg)

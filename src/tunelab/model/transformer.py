@@ -1,0 +1,219 @@
+"""The one transformer: every family is this module built from a different ModelConfig.
+
+Read it top to bottom: norms, rotary positions, attention, MLP, block, the stack.
+It knows nothing of LoRA, quantization or losses; those act on it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.model.config import ModelConfig
+
+_ACTS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+# torch >= 2.5 lets SDPA share K/V heads itself; older ones get the heads repeated.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Llama and Gemma do."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma stores w and scales by (1 + w), in float32
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
+    """cos/sin tables for (batch, seq) positions, in the HF 'rotate half' layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim), broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values per layer, so decoding never reallocates."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0  # tokens already stored; advanced by Transformer.forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.out_bias)
+
+    def forward(self, x, mask, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg, (b, t, _) = self.cfg, x.shape
+        q = self.q_proj(x).view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        gqa = cfg.n_kv_head != cfg.n_head
+        if gqa and not _SDPA_GQA:
+            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+        is_causal = isinstance(mask, str)  # "causal": the fast path without a mask tensor
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, cfg.n_head * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = _ACTS[cfg.act]
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.post_norm = cfg.post_norm
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.dropout = nn.Dropout(0.0)  # set by training config; identity by default
+
+    def forward(self, x, mask, rope, cache, layer) -> torch.Tensor:
+        if self.post_norm:  # BERT: add, then normalise
+            x = self.attn_norm(x + self.dropout(self.attn(x, mask, rope, cache, layer)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache, layer))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Embeddings, a stack of blocks and the final norm; returns hidden states.
+
+    Heads (LM, classification, MLM) live in heads.py and read these hidden states.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        if cfg.type_vocab_size:
+            self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        if cfg.post_norm:  # BERT normalises the embeddings; pre-norm models normalise the output
+            self.embed_norm = make_norm(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        if not cfg.post_norm:
+            self.norm = make_norm(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, d). attention_mask: (B, past+T), 1 for real tokens.
+
+        segment_ids (B, T) keep packed documents from attending to each other.
+        """
+        cfg, (b, t) = self.cfg, input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        x = self.tok_embed(input_ids)
+        if cfg.embed_scale:
+            x = x * torch.tensor(math.sqrt(cfg.d_model), dtype=x.dtype)
+        if cfg.pos == "learned":
+            x = x + self.pos_embed(position_ids)
+        if cfg.type_vocab_size:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type_embed(types)
+        if cfg.post_norm:
+            x = self.embed_norm(x)
+        rope = None
+        if cfg.pos == "rope":
+            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, rope, cache, i)
+        if cache is not None:
+            cache.length += t
+        return x if cfg.post_norm else self.norm(x)
+
+    def build_mask(self, attention_mask, segment_ids, past: int, t: int, device):
+        """A boolean (B, 1, T, S) mask, 'causal' for SDPA's fast path, or None."""
+        cfg, s = self.cfg, past + t
+        window = cfg.sliding_window if cfg.causal else None
+        simple = attention_mask is None and segment_ids is None and (window is None or s <= window)
+        if simple:
+            if not cfg.causal or t == 1:
+                return None
+            if past == 0:
+                return "causal"
+        q_pos = torch.arange(past, s, device=device)[:, None]
+        k_pos = torch.arange(s, device=device)[None, :]
+        allowed = (k_pos <= q_pos) if cfg.causal else torch.ones(t, s, dtype=torch.bool, device=device)
+        if window is not None:
+            allowed = allowed & (q_pos - k_pos < window)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :s].bool()
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        # A padding query that may see nothing would give NaN; let every query see itself.
+        return allowed | (q_pos == k_pos)[None, None]
