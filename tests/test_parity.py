@@ -38,7 +38,7 @@ def _random_hf(name, tmp_path):
     torch.manual_seed(hash(name) % 1000)
     model = cls(cfg).eval()
     with torch.no_grad():  # randomise norms and biases too, so a mis-mapped one shows
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     path = tmp_path / name

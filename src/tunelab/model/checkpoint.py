@@ -51,7 +51,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]}); the file may be truncated") from None
+        raise ModelError(
+            f"{path}: cannot read safetensors ({str(e).splitlines()[0]}); the file may be truncated"
+        ) from None
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -120,10 +122,14 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device=
     return model, Tokenizer.from_dir(path)
 
 
-def save_model_dir(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, extra: dict | None = None) -> None:
+def save_model_dir(
+    model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, extra: dict | None = None
+) -> None:
     """Write a tunelab checkpoint directory atomically: weights, config, tokenizer."""
     with atomic_dir(path) as tmp:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not _tied(model, k)}
+        state = {
+            k: v.detach().contiguous() for k, v in model.state_dict().items() if not _tied(model, k)
+        }
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"format": 1, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -135,7 +141,11 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path) -
     """Write an HF directory that transformers' AutoModel*.from_pretrained loads with equal logits."""
     with atomic_dir(path) as tmp:
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        save_file(tunelab_to_hf(state, model.cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            tunelab_to_hf(state, model.cfg),
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         hf = to_hf_config(model.cfg)
         hf["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))

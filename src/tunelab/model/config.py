@@ -48,7 +48,9 @@ class ModelConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.head_dim = self.head_dim or self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
-            raise ConfigError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+            raise ConfigError(
+                f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"
+            )
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -99,7 +101,9 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> ModelConfig:
     """A named architecture preset, e.g. 'gpt2-tiny', with field overrides."""
     if name not in PRESETS:
-        raise ModelError(f"unknown architecture {name!r}{closest(name, PRESETS)}; known: {', '.join(PRESETS)}")
+        raise ModelError(
+            f"unknown architecture {name!r}{closest(name, PRESETS)}; known: {', '.join(PRESETS)}"
+        )
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
@@ -166,7 +170,9 @@ def from_hf_config(hf: dict) -> ModelConfig:
             **common,
         )  # fmt: skip
     supported = "gpt2, llama (SmolLM2, Llama), mistral (Zephyr), qwen2, gemma, bert (MiniLM)"
-    raise ModelError(f"unsupported architecture {kind or hf.get('architectures')!r}; supported: {supported}")
+    raise ModelError(
+        f"unsupported architecture {kind or hf.get('architectures')!r}; supported: {supported}"
+    )
 
 
 def _act(name: str) -> str:

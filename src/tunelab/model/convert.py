@@ -65,7 +65,14 @@ _BERT += [
                      ("decoder.weight", "decoder.weight"), ("bias", "decoder.bias")]
 ]  # fmt: skip
 
-TABLES = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA, "gpt2": _GPT2, "bert": _BERT}
+TABLES = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma": _LLAMA,
+    "gpt2": _GPT2,
+    "bert": _BERT,
+}
 # Buffers and aliases that HF checkpoints carry and tunelab recomputes or ties.
 _IGNORED = re.compile(
     r"(\.attn\.(masked_)?bias$|position_ids$|rotary_emb\.inv_freq$|cls\.predictions\.decoder\.bias$)"
@@ -75,8 +82,10 @@ _CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weig
 
 def _compile(table):
     """Regexes from HF names to tunelab names and back, with {i} as the layer index."""
+
     def rx(p):
         return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
     return [(rx(hf), ours, rx(ours), hf) for hf, ours in table]  # fmt: skip
 
 
@@ -142,7 +151,9 @@ def tunelab_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         out[hf] = tensor.t().contiguous() if cfg.family == "gpt2" and _CONV1D.search(hf) else tensor
     for (i, kind), parts in qkv.items():
         fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"transformer.h.{i}.attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
+        out[f"transformer.h.{i}.attn.c_attn.{kind}"] = (
+            fused.t().contiguous() if kind == "weight" else fused
+        )
     return out
 
 
@@ -178,5 +189,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
     if cfg.family in ("llama", "mistral"):
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if cfg.family in ("mistral", "qwen2"):
-        out.update(sliding_window=cfg.sliding_window, use_sliding_window=cfg.sliding_window is not None)
+        out.update(
+            sliding_window=cfg.sliding_window, use_sliding_window=cfg.sliding_window is not None
+        )
     return out

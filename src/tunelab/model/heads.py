@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunelab.errors import ModelError
 from tunelab.model.config import ModelConfig
 from tunelab.model.transformer import _ACTS, KVCache, Transformer, make_norm
 
@@ -85,6 +86,14 @@ class EncoderModel(nn.Module):
             return h.mean(1)
         m = attention_mask[..., None].to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def require_causal(model: nn.Module, what: str) -> None:
+    """Encoders cannot predict the next token; say so instead of failing deep inside."""
+    if not model.cfg.causal:
+        raise ModelError(
+            f"{what} needs a causal (decoder) model; this is a {model.cfg.family} encoder"
+        )
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

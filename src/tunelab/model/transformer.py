@@ -47,7 +47,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
     """cos/sin tables for (batch, seq) positions, in the HF 'rotate half' layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    )
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim), broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -207,7 +209,9 @@ class Transformer(nn.Module):
                 return "causal"
         q_pos = torch.arange(past, s, device=device)[:, None]
         k_pos = torch.arange(s, device=device)[None, :]
-        allowed = (k_pos <= q_pos) if cfg.causal else torch.ones(t, s, dtype=torch.bool, device=device)
+        allowed = (
+            (k_pos <= q_pos) if cfg.causal else torch.ones(t, s, dtype=torch.bool, device=device)
+        )
         if window is not None:
             allowed = allowed & (q_pos - k_pos < window)
         allowed = allowed[None, None]

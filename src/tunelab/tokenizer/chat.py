@@ -27,7 +27,9 @@ def _raise(message):
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     # Templates come from model files: run them sandboxed, with the globals HF templates expect.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
         x, indent=indent, ensure_ascii=ensure_ascii
     )
@@ -42,7 +44,9 @@ def render_chat(
     """The prompt text for a conversation; special_tokens gives bos_token, eos_token, ..."""
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"message {i}: expected {{'role': ..., 'content': ...}}, got {message!r}")
+            raise DataError(
+                f"message {i}: expected {{'role': ..., 'content': ...}}, got {message!r}"
+            )
     try:
         return _compile(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens

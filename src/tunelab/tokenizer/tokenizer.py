@@ -11,7 +11,15 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tunelab.errors import ModelError
 from tunelab.tokenizer.chat import CHATML, render_chat
 
-_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+_SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+    "cls_token",
+    "sep_token",
+    "mask_token",
+)
 
 
 def _token_str(value) -> str | None:
@@ -78,7 +86,9 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return [
+            e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        ]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -87,6 +97,10 @@ class Tokenizer:
         tokens = {k: v for k, v in self.special.items() if v is not None}
         return render_chat(self.chat_template or CHATML, messages, add_generation_prompt, **tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation; the template writes BOS itself, so none is added twice."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(
+            self.render_chat(messages, add_generation_prompt), add_special_tokens=False
+        )

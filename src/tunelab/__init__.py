@@ -1,0 +1,74 @@
+"""tunelab: adapt language models and measure what each technique costs and gains.
+
+import tunelab
+lm = tunelab.load("smollm2-135m-instruct")
+print(lm.generate("What is the capital of France?", max_new_tokens=20))
+print(lm.perplexity("Some text to score."))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__version__ = "0.1.0"
+__all__ = ["load", "Pretrained"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load(source: str | Path, precision: str = "fp32", device: str = "cpu") -> Pretrained:
+    """Load a model by name, directory, .gguf file or hub id (see `tunelab models`)."""
+    from tunelab.errors import ConfigError
+    from tunelab.hub import resolve
+    from tunelab.model.checkpoint import load_model_dir
+
+    if precision not in DTYPES:
+        raise ConfigError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    path = resolve(source)
+    if path.suffix == ".gguf":
+        from tunelab.model.gguf import gguf_to_hf_dir
+
+        path = gguf_to_hf_dir(path)
+    model, tokenizer = load_model_dir(path, dtype=DTYPES[precision], device=device)
+    return Pretrained(model, tokenizer, str(source), path)
+
+
+class Pretrained:
+    """A loaded model with its tokenizer: the public API beside the CLI."""
+
+    def __init__(self, model, tokenizer, name: str, path: Path):
+        self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    def generate(self, prompt: str | list[str], chat: bool = False, **sampling) -> str | list[str]:
+        """Generated text for one prompt (or a list); sampling takes Sampling's fields."""
+        from tunelab.generate import Sampling, generate
+
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        out = [
+            r["text"]
+            for r in generate(self.model, self.tokenizer, prompts, Sampling(**sampling), chat)
+        ]
+        return out[0] if isinstance(prompt, str) else out
+
+    def perplexity(self, text: str, window: int | None = None, stride: int | None = None) -> dict:
+        """Sliding-window perplexity of text: perplexity, tokens, window, stride."""
+        from tunelab.evaluate.perplexity import perplexity
+
+        return perplexity(self.model, self.tokenizer, text, window, stride)
+
+    def save(self, path: str | Path) -> None:
+        from tunelab.model.checkpoint import save_model_dir
+
+        save_model_dir(self.model, self.tokenizer, path)
+
+    def export(self, path: str | Path) -> None:
+        """An HF-format directory that transformers loads."""
+        from tunelab.model.checkpoint import export_hf
+
+        export_hf(self.model, self.tokenizer, path)

@@ -1,0 +1,208 @@
+"""Run configuration: dataclasses loaded from YAML, with `--section.key value` overrides.
+
+Every option has a default and a one-line doc (shown by --help). Unknown keys are errors
+that name the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import ConfigError, closest
+
+
+def opt(default, doc: str, **kw):
+    """A config field with its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class DataConfig:
+    path: str | None = opt(
+        None, "training data: text file/folder, CSV/TSV, JSON/JSONL, Parquet or HF dataset"
+    )
+    val_path: str | None = opt(
+        None, "validation data; default: a seeded split of the training data"
+    )
+    format: str | None = opt(
+        None, "data format (text, csv, tsv, json, jsonl, parquet, hf); default: from suffix"
+    )
+    val_fraction: float = opt(0.05, "fraction held out for validation when no val_path is given")
+    text_field: str = opt("text", "column holding raw text (pretraining)")
+    text_mode: str = opt(
+        "paragraph", "how text files split into documents: file, paragraph or line"
+    )
+    instruction_field: str = opt("instruction", "column holding the instruction (SFT)")
+    input_field: str = opt("input", "column holding optional extra input (SFT)")
+    output_field: str = opt("output", "column holding the response (SFT)")
+    messages_field: str = opt("messages", "column holding chat messages [{role, content}] (SFT)")
+    pack: bool = opt(
+        False, "pack documents into full rows (causal LM), attention kept per document"
+    )
+    group_by_length: bool = opt(False, "batch examples of similar length together (less padding)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = opt(None, "optimizer steps to run; default: from epochs")
+    epochs: float = opt(1.0, "passes over the training data (when max_steps is not set)")
+    max_tokens: int | None = opt(None, "stop after this many training tokens")
+    batch_size: int = opt(4, "examples per micro-batch (per device)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(5e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms)")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    warmup_steps: int | None = opt(None, "linear warmup steps; default: warmup_ratio of the run")
+    warmup_ratio: float = opt(0.05, "warmup as a fraction of max_steps")
+    schedule: str = opt("cosine", "learning-rate decay after warmup: cosine, linear or constant")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of lr")
+    clip: float | None = opt(1.0, "max gradient norm; null disables clipping")
+    seq_len: int = opt(512, "max tokens per example (or per packed row)")
+    seed: int = opt(0, "seed for init, data order and sampling")
+    precision: str = opt("fp32", "fp32, bf16 (autocast) or fp16 (CUDA, with a grad scaler)")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    eval_every: int | None = opt(None, "evaluate every N steps; default: only at the end")
+    eval_batches: int | None = opt(None, "cap the validation batches per evaluation")
+    save_every: int | None = opt(None, "checkpoint every N steps; always at the end")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    early_stopping: int | None = opt(
+        None, "stop after N evaluations without a better validation loss"
+    )
+    log_every: int = opt(1, "write metrics every N steps")
+    dropout: float = opt(0.0, "residual dropout during training")
+    samples: list = opt([], "prompts to generate from at each evaluation (generative runs)")
+    sample_tokens: int = opt(40, "new tokens per sample")
+
+
+@dataclass
+class EvalConfig:
+    domain: str | None = opt(None, "in-domain text for perplexity before/after (pretrain)")
+    general: str | None = opt(None, "out-of-domain text for perplexity before/after: forgetting")
+    window: int = opt(256, "perplexity window in tokens")
+    stride: int = opt(128, "perplexity stride in tokens")
+
+
+@dataclass
+class RunConfig:
+    task: str = opt("pretrain", "pretrain or finetune")
+    model: str | None = opt("smollm2-135m-instruct", "model name, directory, .gguf or hub id")
+    arch: str | None = opt(
+        None, "train from scratch with this architecture preset (e.g. gpt2-tiny)"
+    )
+    tokenizer: str | None = opt(None, "tokenizer directory or model name (from-scratch runs)")
+    out: str | None = opt(None, "run directory; default runs/<task>-<timestamp>")
+    resume: bool = opt(False, "continue the run in `out` from its latest checkpoint")
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: dict = opt({}, "adaptation method and its options (see `tunelab finetune --help`)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _convert(value: Any, tp, key: str):
+    """Coerce a YAML/CLI value to the field's type, with an error naming the key."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    target = args[0] if args else tp
+    if isinstance(target, str):
+        target = {
+            "int": int,
+            "float": float,
+            "str": str,
+            "bool": bool,
+            "list": list,
+            "dict": dict,
+        }.get(target, str)
+    try:
+        if target is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if target in (list, dict) and isinstance(value, str):
+            value = yaml.safe_load(value)
+        if target is int and isinstance(value, float) and value != int(value):
+            raise ValueError(value)
+        if target is list and not isinstance(value, list):
+            return [value]
+        return target(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{key}: cannot use {value!r} as {getattr(target, '__name__', target)}"
+        ) from None
+
+
+def _build(cls, data: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix + key!r}{closest(key, fields)}")
+        f = fields[key]
+        if key in SECTIONS and cls is RunConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of options")
+            kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
+        else:
+            kwargs[key] = _convert(value, f.type, prefix + key)
+    return cls(**kwargs)
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """A RunConfig from an optional YAML file plus dotted overrides ({'train.lr': 1e-4})."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    for dotted, value in (overrides or {}).items():
+        if dotted.startswith("method."):
+            set_dotted(data, dotted, yaml.safe_load(value) if isinstance(value, str) else value)
+        else:
+            set_dotted(data, dotted, value)
+    return _build(RunConfig, data, "")
+
+
+def option_docs() -> list[tuple[str, Any, str, type]]:
+    """(dotted key, default, doc, type) for every option, for --help and the docs."""
+    rows = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            for g in dataclasses.fields(SECTIONS[f.name]):
+                default = (
+                    g.default_factory()
+                    if g.default_factory is not dataclasses.MISSING
+                    else g.default
+                )
+                rows.append((f"{f.name}.{g.name}", default, g.metadata.get("doc", ""), g.type))
+        elif f.name != "method":
+            rows.append((f.name, f.default, f.metadata.get("doc", ""), f.type))
+    return rows

@@ -1,0 +1,314 @@
+"""The one training loop every command uses.
+
+One optimizer step = `grad_accum` micro-batches; their losses are summed and the gradients
+divided by the number of targets in the whole step, so batch 2 x 4 equals batch 8 x 1.
+Checkpoints hold what a resumed run needs to continue bit-identically: trainable weights,
+optimizer, scheduler, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.errors import TunelabError
+from tunelab.model.checkpoint import atomic_dir
+from tunelab.train.config import TrainConfig
+from tunelab.train.progress import Progress
+from tunelab.train.schedule import make_scheduler
+
+
+class TrainingError(TunelabError):
+    """Training cannot go on (a NaN loss, an unusable checkpoint)."""
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def param_groups(
+    params: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0
+) -> list:
+    """Weight decay on matrices only: biases and norm weights are not decayed."""
+    decay = [p for n, p in params.items() if p.dim() >= 2]
+    rest = [p for n, p in params.items() if p.dim() < 2]
+    groups = [
+        dict(params=decay, weight_decay=cfg.weight_decay),
+        dict(params=rest, weight_decay=0.0),
+    ]
+    return [dict(g, lr=cfg.lr * lr_scale) for g in groups if g["params"]]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = trainable_named(model)
+    if not params:
+        raise TrainingError("no trainable parameters: check the method's freeze settings")
+    device = next(iter(params.values())).device
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+class Trainer:
+    """Runs optimizer steps on a model with an objective; callbacks may change what trains."""
+
+    def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
+                 val_batches=None, callbacks=(), sample_fn=None, is_main: bool = True, reduce=None):  # fmt: skip
+        self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
+        self.run_dir, self.total_steps, self.val_batches = Path(run_dir), total_steps, val_batches
+        self.callbacks, self.sample_fn, self.is_main = list(callbacks), sample_fn, is_main
+        self.reduce = reduce or (lambda x: x)  # sums a tensor across ranks under DDP
+        self.device = next(model.parameters()).device
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.best_val, self.bad_evals, self.last_val = math.inf, 0, None
+        for cb in self.callbacks:
+            cb.on_start(self)
+        self.optimizer = make_optimizer(model, cfg)
+        self.scheduler = self._make_scheduler()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+
+    def _make_scheduler(self):
+        cfg = self.cfg
+        warmup = (
+            cfg.warmup_steps
+            if cfg.warmup_steps is not None
+            else int(cfg.warmup_ratio * self.total_steps)
+        )
+        return make_scheduler(
+            self.optimizer, self.total_steps, warmup, cfg.schedule, cfg.min_lr_ratio
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        target = self.run_dir / "checkpoints" / f"step-{self.step}"
+        with atomic_dir(target) as tmp:
+            weights = {n: p.detach().contiguous() for n, p in trainable_named(self.model).items()}
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            state = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed,
+                         best_val=self.best_val, bad_evals=self.bad_evals,
+                         scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
+                         python_rng=random.getstate()[1], trainable=sorted(weights))  # fmt: skip
+            (tmp / "state.json").write_text(json.dumps(state))
+        old = sorted(_checkpoints(self.run_dir))[: -self.cfg.keep_checkpoints or None]
+        for _, path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = json.loads((path / "state.json").read_text())
+            weights = load_file(str(path / "trainable.safetensors"))
+            optim = torch.load(path / "optimizer.pt", weights_only=True)
+            rng = torch.load(path / "rng.pt", weights_only=True)
+        except Exception as e:
+            raise TrainingError(f"{path}: unusable checkpoint ({e})") from None
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        for cb in self.callbacks:  # e.g. re-unfreeze the blocks that were trainable at this step
+            cb.on_resume(self, self.step)
+        params = dict(self.model.named_parameters())
+        for name in state["trainable"]:
+            params[name].requires_grad_(True)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        for cb in self.callbacks:
+            cb.on_optimizer(self)
+        self.scheduler = self._make_scheduler()
+        self.model.load_state_dict(weights, strict=False)
+        self.optimizer.load_state_dict(optim)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate((3, tuple(state["python_rng"]), None))
+
+    # -- steps -------------------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        batch = self.batches.next()
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device, dtype=torch.long)
+        tokens = 0
+        for _ in range(self.cfg.grad_accum):
+            batch = self._next_batch()
+            with autocast(self.device, self.cfg.precision):
+                loss, n, _ = self.objective(self.model, batch)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().float()
+            count += n
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        loss_sum, count = self.reduce(loss_sum), self.reduce(count)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for (
+            p
+        ) in params:  # normalise by the targets of the whole step, across micro-batches and ranks
+            p.grad.div_(max(int(count), 1))
+        grad_norm = None
+        if self.cfg.clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
+        loss = float(loss_sum) / max(int(count), 1)
+        if not math.isfinite(loss):
+            last = sorted(_checkpoints(self.run_dir))
+            where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint written yet"
+            raise TrainingError(f"loss is {loss} at step {self.step + 1}; {where}")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += tokens
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_step": tokens}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_batches is None:
+            return {}
+        self.model.eval()
+        loss_sum, count = (
+            torch.zeros((), device=self.device),
+            torch.zeros((), device=self.device, dtype=torch.long),
+        )
+        for i, batch in enumerate(self.val_batches):
+            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                break
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast(self.device, self.cfg.precision):
+                loss, n, _ = self.objective(self.model, batch)
+            loss_sum += loss.float()
+            count += n
+        loss_sum, count = self.reduce(loss_sum), self.reduce(count)
+        val = float(loss_sum) / max(int(count), 1)
+        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        if self.sample_fn is not None:
+            out["samples"] = self.sample_fn(self.model)
+        return out
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the run -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, started = self.cfg, time.perf_counter() - self.elapsed
+        progress = Progress(self.total_steps, enabled=self.is_main, start=self.step)
+        stop_reason = "max_steps"
+        with progress:
+            while self.step < self.total_steps:
+                for cb in self.callbacks:
+                    cb.on_step(self, self.step)
+                t0 = time.perf_counter()
+                m = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed = time.perf_counter() - started
+                m["tokens_per_s"] = m["tokens_step"] / dt if dt > 0 else 0.0
+                progress.update(self.step, m["loss"], m["lr"], m["tokens_per_s"])
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.log(
+                        {
+                            "step": self.step,
+                            "tokens": self.tokens,
+                            "time": round(self.elapsed, 3),
+                            **m,
+                        }
+                    )
+                last = self.step == self.total_steps or (
+                    cfg.max_tokens and self.tokens >= cfg.max_tokens
+                )
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    if self._eval_and_check():
+                        stop_reason = "early_stopping"
+                        last = True
+                if (cfg.save_every and self.step % cfg.save_every == 0) or last:
+                    self.save_checkpoint()
+                if last:
+                    stop_reason = (
+                        "max_tokens"
+                        if stop_reason == "max_steps" and self.step < self.total_steps
+                        else stop_reason
+                    )
+                    break
+        return self.summary(stop_reason)
+
+    def _eval_and_check(self) -> bool:
+        """Evaluate, log, and say whether early stopping has run out of patience."""
+        ev = self.evaluate()
+        if not ev:
+            return False
+        self.last_val = ev["val_loss"]
+        self.log({"step": self.step, "split": "val", **ev})
+        if ev["val_loss"] < self.best_val - 1e-6:
+            self.best_val, self.bad_evals = ev["val_loss"], 0
+        else:
+            self.bad_evals += 1
+        return bool(self.cfg.early_stopping) and self.bad_evals >= self.cfg.early_stopping
+
+    def summary(self, stop_reason: str) -> dict:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return dict(
+            steps=self.step, stop_reason=stop_reason, wall_time_s=round(self.elapsed, 3),
+            tokens=self.tokens, tokens_per_s=self.tokens / self.elapsed if self.elapsed else 0.0,
+            peak_memory_mb=round(peak_memory_mb(self.device), 1), trainable_params=trainable,
+            total_params=total, final_val_loss=self.last_val,
+            best_val_loss=None if math.isinf(self.best_val) else self.best_val,
+        )  # fmt: skip
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.exists():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.name.startswith("step-") and (p / "state.json").exists():
+            found.append((int(p.name.split("-")[1]), p))
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(_checkpoints(run_dir))
+    return found[-1][1] if found else None
