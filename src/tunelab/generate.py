@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.model.heads import require_causal
@@ -63,61 +64,80 @@ def pick(scores: torch.Tensor, s: Sampling, generator: torch.Generator | None) -
 def generate_ids(
     model, prompts: list[list[int]], s: Sampling, eos_ids: set[int], pad_id: int, tokenizer=None
 ) -> list[list[int]]:
-    """New token ids per prompt. Prompts are left-padded so every row ends at the same place."""
+    """New token ids per prompt (ending with the EOS when one stopped the row).
+
+    Prompts are left-padded so every row ends at the same place; a finished row is fed pad_id
+    until the others finish, and that padding is not returned.
+    """
     require_causal(model, "generation")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    b, width = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
+    if not prompts or min(len(p) for p in prompts) == 0:
         raise ConfigError("empty prompt: give at least one token")
-    ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(b, width, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, device=device)
-        mask[i, width - len(p) :] = 1
-    padded = bool((mask == 0).any())
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    b, width = len(prompts), max(len(p) for p in prompts)
     total = width + s.max_new_tokens
     if total > model.cfg.max_seq_len and model.cfg.pos == "learned":
         raise ConfigError(
             f"prompt + new tokens = {total} exceeds the model's {model.cfg.max_seq_len}"
         )
+    # One buffer holds prompt and new tokens (the repetition penalty reads both); one mask too.
+    seq = torch.full((b, total), pad_id, dtype=torch.long)
+    mask = torch.ones(b, total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        seq[i, width - len(p) : width] = torch.tensor(p)
+        mask[i, : width - len(p)] = 0
+    seq, mask = seq.to(device), mask.to(device)
+    padded = any(len(p) < width for p in prompts)
+    attention = mask if padded else None  # the model reads only its first (past + new) columns
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = KVCache(model.cfg, b, total, device, dtype)
     generator = torch.Generator(device).manual_seed(s.seed) if s.seed is not None else None
-    seen, out = ids, torch.empty(b, 0, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)  # real new tokens per row
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
-    logits = model(ids, mask if padded else None, positions, cache=cache, last_only=True)[:, -1]
+    can_stop = bool(eos_ids) or bool(s.stop and tokenizer is not None)
+    pad = torch.tensor(pad_id, dtype=torch.long, device=device)
+    logits = _last_logits(model, seq[:, :width], attention, positions, cache)
+    positions = positions[:, -1:]
     for step in range(s.max_new_tokens):
-        token = pick(next_token_scores(logits, seen, s), s, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        out = torch.cat([out, token[:, None]], 1)
-        seen = torch.cat([seen, token[:, None]], 1)
-        done = done | torch.isin(token, eos)
-        if s.stop and tokenizer is not None:
-            done = done | _hit_stop(out, tokenizer, s.stop, device)
-        if bool(done.all()) or step == s.max_new_tokens - 1:
+        token = pick(next_token_scores(logits, seq[:, : width + step], s), s, generator)
+        lengths += ~done
+        token = torch.where(done, pad, token)
+        seq[:, width + step] = token
+        if can_stop:
+            done = done | torch.isin(token, eos)
+            if s.stop and tokenizer is not None:
+                done = done | _hit_stop(seq[:, width : width + step + 1], tokenizer, s.stop, device)
+            if bool(done.all()):
+                break
+        if step == s.max_new_tokens - 1:
             break
-        positions = positions[:, -1:] + 1
-        if padded:
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], 1)
-        logits = model(
-            token[:, None], mask if padded else None, positions, cache=cache, last_only=True
-        )[:, -1]
-    return [_trim(row, eos_ids) for row in out.tolist()]
+        positions = positions + 1
+        logits = _last_logits(
+            model, seq[:, width + step : width + step + 1], attention, positions, cache
+        )
+    new = seq[:, width:].tolist()
+    return [row[:n] for row, n in zip(new, lengths.tolist())]
+
+
+def _last_logits(model, ids, attention, positions, cache) -> torch.Tensor:
+    """(B, V) logits of the last position.
+
+    A plain linear head is applied as W @ h.T (a GEMV for one row): with decoding's few rows
+    that kernel streams the large vocabulary matrix 1.1-2x faster than F.linear on CPU.
+    """
+    head = model.lm_head
+    if type(head) is not nn.Linear or head.bias is not None:  # a wrapped head (LoRA, quantized)
+        return model(ids, attention, positions, cache=cache, last_only=True)[:, -1]
+    h = model.transformer(ids, attention, positions, cache=cache)[:, -1]
+    if h.shape[0] == 1:
+        return torch.mv(head.weight, h[0])[None]
+    return torch.mm(head.weight, h.t()).t()
 
 
 def _hit_stop(out: torch.Tensor, tokenizer, stop: list[str], device) -> torch.Tensor:
     texts = [tokenizer.decode(row[-16:]) for row in out.tolist()]  # a stop string spans few tokens
     return torch.tensor([any(st in t for st in stop) for t in texts], device=device)
-
-
-def _trim(row: list[int], eos_ids: set[int]) -> list[int]:
-    """Drop everything after the first EOS (kept, so callers can see the model stopped)."""
-    for i, t in enumerate(row):
-        if t in eos_ids:
-            return row[: i + 1]
-    return row
 
 
 def eos_ids_of(model, tokenizer: Tokenizer) -> set[int]:

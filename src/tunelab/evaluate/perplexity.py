@@ -44,11 +44,15 @@ def read_texts(paths: list[str | Path]) -> str:
 @torch.inference_mode()
 def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_size: int = 4) -> dict:
     """Sliding-window perplexity of one token sequence; windows are batched for speed."""
+    require_causal(model, "perplexity")
+    if window < 2:
+        raise DataError(f"window must be at least 2 tokens (one to predict from), got {window}")
+    if model.cfg.pos == "learned" and window > model.cfg.max_seq_len:
+        raise DataError(f"window {window} exceeds the model's {model.cfg.max_seq_len} positions")
     if stride < 1 or stride > window:
         raise DataError(f"stride must be in 1..window ({window}), got {stride}")
     if len(ids) < 2:
         raise DataError(f"need at least 2 tokens to measure perplexity, got {len(ids)}")
-    require_causal(model, "perplexity")
     device = next(model.parameters()).device
     spans, prev_end = [], 0
     for begin in range(0, len(ids), stride):
@@ -71,9 +75,9 @@ def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_siz
         padded = bool((mask == 0).any())
         logits = model(x.to(device), mask.to(device) if padded else None).float()
         targets = labels[:, 1:].to(device)  # the first token of a window has no prediction
-        losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
-        )
+        # (N, V) rows: the (B, V, T) layout takes a log-softmax path that loses ~1e-4 in fp32.
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+        losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
         nll += losses.item()
         count += int((targets != -100).sum())
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,

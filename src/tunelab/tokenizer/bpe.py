@@ -323,6 +323,8 @@ class BPETokenizer:
             raise ModelError(f"{path}: not found; pass a tokenizer.json or its directory") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{path}: not a readable tokenizer.json ({e})") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: not a tokenizer.json (the top level is not an object)")
         model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
         if model.get("type", "BPE" if "merges" in model else None) != "BPE":
             raise ModelError(f"{path}: model type {model.get('type')!r} is not BPE")

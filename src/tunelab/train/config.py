@@ -147,17 +147,18 @@ def _convert(value: Any, tp, key: str):
 
 def _build(cls, data: dict, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"unknown config key {prefix + key!r}{closest(key, fields)}")
-        f = fields[key]
+        fields[key]
         if key in SECTIONS and cls is RunConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of options")
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
         else:
-            kwargs[key] = _convert(value, f.type, prefix + key)
+            kwargs[key] = _convert(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 

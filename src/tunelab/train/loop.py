@@ -95,6 +95,8 @@ class Trainer:
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.metrics_file = self.run_dir / "metrics.jsonl"
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _make_scheduler(self):
         cfg = self.cfg

@@ -19,8 +19,13 @@ def causal_lm(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
         segment_ids=batch.get("segment_ids"),
     )
     labels = batch["labels"][:, 1:]
+    if logits.dtype in (
+        torch.float16,
+        torch.bfloat16,
+    ):  # the loss in float32, whatever the autocast
+        logits = logits.float()
     loss = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=-100,
         reduction="sum",
