@@ -24,7 +24,7 @@ def tiny_model(seed=0):
 
 
 class ListBatches:
-    """The loop's data contract: next(), state_dict(), load_state_dict()."""
+    """The loop's data contract: forever(), __iter__ (one epoch), state_dict(), load_state_dict()."""
 
     def __init__(self, examples, batch_size):
         self.examples, self.batch_size, self.index = examples, batch_size, 0
@@ -43,6 +43,10 @@ class ListBatches:
             labels[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    def forever(self):
+        while True:
+            yield self.next()
 
     def __iter__(self):
         for start in range(0, len(self.examples), self.batch_size):

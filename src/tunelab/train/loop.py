@@ -89,6 +89,7 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best_val, self.bad_evals, self.last_val = math.inf, 0, None
+        self._stream = None
         for cb in self.callbacks:
             cb.on_start(self)
         self.optimizer = make_optimizer(model, cfg)
@@ -152,6 +153,7 @@ class Trainer:
         self.optimizer.load_state_dict(optim)
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
+        self._stream = None
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -159,7 +161,9 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
-        batch = self.batches.next()
+        if self._stream is None:  # created lazily, so a resumed data position takes effect
+            self._stream = self.batches.forever()
+        batch = next(self._stream)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> dict:

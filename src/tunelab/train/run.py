@@ -102,3 +102,133 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run_dir / "summary.json")
+
+
+def encode_options(cfg: RunConfig, kind: str) -> dict:
+    d = cfg.data
+    return {
+        "text": {"text_field": d.text_field},
+        "instruction": {"instruction_field": d.instruction_field, "input_field": d.input_field,
+                        "output_field": d.output_field},
+        "chat": {"messages_field": d.messages_field},
+    }[kind]  # fmt: skip
+
+
+def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int = 1):
+    """(train batches, validation batches, data stats) from the data section of the config."""
+    from tunelab.data import (
+        Batches,
+        cached_encode,
+        detect_kind,
+        encode_records,
+        file_fingerprint,
+        load_records,
+        pack,
+        split_records,
+        tokenizer_fingerprint,
+    )
+
+    d, t = cfg.data, cfg.train
+    if not d.path:
+        raise ConfigError("no training data: give --data PATH (or data.path in the recipe)")
+    records = load_records(d.path, fmt=d.format, text_mode=d.text_mode)
+    if d.val_path:
+        train, val = records, load_records(d.val_path, fmt=d.format, text_mode=d.text_mode)
+    else:
+        train, val = split_records(records, d.val_fraction, t.seed)
+    kind = detect_kind(records, d.text_field) if kind == "auto" else kind
+    options = encode_options(cfg, kind)
+
+    def encode(part: list[dict], name: str) -> list[dict]:
+        key = dict(data=file_fingerprint([p for p in (d.path, d.val_path) if p]), part=name,
+                   val=d.val_fraction, seed=t.seed, tok=tokenizer_fingerprint(tokenizer), kind=kind,
+                   seq_len=t.seq_len, options=options, n=len(part))  # fmt: skip
+        return cached_encode(
+            key, lambda: encode_records(part, tokenizer, kind=kind, seq_len=t.seq_len, **options)[0]
+        )
+
+    train_ex, val_ex = encode(train, "train"), encode(val, "val") if val else []
+    if d.pack:
+        train_ex, val_ex = (
+            pack(train_ex, t.seq_len, split=kind == "text"),
+            pack(val_ex, t.seq_len, split=kind == "text"),
+        )
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+    common = dict(pad_id=pad, rank=rank, world_size=world)
+    train_b = Batches(
+        train_ex, t.batch_size, seed=t.seed, group_by_length=d.group_by_length, **common
+    )
+    val_b = Batches(val_ex, t.batch_size, shuffle=False, **common) if val_ex else None
+    stats = {"kind": kind, "train_examples": len(train_ex), "val_examples": len(val_ex),
+             "train_tokens": sum(len(e["input_ids"]) for e in train_ex)}  # fmt: skip
+    return train_b, val_b, stats
+
+
+def total_steps(cfg: RunConfig, batches) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * len(batches) / cfg.train.grad_accum))
+
+
+def perplexities(cfg: RunConfig, model, tokenizer) -> dict:
+    """Perplexity on the in-domain and general evaluation texts named in the config."""
+    from tunelab.evaluate.perplexity import perplexity, read_texts
+
+    out = {}
+    for name, path in (("in_domain", cfg.eval.domain), ("general", cfg.eval.general)):
+        if path:
+            r = perplexity(model, tokenizer, read_texts([path]), cfg.eval.window, cfg.eval.stride)
+            out[name] = r["perplexity"]
+    model.train()
+    return out
+
+
+def sampler(cfg: RunConfig, tokenizer, chat: bool):
+    """A function generating from the configured prompts, for evaluations of generative runs."""
+    if not cfg.train.samples:
+        return None
+    from tunelab.generate import Sampling, generate
+
+    def sample(model) -> list[str]:
+        s = Sampling(max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed)
+        return [
+            r["text"] for r in generate(model, tokenizer, list(cfg.train.samples), s, chat=chat)
+        ]
+
+    return sample
+
+
+def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
+    """Train as the config says and return summary.json's contents; resumes when asked."""
+    from tunelab.model.checkpoint import save_model_dir
+    from tunelab.train.loop import Trainer, latest_checkpoint
+    from tunelab.train.objectives import causal_lm
+
+    run_dir = prepare_run_dir(cfg)
+    if cfg.resume and (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_for_training(cfg, device)
+    train_b, val_b, data_stats = build_data(
+        cfg, tokenizer, "text" if cfg.task == "pretrain" else kind
+    )
+    before = perplexities(cfg, model, tokenizer)
+    set_dropout(model, cfg.train.dropout)
+    steps = total_steps(cfg, train_b)
+    chat = cfg.task == "finetune" and tokenizer.chat_template is not None
+    trainer = Trainer(model, causal_lm, train_b, cfg.train, run_dir, steps, val_batches=val_b,
+                      callbacks=callbacks, sample_fn=sampler(cfg, tokenizer, chat))  # fmt: skip
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
+    summary = trainer.fit()
+    set_dropout(model, 0.0)
+    model.eval()
+    after = perplexities(cfg, model, tokenizer)
+    if before:
+        summary["perplexity"] = {k: {"before": before[k], "after": after[k]} for k in before}
+    summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, data=data_stats)
+    save_model_dir(model, tokenizer, run_dir / "final")
+    write_summary(run_dir, summary)
+    return summary
