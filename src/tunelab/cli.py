@@ -127,7 +127,7 @@ def cmd_perplexity(a) -> None:
 
     text = read_texts(a.data)
     lm = _load(a)
-    r = perplexity(lm.model, lm.tokenizer, text, a.window, a.stride)
+    r = perplexity(lm.model, lm.tokenizer, text, a.window, a.stride, a.max_tokens)
     _emit(
         a,
         r,
@@ -170,7 +170,7 @@ ALIASES = {
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--grad-accum": "train.grad_accum",
     "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
     "--eval-every": "train.eval_every", "--save-every": "train.save_every",
-    "--precision": "train.precision", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+    "--precision": "train.precision", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
 }  # fmt: skip
 
 
@@ -183,6 +183,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print summary.json on stdout at the end")
     docs = {key: (default, doc) for key, default, doc, _ in option_docs()}
+    docs["method.name"] = (
+        "full",
+        "full, lora, qlora or freeze; options as --method.KEY VALUE (e.g. --method.r 16)",
+    )
     short = p.add_argument_group("common options (aliases of the dotted keys below)")
     for flag, key in ALIASES.items():
         default, doc = docs[key]
@@ -271,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--stride", type=int, default=None, help="new tokens scored per window (default window/2)"
     )
+    q.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     q.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("export", help="write the model as an HF-format directory", epilog=EPILOG)

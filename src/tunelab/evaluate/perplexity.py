@@ -85,9 +85,15 @@ def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_siz
 
 
 def perplexity(
-    model, tokenizer, text: str, window: int | None = None, stride: int | None = None
+    model,
+    tokenizer,
+    text: str,
+    window: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
 ) -> dict:
-    """Perplexity of text under model; window defaults to min(1024, the model's context)."""
+    """Perplexity of text (its first max_tokens tokens); window defaults to min(1024, context)."""
     window = window or min(1024, model.cfg.max_seq_len)
     stride = stride or max(1, window // 2)
-    return perplexity_of_ids(model, tokenizer.encode(text), window, stride)
+    ids = tokenizer.encode(text)
+    return perplexity_of_ids(model, ids[:max_tokens] if max_tokens else ids, window, stride)

@@ -88,6 +88,7 @@ class EvalConfig:
     general: str | None = opt(None, "out-of-domain text for perplexity before/after: forgetting")
     window: int = opt(256, "perplexity window in tokens")
     stride: int = opt(128, "perplexity stride in tokens")
+    max_tokens: int | None = opt(8192, "score at most this many tokens of each text (null: all)")
 
 
 @dataclass

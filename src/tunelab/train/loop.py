@@ -48,13 +48,16 @@ def param_groups(
     return [dict(g, lr=cfg.lr * lr_scale) for g in groups if g["params"]]
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = trainable_named(model)
-    if not params:
-        raise TrainingError("no trainable parameters: check the method's freeze settings")
-    device = next(iter(params.values())).device
+def make_optimizer(model, cfg: TrainConfig, groups: list | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, or over `groups` when a callback supplies them."""
+    if groups is None:
+        params = trainable_named(model)
+        if not params:
+            raise TrainingError("no trainable parameters: check the method's freeze settings")
+        groups = param_groups(params, cfg)
+    device = groups[0]["params"][0].device
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(params, cfg), lr=cfg.lr, betas=tuple(cfg.betas), **fast)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
 
 
 def autocast(device: torch.device, precision: str):
@@ -92,12 +95,21 @@ class Trainer:
         self._stream = None
         for cb in self.callbacks:
             cb.on_start(self)
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.metrics_file = self.run_dir / "metrics.jsonl"
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        """A callback with `param_groups(trainer)` owns the groups, e.g. to hold parameters that
+        gradual unfreezing will unfreeze later (frozen ones get no grad, so AdamW skips them)."""
+        groups = None
+        for cb in self.callbacks:
+            if hasattr(cb, "param_groups"):
+                groups = cb.param_groups(self)
+        return make_optimizer(self.model, self.cfg, groups)
 
     def _make_scheduler(self):
         cfg = self.cfg
@@ -145,7 +157,7 @@ class Trainer:
         params = dict(self.model.named_parameters())
         for name in state["trainable"]:
             params[name].requires_grad_(True)
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.optimizer = self._make_optimizer()
         for cb in self.callbacks:
             cb.on_optimizer(self)
         self.scheduler = self._make_scheduler()

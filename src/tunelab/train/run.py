@@ -177,7 +177,8 @@ def perplexities(cfg: RunConfig, model, tokenizer) -> dict:
     out = {}
     for name, path in (("in_domain", cfg.eval.domain), ("general", cfg.eval.general)):
         if path:
-            r = perplexity(model, tokenizer, read_texts([path]), cfg.eval.window, cfg.eval.stride)
+            e = cfg.eval
+            r = perplexity(model, tokenizer, read_texts([path]), e.window, e.stride, e.max_tokens)
             out[name] = r["perplexity"]
     model.train()
     return out
@@ -200,6 +201,7 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
 
 def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked."""
+    from tunelab.adapt import apply_method
     from tunelab.model.checkpoint import save_model_dir
     from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.objectives import causal_lm
@@ -210,6 +212,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_for_training(cfg, device)
+    callbacks = [*apply_method(model, cfg.method), *callbacks]
     train_b, val_b, data_stats = build_data(
         cfg, tokenizer, "text" if cfg.task == "pretrain" else kind
     )
@@ -228,7 +231,10 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     after = perplexities(cfg, model, tokenizer)
     if before:
         summary["perplexity"] = {k: {"before": before[k], "after": after[k]} for k in before}
-    summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, data=data_stats)
+    method = cfg.method.get("name", "full")
+    summary.update(
+        task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, method=method, data=data_stats
+    )
     save_model_dir(model, tokenizer, run_dir / "final")
     write_summary(run_dir, summary)
     return summary
