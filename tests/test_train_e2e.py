@@ -120,3 +120,22 @@ def test_unknown_option_and_finished_run(setup, capsys):
     assert "did you mean 'lr'" in capsys.readouterr().err
     assert main(scratch_args(setup, setup / "scratch", "--max-steps", "1")) == 2
     assert "finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "freeze"])
+def test_methods_train_and_save_a_loadable_model(setup, method, capsys):
+    out = setup / f"m-{method}"
+    extra = ["--method.train_layers", "top:1"] if method == "freeze" else ["--method.r", "4"]
+    assert (
+        main(scratch_args(setup, out, "--max-steps", "3", "--method", method, *extra, "--json"))
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == method
+    assert summary["trainable_params"] < 0.5 * summary["total_params"]
+    assert (out / "adapter" / "adapter_config.json").exists() == (method != "freeze")
+    import tunelab
+
+    assert (
+        tunelab.load(out / "final").perplexity("the film hero.", window=16, stride=8)["tokens"] > 0
+    )

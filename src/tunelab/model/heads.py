@@ -32,11 +32,15 @@ class CausalLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V); last_only=True computes them for the final position alone."""
+        """Logits (B, T, V); last_only=True computes them for the final position alone, and a
+        boolean (B, T) `select` for the chosen positions only (N, V): the head is a large matmul."""
         h = self.transformer(
             input_ids, attention_mask, position_ids, segment_ids=segment_ids, cache=cache
         )
+        if select is not None:
+            return self.lm_head(h[select])
         return self.lm_head(h[:, -1:] if last_only else h)
 
 

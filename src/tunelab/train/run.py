@@ -202,7 +202,6 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
 def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked."""
     from tunelab.adapt import apply_method
-    from tunelab.model.checkpoint import save_model_dir
     from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.objectives import causal_lm
 
@@ -235,6 +234,19 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     summary.update(
         task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, method=method, data=data_stats
     )
-    save_model_dir(model, tokenizer, run_dir / "final")
+    save_final(model, tokenizer, run_dir / "final")
     write_summary(run_dir, summary)
     return summary
+
+
+def save_final(model, tokenizer, path: Path) -> None:
+    """The trained model in tunelab format; a LoRA run also keeps its adapter in PEFT format."""
+    from tunelab.adapt.lora import lora_modules, merge_lora, save_adapter
+    from tunelab.adapt.quantize import dequantize_model
+    from tunelab.model.checkpoint import save_model_dir
+
+    if lora_modules(model):
+        save_adapter(model, path.with_name("adapter"))
+        merge_lora(model)  # the merged model is what evaluate/export/classify load
+    dequantize_model(model)
+    save_model_dir(model, tokenizer, path)

@@ -1,0 +1,197 @@
+"""Frozen base weights in 4-bit NF4 or int8, dequantized on the fly in forward (QLoRA's base).
+
+Our own, in plain torch, rather than a library: torchao's NF4 tensor and bitsandbytes'
+Linear4bit both ran forward and backward on CPU here (torch 2.13), but torchao has moved its
+NF4 module between releases and bitsandbytes is a 43 MB wheel of CUDA builds; the whole
+method is ~150 lines of torch that runs wherever torch runs. The NF4 code table, block size
+(64) and nibble order equal bitsandbytes', so the codes are the ones QLoRA's paper describes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.errors import ConfigError
+
+# The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' get_4bit_type("nf4")).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+BLOCK = 64  # weights per absmax
+BLOCK2 = 256  # absmax values per second-level scale (double quantization)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x @ W.T whose backward re-dequantizes W instead of keeping a float copy alive."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return F.linear(x, module.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.module.dequantize(grad.dtype)
+        return (grad @ w).to(ctx.x_dtype), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized; subclasses define dequantize()."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (out, in) this module stands for."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bfloat16) must move the scales and code table, not round them
+        floats = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=next(iter(floats.values())).device)).device
+        for n, b in floats.items():
+            self._buffers[n] = b.to(device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantLinear.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain float nn.Linear with the dequantized weight."""
+        w = self.dequantize(torch.float32)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        out = out.to(w.device)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def storage_bytes(self) -> int:
+        """Bytes of the quantized weight and its scales (bias excluded)."""
+        skip = self._non_persistent_buffers_set  # the shared code table is not per-layer storage
+        return sum(b.numel() * b.element_size() for n, b in self._buffers.items() if n not in skip)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _absmax_int8(values: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and float32 scales for blocks of `block` values (zero-padded)."""
+    pad = (-values.numel()) % block
+    v = F.pad(values.float().flatten(), (0, pad)).view(-1, block)
+    scale = v.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(v / scale[:, None]).to(torch.int8), scale
+
+
+class NF4Linear(QuantLinear):
+    """4-bit NormalFloat weights: blockwise absmax (64), two codes per byte, optional double quant.
+
+    Double quantization (QLoRA section 3) stores the per-block absmax as int8 around their mean,
+    with one float32 scale per 256 of them: 0.127 instead of 0.5 extra bits per weight.
+    """
+
+    def __init__(self, linear: nn.Linear, double_quant: bool = True):
+        super().__init__(linear)
+        w = linear.weight.detach().float().flatten()
+        self.numel, self.double_quant = w.numel(), double_quant
+        self.register_buffer("code", torch.tensor(NF4_CODE, device=w.device), persistent=False)
+        w = F.pad(w, (0, (-w.numel()) % BLOCK)).view(-1, BLOCK)
+        absmax = w.abs().amax(1).clamp(min=1e-12)
+        if double_quant:
+            self.register_buffer("absmax_offset", absmax.mean().reshape(1))
+            q, scale = _absmax_int8(absmax - self.absmax_offset, BLOCK2)
+            self.register_buffer("absmax_q", q.flatten()[: absmax.numel()])
+            self.register_buffer("absmax_scale", scale)
+            absmax = self._absmax()  # pick codes against the scale forward will use
+        else:
+            self.register_buffer("absmax", absmax)
+        normed = (w / absmax[:, None]).clamp(-1, 1).flatten()
+        mids = (self.code[1:] + self.code[:-1]) / 2
+        idx = torch.bucketize(normed, mids).to(torch.uint8)  # nearest code
+        # bitsandbytes' order: the first weight of each pair in the high nibble
+        self.register_buffer("packed", (idx[0::2] << 4) | idx[1::2])
+
+    def _absmax(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax.float()
+        n = self.absmax_q.numel()
+        q = F.pad(self.absmax_q.float(), (0, (-n) % BLOCK2)).view(-1, BLOCK2)
+        return (q * self.absmax_scale.float()[:, None]).flatten()[:n] + self.absmax_offset.float()
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit code (0..15) of every weight, padding included, as int64."""
+        return torch.stack((self.packed >> 4, self.packed & 15), -1).flatten().long()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # a byte -> (high, low) value table: one index_select per byte (tensor indexing is
+        # ~10x slower on CPU)
+        pairs = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), -1)
+        values = pairs.index_select(0, self.packed.long()).view(-1, BLOCK) * self._absmax()[:, None]
+        return values.flatten()[: self.numel].view(self.out_features, self.in_features).to(dtype)
+
+
+class Int8Linear(QuantLinear):
+    """int8 weights with one float32 absmax scale per output row."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype)
+
+
+BITS = ("nf4", "int8")
+
+
+def quantize(
+    model: nn.Module,
+    bits: str = "nf4",
+    double_quant: bool = True,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
+    """Replace the blocks' nn.Linear layers by frozen NF4 or int8 ones, in place; returns model."""
+    if bits not in BITS:
+        raise ConfigError(f"quantization bits {bits!r}: expected one of {', '.join(BITS)}")
+    layers = model.transformer.layers
+    for name, module in list(layers.named_modules()):
+        full = f"transformer.layers.{name}"
+        if not isinstance(module, nn.Linear) or any(re.search(s, full) for s in skip):
+            continue
+        if name.endswith((".lora_A", ".lora_B")):  # a LoRA base may be quantized, LoRA never
+            continue
+        q = NF4Linear(module, double_quant) if bits == "nf4" else Int8Linear(module)
+        parent, _, leaf = name.rpartition(".")
+        setattr(layers.get_submodule(parent) if parent else layers, leaf, q)
+    return model
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes held by the quantized weights of a model (for reports and the memory estimate)."""
+    return sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain float nn.Linear (for saving and export)."""
+    for _name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(module, child_name, child.to_linear())
+    return model
