@@ -139,3 +139,17 @@ def test_methods_train_and_save_a_loadable_model(setup, method, capsys):
     assert (
         tunelab.load(out / "final").perplexity("the film hero.", window=16, stride=8)["tokens"] > 0
     )
+
+
+def test_estimate_command_and_param_report(setup, capsys):
+    out = setup / "scratch" / "final"
+    if not out.exists():
+        pytest.skip("needs the from-scratch run of this module")
+    assert (
+        main(["estimate", "--model", str(out), "--method", "lora", "--seq-len", "64", "--json"])
+        == 0
+    )
+    est = json.loads(capsys.readouterr().out)
+    assert est["flops"]["total"] > 0 and "fits" in json.dumps(est)
+    summary = json.loads((setup / "scratch" / "summary.json").read_text())
+    assert summary["params"]["trainable_params"] == summary["trainable_params"]

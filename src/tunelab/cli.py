@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -227,6 +228,17 @@ def cmd_train(a) -> None:
         print(f"  perplexity {name}: {ppl['before']:.2f} -> {ppl['after']:.2f}")
 
 
+def cmd_estimate(a) -> None:
+    from tunelab.adapt.estimate import estimate, format_estimate
+
+    cfg = _load(a).config
+    targets = tuple(t.strip() for t in a.lora_targets.split(","))
+    est = estimate(cfg, a.method, a.seq_len, a.batch, a.precision, lora_r=a.lora_r,
+                   lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
+                   trainable_layers=a.train_layers, device=a.device)  # fmt: skip
+    _emit(a, est, format_estimate(est))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
@@ -291,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         _train_args(p)
         p.set_defaults(func=cmd_train, task=task)
 
+    p = sub.add_parser(
+        "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG
+    )
+    _model_args(p)
+    p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
+    p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
+    p.set_defaults(func=cmd_estimate)
+
     p = sub.add_parser("main", help="the README's main job on the embedded model")
     _model_args(p)
     p.set_defaults(func=cmd_main)
@@ -300,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if rest:  # unknown dotted options go to the config, which names the closest valid key
             if (

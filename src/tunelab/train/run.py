@@ -6,6 +6,7 @@ Commands differ only in the objective and the data template they plug in here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import yaml
 
 from tunelab.errors import ConfigError
 from tunelab.train.config import RunConfig, load_config
+
+log = logging.getLogger("tunelab")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -202,6 +205,7 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
 def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked."""
     from tunelab.adapt import apply_method
+    from tunelab.adapt.estimate import format_report, param_report
     from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.objectives import causal_lm
 
@@ -212,6 +216,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_for_training(cfg, device)
     callbacks = [*apply_method(model, cfg.method), *callbacks]
+    params = param_report(model)
+    log.info(format_report(params))
     train_b, val_b, data_stats = build_data(
         cfg, tokenizer, "text" if cfg.task == "pretrain" else kind
     )
@@ -231,6 +237,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
     if before:
         summary["perplexity"] = {k: {"before": before[k], "after": after[k]} for k in before}
     method = cfg.method.get("name", "full")
+    summary["params"] = params
     summary.update(
         task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, method=method, data=data_stats
     )
