@@ -153,3 +153,60 @@ def test_estimate_command_and_param_report(setup, capsys):
     assert est["flops"]["total"] > 0 and "fits" in json.dumps(est)
     summary = json.loads((setup / "scratch" / "summary.json").read_text())
     assert summary["params"]["trainable_params"] == summary["trainable_params"]
+
+
+def test_tokenizer_train_and_merge_commands(setup, capsys, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(sentences(50, seed=3)))
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                str(corpus),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
+    from tunelab.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tmp_path / "t")
+    assert tok.vocab_size == 300 and tok.eos_id is not None
+    assert tok.decode(tok.encode("the storm hero.")) == "the storm hero."
+    lora = setup / "m-lora"
+    if not (lora / "adapter").exists():
+        pytest.skip("needs the LoRA run of this module")
+    base = setup / "merge-base"
+    # the LoRA run started from a fresh gpt2-tiny with seed 0: rebuild it to merge onto
+    from tunelab.model.checkpoint import save_model_dir
+    from tunelab.train.config import load_config
+    from tunelab.train.run import load_for_training
+
+    cfg = load_config(
+        None, {"arch": "gpt2-tiny", "tokenizer": str(setup / "tok"), "train.seq_len": "48"}
+    )
+    model, tk = load_for_training(cfg, torch.device("cpu"))
+    save_model_dir(model, tk, base)
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--adapter",
+                str(lora / "adapter"),
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    a = load_file(str(tmp_path / "m" / "model.safetensors"))
+    b = load_file(str(lora / "final" / "model.safetensors"))
+    for k in b:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

@@ -228,6 +228,31 @@ def cmd_train(a) -> None:
         print(f"  perplexity {name}: {ppl['before']:.2f} -> {ppl['after']:.2f}")
 
 
+def cmd_tokenizer_train(a) -> None:
+    """Train our byte-level BPE on text files; writes tokenizer.json + tokenizer_config.json."""
+    from tunelab.evaluate.perplexity import read_texts
+    from tunelab.tokenizer.bpe import BPETokenizer
+
+    text = read_texts(a.data)
+    tok = BPETokenizer.train(text.split("\n\n"), a.vocab_size, special_tokens=a.special)
+    tok.save(a.out)
+    config = {"eos_token": a.special[0], "bos_token": None, "pad_token": None}
+    (Path(a.out) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    _emit(a, {"out": str(a.out), "vocab_size": tok.vocab_size},
+          f"wrote a {tok.vocab_size}-token BPE tokenizer to {a.out}")  # fmt: skip
+
+
+def cmd_merge(a) -> None:
+    """Load a PEFT adapter onto its base model, merge it, and save the merged model."""
+    from tunelab.adapt.lora import load_adapter, merge_lora
+
+    lm = _load(a)
+    load_adapter(lm.model, a.adapter)
+    merge_lora(lm.model)
+    lm.save(a.out)
+    _emit(a, {"out": str(a.out)}, f"wrote the merged model to {a.out}")
+
+
 def cmd_estimate(a) -> None:
     from tunelab.adapt.estimate import estimate, format_estimate
 
@@ -302,6 +327,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _train_args(p)
         p.set_defaults(func=cmd_train, task=task)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools: train our byte-level BPE")
+    tk = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = tk.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    q.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    q.add_argument("--vocab-size", type=int, default=8000)
+    q.add_argument(
+        "--special", nargs="+", default=["<|endoftext|>"], help="special tokens; the first is EOS"
+    )
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser(
+        "merge", help="merge a LoRA adapter (PEFT format) into its base model", epilog=EPILOG
+    )
+    _model_args(p)
+    p.add_argument(
+        "--adapter", required=True, type=Path, help="adapter directory (adapter_config.json)"
+    )
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG
