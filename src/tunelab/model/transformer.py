@@ -32,8 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of five
         if self.offset:  # Gemma stores w and scales by (1 + w), in float32
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
@@ -45,11 +44,13 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
+def rope_inv_freq(head_dim: int, theta: float, device) -> torch.Tensor:
+    exps = torch.arange(0, head_dim, 2, device=device).float() / head_dim
+    return 1.0 / (theta**exps)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple:
     """cos/sin tables for (batch, seq) positions, in the HF 'rotate half' layout."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    )
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim), broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -149,6 +150,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, computed on first use
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -189,7 +191,10 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         rope = None
         if cfg.pos == "rope":
-            rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+            if self._inv_freq is None or self._inv_freq.device != x.device:
+                # a plain attribute, not a buffer: meta-device loading would leave a buffer empty
+                self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, x.device)
+            rope = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
         mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, rope, cache, i)
