@@ -127,3 +127,29 @@ def test_frozen_parameters_stay_put(tmp_path):
     for k, v in model.transformer.layers[0].state_dict().items():
         assert torch.equal(v, before[k]), k
     assert summary["trainable_params"] < summary["total_params"]
+
+
+def test_early_stopping_stops_when_validation_stalls(tmp_path):
+    data = examples(4)
+    cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant", eval_every=1, early_stopping=2)
+    trainer = Trainer(tiny_model(), causal_lm, ListBatches(data, 4), cfg, tmp_path, total_steps=20,
+                      val_batches=ListBatches(data, 4))  # fmt: skip
+    summary = trainer.fit()  # lr 0: the validation loss never improves after the first eval
+    assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 3
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no bf16 CPU kernels")
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    data = examples(4)
+    _, a = run(tmp_path / "a", tiny_model(), ListBatches(data, 4), steps=5, batch_size=4)
+    _, b = run(
+        tmp_path / "b", tiny_model(), ListBatches(data, 4), steps=5, batch_size=4, precision="bf16"
+    )
+    la = [
+        json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    ]
+    lb = [
+        json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert la != lb  # autocast really ran in bf16
+    assert all(abs(x - y) < 0.05 * x for x, y in zip(la, lb))

@@ -94,6 +94,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best_val, self.bad_evals, self.last_val = math.inf, 0, None
         self._stream = None
+        self._tb = None  # TensorBoard writer when tensorboard is installed, else False
         for cb in self.callbacks:
             cb.on_start(self)
         self.optimizer = self._make_optimizer()
@@ -246,9 +247,17 @@ class Trainer:
         return out
 
     def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.is_main:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            self._tb = _tensorboard(self.run_dir)
+        if self._tb:
+            prefix = "val/" if record.get("split") == "val" else "train/"
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "split"):
+                    self._tb.add_scalar(prefix + key, value, record["step"])
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -315,6 +324,15 @@ class Trainer:
             total_params=total, final_val_loss=self.last_val,
             best_val_loss=None if math.isinf(self.best_val) else self.best_val,
         )  # fmt: skip
+
+
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter under run_dir/tensorboard, or False when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return False
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
