@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from batches import ListBatches  # noqa: I001 - tests/ is on sys.path
 
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
@@ -21,42 +22,6 @@ def tiny_model(seed=0):
         family="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64
     )
     return CausalLM(cfg)
-
-
-class ListBatches:
-    """The loop's data contract: forever(), __iter__ (one epoch), state_dict(), load_state_dict()."""
-
-    def __init__(self, examples, batch_size):
-        self.examples, self.batch_size, self.index = examples, batch_size, 0
-
-    def next(self):
-        rows = [
-            self.examples[(self.index + i) % len(self.examples)] for i in range(self.batch_size)
-        ]
-        self.index += self.batch_size
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    def forever(self):
-        while True:
-            yield self.next()
-
-    def __iter__(self):
-        for start in range(0, len(self.examples), self.batch_size):
-            yield ListBatches(self.examples[start:], self.batch_size).next()
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
 
 
 def examples(n=8, seed=1):

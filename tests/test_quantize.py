@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from batches import ListBatches  # noqa: I001 - tests/ is on sys.path
 from torch import nn
 
 from tunelab.adapt import apply_method
@@ -158,34 +159,6 @@ def test_qlora_method_options():
         quantize(tiny_model(), "fp3")
     with pytest.raises(ConfigError, match=r"'double_quantization'.*did you mean 'double_quant'"):
         apply_method(tiny_model(), {"name": "qlora", "double_quantization": "false"})
-
-
-class ListBatches:
-    """The loop's data contract: forever(), __iter__ (one epoch), state_dict(), load_state_dict()."""
-
-    def __init__(self, examples, batch_size):
-        self.examples, self.batch_size, self.index = examples, batch_size, 0
-
-    def next(self):
-        rows = [
-            self.examples[(self.index + i) % len(self.examples)] for i in range(self.batch_size)
-        ]
-        self.index += self.batch_size
-        ids = torch.tensor(rows)
-        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-    def forever(self):
-        while True:
-            yield self.next()
-
-    def __iter__(self):
-        yield ListBatches(self.examples, self.batch_size).next()
-
-    def state_dict(self):
-        return {"index": self.index}
-
-    def load_state_dict(self, state):
-        self.index = state["index"]
 
 
 def test_qlora_training_reduces_loss(tmp_path):
