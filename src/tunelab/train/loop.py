@@ -85,10 +85,10 @@ class Trainer:
     """Runs optimizer steps on a model with an objective; callbacks may change what trains."""
 
     def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
-                 val_batches=None, callbacks=(), sample_fn=None, is_main: bool = True, reduce=None):  # fmt: skip
+                 val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None):  # fmt: skip
         self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
         self.run_dir, self.total_steps, self.val_batches = Path(run_dir), total_steps, val_batches
-        self.callbacks, self.sample_fn, self.is_main = list(callbacks), sample_fn, is_main
+        self.callbacks, self.evaluators, self.is_main = list(callbacks), list(evaluators), is_main
         self.reduce = reduce or (lambda x: x)  # sums a tensor across ranks under DDP
         self.device = next(model.parameters()).device
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
@@ -184,14 +184,15 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.long)
-        tokens = 0
+        tokens, sums = 0, {}
         for _ in range(self.cfg.grad_accum):
             batch = self._next_batch()
             with autocast(self.device, self.cfg.precision):
-                loss, n, _ = self.objective(self.model, batch)
+                loss, n, metrics = self.objective(self.model, batch)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach().float()
             count += n
+            sums = _add_metrics(sums, metrics)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         loss_sum, count = self.reduce(loss_sum), self.reduce(count)
@@ -220,31 +221,43 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens += tokens
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_step": tokens}
+        extra = self._means(sums, count)
+        return {"loss": loss, **extra, "lr": lr, "grad_norm": grad_norm, "tokens_step": tokens}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        if self.val_batches is None:
+        if self.val_batches is None and not self.evaluators:
             return {}
         self.model.eval()
-        loss_sum, count = (
-            torch.zeros((), device=self.device),
-            torch.zeros((), device=self.device, dtype=torch.long),
-        )
-        for i, batch in enumerate(self.val_batches):
-            if self.cfg.eval_batches and i >= self.cfg.eval_batches:
-                break
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast(self.device, self.cfg.precision):
-                loss, n, _ = self.objective(self.model, batch)
-            loss_sum += loss.float()
-            count += n
-        loss_sum, count = self.reduce(loss_sum), self.reduce(count)
-        val = float(loss_sum) / max(int(count), 1)
-        out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
-        if self.sample_fn is not None:
-            out["samples"] = self.sample_fn(self.model)
+        out = {}
+        if self.val_batches is not None:
+            loss_sum = torch.zeros((), device=self.device)
+            count = torch.zeros((), device=self.device, dtype=torch.long)
+            sums = {}
+            for i, batch in enumerate(self.val_batches):
+                if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                    break
+                batch = {
+                    k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                }
+                with autocast(self.device, self.cfg.precision):
+                    loss, n, metrics = self.objective(self.model, batch)
+                loss_sum += loss.float()
+                count += n
+                sums = _add_metrics(sums, metrics)
+            loss_sum, count = self.reduce(loss_sum), self.reduce(count)
+            val = float(loss_sum) / max(int(count), 1)
+            out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+            out.update({f"val_{k}": v for k, v in self._means(sums, count).items()})
+        for evaluator in self.evaluators:  # task metrics: accuracy, preference agreement, samples
+            out.update(evaluator(self.model))
+            self.model.eval()
         return out
+
+    def _means(self, sums: dict, count) -> dict:
+        """Objective metrics arrive as sums over targets; report them per target, across ranks."""
+        n = max(int(count), 1)
+        return {k: float(self.reduce(v)) / n for k, v in sums.items()}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -306,8 +319,10 @@ class Trainer:
         ev = self.evaluate()
         if not ev:
             return False
-        self.last_val = ev["val_loss"]
         self.log({"step": self.step, "split": "val", **ev})
+        if "val_loss" not in ev:
+            return False
+        self.last_val = ev["val_loss"]
         if ev["val_loss"] < self.best_val - 1e-6:
             self.best_val, self.bad_evals = ev["val_loss"], 0
         else:
@@ -324,6 +339,13 @@ class Trainer:
             total_params=total, final_val_loss=self.last_val,
             best_val_loss=None if math.isinf(self.best_val) else self.best_val,
         )  # fmt: skip
+
+
+def _add_metrics(sums: dict, metrics: dict) -> dict:
+    for k, v in metrics.items():
+        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+        sums[k] = sums[k] + v if k in sums else v
+    return sums
 
 
 def _tensorboard(run_dir: Path):

