@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -137,6 +138,8 @@ def _wrap(model: nn.Module, specs: dict[str, tuple[int, float]], dropout: float,
         model.transformer.tok_embed.weight.requires_grad_(True)
     if train_head and hasattr(model, "lm_head"):
         model.lm_head.weight.requires_grad_(True)  # tied models: this is the embedding too
+    if hasattr(model, "score"):  # a classifier's head is new: it always trains (PEFT's SEQ_CLS)
+        model.score.requires_grad_(True)
     return model
 
 
@@ -184,7 +187,8 @@ def _hf_module(name: str, cfg) -> str:
     if hf is None:
         raise ModelError(f"{name} has no transformers name in family {cfg.family}")
     hf = hf[: -len(".weight")]
-    return hf.removeprefix("bert.")  # export_hf writes a BertModel, whose names lack 'bert.'
+    # export_hf writes a BertModel, whose names lack 'bert.'; its classifier keeps them
+    return hf if cfg.labels else hf.removeprefix("bert.")
 
 
 def _our_modules(hf: str, cfg) -> list[str]:
@@ -253,8 +257,10 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     head = getattr(model, "lm_head", None)
     if head is not None and head.weight.requires_grad and not cfg.tie_embeddings:
         to_save.append(_hf_module_param(model, "lm_head", tensors))
+    if hasattr(model, "score"):
+        to_save.append(_hf_module_param(model, "score", tensors))
     config = dict(
-        peft_type="LORA", task_type="CAUSAL_LM" if cfg.causal else None, r=r, lora_alpha=alpha,
+        peft_type="LORA", task_type=_task_type(cfg), r=r, lora_alpha=alpha,
         lora_dropout=dropout, target_modules=targets, use_rslora=rslora, bias="none",
         fan_in_fan_out=cfg.family == "gpt2",  # its Conv1D stores (in, out)
         rank_pattern={re.escape(h): v for h, v in ranks.items() if v != r},
@@ -269,10 +275,17 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     (path / CONFIG).write_text(json.dumps(config, indent=2))
 
 
+def _task_type(cfg) -> str | None:
+    return "SEQ_CLS" if cfg.labels else "CAUSAL_LM" if cfg.causal else None
+
+
 def _hf_module_param(model: nn.Module, ours: str, tensors: dict) -> str:
     """Add a fully trained module (PEFT's modules_to_save) to tensors; return its HF leaf."""
-    hf = _rename(ours + ".weight", _COMPILED[model.cfg.family], forward=False)
-    tensors[PREFIX + hf] = model.get_submodule(ours).weight.detach()
+    module = model.get_submodule(ours)
+    for kind in ("weight", "bias"):
+        if getattr(module, kind, None) is not None:
+            hf = _rename(f"{ours}.{kind}", _COMPILED[model.cfg.family], forward=False)
+            tensors[PREFIX + hf] = getattr(module, kind).detach()
     return hf.split(".")[-2]
 
 
@@ -382,3 +395,16 @@ def lora_method(model: nn.Module, options: dict, quantized: bool = False) -> lis
         quantize(model, bits=bits, double_quant=opts.pop("double_quant", True))
     apply_lora(model, **opts)
     return []
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside, the model runs as its base alone (LoRA updates skipped): e.g. a DPO reference."""
+    live = [m for m in lora_modules(model).values() if not m.merged]
+    for m in live:
+        m.merged = True  # forward() then returns base(x) only; the weights are not touched
+    try:
+        yield model
+    finally:
+        for m in live:
+            m.merged = False

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import random
+from pathlib import Path
+
 from tunelab.cli.common import EPILOG, emit, load_model, model_args
 
 
@@ -18,9 +23,97 @@ def cmd_perplexity(a) -> None:
     )
 
 
+def _labeled(a, labels: list[str] | None):
+    """(records, gold indices, label names) from --data with the field flags."""
+    from tunelab.data import load_records, require_fields
+    from tunelab.data.templates import label_index, label_names
+
+    records = load_records(a.data)
+    require_fields(records, [a.text_field, a.label_field], a.data)
+    labels = labels or label_names(records, a.label_field, a.labels and [a.labels])
+    return records, [label_index(r, a.label_field, labels) for r in records], labels
+
+
+def _run_template(model_path: str) -> str | None:
+    """The prompt modifiers a classifier was trained with, from its run's config.yaml."""
+    import yaml
+
+    config = Path(model_path).parent / "config.yaml"
+    if config.exists():
+        return (yaml.safe_load(config.read_text()).get("classify") or {}).get("template")
+    return None
+
+
+def _metrics_text(m: dict) -> str:
+    return f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['examples']} examples)"
+
+
+def cmd_classification(a) -> None:
+    from tunelab.data import Batches
+    from tunelab.data.templates import encode_classification
+    from tunelab.errors import ModelError
+    from tunelab.evaluate.classification import metrics, predict, write_predictions
+
+    lm = load_model(a)
+    labels = list(lm.model.cfg.labels)
+    if not labels:
+        raise ModelError(f"{a.model} is not a classifier; use `tunelab evaluate icl` for prompting")
+    records, gold, _ = _labeled(a, labels)
+    template = a.template or _run_template(a.model) or "{text}"
+    examples = encode_classification(records, lm.tokenizer, labels, text_field=a.text_field,
+                                     label_field=a.label_field, template=template,
+                                     seq_len=a.seq_len)  # fmt: skip
+    pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else lm.tokenizer.eos_id or 0
+    gold, probs = predict(lm.model, Batches(examples, a.batch_size, pad_id=pad, shuffle=False))
+    result = metrics(gold, probs.argmax(-1).tolist(), labels)
+    if a.predictions:
+        write_predictions(a.predictions, records, gold, probs, labels, a.text_field)
+    emit(a, result, _metrics_text(result))
+
+
+def cmd_icl(a) -> None:
+    from tunelab.data import load_records
+    from tunelab.data.templates import label_index
+    from tunelab.evaluate.icl import DEFAULT_TEMPLATE, evaluate_icl
+    from tunelab.train.progress import Progress
+
+    records, gold, labels = _labeled(a, None)
+    shots = [int(k) for k in str(a.shots).split(",")]
+    order = list(range(len(records)))
+    random.Random(a.seed).shuffle(order)
+    if a.demos:  # demonstrations from their own file
+        pool = load_records(a.demos)
+        pool_gold = [label_index(r, a.label_field, labels) for r in pool]
+    else:  # else a seeded slice of the data, never scored
+        n_pool = max(8, 4 * max(shots))
+        pool, pool_gold = [records[i] for i in order[:n_pool]], [gold[i] for i in order[:n_pool]]
+        order = order[n_pool:]
+    scored = order[: a.limit] if a.limit else order
+    lm = load_model(a)
+    with Progress(len(scored) * len(shots), label="prompting") as bar:
+        result = evaluate_icl(lm.model, lm.tokenizer, [records[i] for i in scored],
+                              [gold[i] for i in scored], labels, shots, demo_records=pool,
+                              demo_gold=pool_gold, template=a.template or DEFAULT_TEMPLATE,
+                              text_field=a.text_field, seed=a.seed,
+                              progress=bar.advance)  # fmt: skip
+    if a.json:
+        return print(json.dumps(result))
+    for k, m in result["shots"].items():
+        print(f"{k}-shot: {_metrics_text(m)}")
+
+
+def _labeled_args(q) -> None:
+    q.add_argument("--data", required=True, help="labeled records: CSV/TSV, JSON/JSONL, Parquet")
+    q.add_argument("--text-field", default="text", help="column holding the text [text]")
+    q.add_argument("--label-field", default="label", help="column holding the label [label]")
+    q.add_argument(
+        "--template", default=None, help="prompt modifiers, e.g. 'Review: {text}\\nSentiment:'"
+    )
+
+
 def register(sub) -> None:
     """Add `evaluate` and its metrics."""
-    p = sub.add_parser("evaluate", help="measure a model: perplexity, ...")
+    p = sub.add_parser("evaluate", help="measure a model: perplexity, classification, prompting")
     ev = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
     q = ev.add_parser("perplexity", help="sliding-window perplexity over text files", epilog=EPILOG)
     model_args(q)
@@ -33,3 +126,23 @@ def register(sub) -> None:
     )
     q.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     q.set_defaults(func=cmd_perplexity)
+
+    q = ev.add_parser("classification", help="accuracy and macro-F1 of a trained classifier",
+                      epilog=EPILOG)  # fmt: skip
+    model_args(q)
+    _labeled_args(q)
+    q.add_argument("--labels", default=None, help=argparse.SUPPRESS)
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--seq-len", type=int, default=512, help="max tokens per example")
+    q.add_argument("--predictions", type=Path, help="write per-example predictions (JSONL) here")
+    q.set_defaults(func=cmd_classification)
+
+    q = ev.add_parser("icl", help="classify by prompting: 0/1/k-shot label scoring", epilog=EPILOG)
+    model_args(q)
+    _labeled_args(q)
+    q.add_argument("--labels", default=None, help="label names in index order, comma-separated")
+    q.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,4")
+    q.add_argument("--demos", default=None, help="demonstration pool file; default: part of --data")
+    q.add_argument("--limit", type=int, default=None, help="score at most N examples")
+    q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
+    q.set_defaults(func=cmd_icl)

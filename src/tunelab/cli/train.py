@@ -16,6 +16,8 @@ ALIASES = {
     "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
     "--eval-every": "train.eval_every", "--save-every": "train.save_every",
     "--precision": "train.precision", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+    "--text-field": "data.text_field", "--label-field": "classify.label_field",
+    "--labels": "classify.labels", "--template": "classify.template", "--folds": "classify.folds",
 }  # fmt: skip
 
 
@@ -45,9 +47,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         )
 
 
+def run_task(cfg) -> dict:
+    """The runner for the config's task; every one ends in train/run.py's run_training."""
+    if cfg.task == "classify":
+        from tunelab.train.classify import run_classify
+
+        return run_classify(cfg)
+    from tunelab.train.run import run_training
+
+    return run_training(cfg)
+
+
 def cmd_train(a) -> None:
     from tunelab.train.config import load_config
-    from tunelab.train.run import config_for_resume, run_training
+    from tunelab.train.run import config_for_resume
 
     skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
     overrides = {k: v for k, v in vars(a).items() if k not in skip}
@@ -55,7 +68,7 @@ def cmd_train(a) -> None:
         cfg = config_for_resume(a.resume, overrides)
     else:
         cfg = load_config(a.config, {**overrides, "task": a.task})
-    summary = run_training(cfg)
+    summary = run_task(cfg)
     if a.json:
         return print(json.dumps(summary))
     print(f"run: {cfg.out}")
@@ -66,8 +79,11 @@ def cmd_train(a) -> None:
         "final_val_loss",
         "trainable_params",
         "peak_memory_mb",
+        "accuracy",
+        "macro_f1",
     ):
-        print(f"  {key}: {summary.get(key)}")
+        if key in summary:
+            print(f"  {key}: {summary[key]}")
     for name, ppl in summary.get("perplexity", {}).items():
         print(f"  perplexity {name}: {ppl['before']:.2f} -> {ppl['after']:.2f}")
 
@@ -75,7 +91,8 @@ def cmd_train(a) -> None:
 def register(sub) -> None:
     """Add the training subcommands."""
     for task, text in (("pretrain", "continued pretraining (or from scratch with --arch) on raw text"),
-                       ("finetune", "supervised fine-tuning on instructions or chat messages")):  # fmt: skip
+                       ("finetune", "supervised fine-tuning on instructions or chat messages"),
+                       ("classify", "train a classifier (decoder or encoder) on labeled text")):  # fmt: skip
         p = sub.add_parser(
             task, help=text, description=text, epilog=EPILOG, usage=f"tunelab {task} [options]"
         )

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from tunelab.data.load import fields_of, require_fields, where
-from tunelab.errors import DataError
+from tunelab.errors import DataError, closest
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 IGNORE = -100  # the label cross-entropy skips; never a token id, so never confused with pad
@@ -282,3 +282,72 @@ def encode_records(
     if not examples:
         raise DataError(f"{_source(records)}: no example left to train on ({stats})")
     return examples, stats
+
+
+def label_names(records: list[dict], label_field: str, given: list | None = None) -> list[str]:
+    """The label names in index order: as given, else the sorted distinct labels of the data."""
+    if given:
+        if len(given) == 1 and "," in str(given[0]):  # --labels negative,positive
+            given = str(given[0]).split(",")
+        return [str(x).strip() for x in given]
+    require_fields(records, [label_field], _source(records))
+    values = {r[label_field] for r in records}
+    if all(isinstance(v, int) for v in values):  # 0/1 labels: names are the indices
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def label_index(record: dict, field: str, labels: list[str]) -> int:
+    """A record's label as an index; integer labels may index the names ('0' -> negative)."""
+    value = record[field]
+    if str(value) in labels:
+        return labels.index(str(value))
+    if isinstance(value, int) and 0 <= value < len(labels):
+        return value
+    raise DataError(
+        f"{where(record)}: label {value!r} is not one of {labels}{closest(str(value), labels)}"
+    )
+
+
+def encode_classification(
+    records: list[dict],
+    tokenizer: Tokenizer,
+    labels: list[str],
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    template: str = "{text}",
+    seq_len: int | None = None,
+    stats: EncodeStats | None = None,
+) -> list[dict]:
+    """{"input_ids", "label"} per record: the text inside its prompt modifiers, tokenized with
+    the tokenizer's own special tokens ([CLS] ... [SEP] for BERT). A long text is cut in the
+    middle of the text, never in the modifiers, so a post-modifier ('Sentiment:') survives."""
+    stats = stats if stats is not None else EncodeStats()
+    require_fields(records, [text_field, label_field], _source(records))
+    if "{text}" not in template:
+        raise DataError(f"template {template!r} has no {{text}} placeholder")
+    pre, post = template.split("{text}", 1)
+    out = []
+    for record in records:
+        y = label_index(record, label_field, labels)
+        text = _text(record, text_field)
+        ids = tokenizer.encode(pre + text + post)
+        if seq_len is not None and len(ids) > seq_len:
+            tail = tokenizer.encode(post, add_special_tokens=False) if post else []
+            keep = max(1, seq_len - len(tail) - len(tokenizer.encode("")))
+            head = tokenizer.encode(pre + text, add_special_tokens=False)[:keep]
+            ids = _with_specials(tokenizer, head + tail)
+            stats.truncated += 1
+        stats.examples += 1
+        stats.tokens += len(ids)
+        out.append({"input_ids": ids, "label": y})
+    return out
+
+
+def _with_specials(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """ids wrapped the way the tokenizer wraps a text: its post-processor's specials around it."""
+    around = tokenizer.encode("")
+    if not around:
+        return ids
+    return around[:1] + ids + around[1:] if len(around) == 2 else around + ids

@@ -39,6 +39,9 @@ class ModelConfig:
     type_vocab_size: int = 0  # BERT's token-type (segment) embeddings
     pooler: bool = False  # BERT's tanh pooler over the first token
     sliding_window: int | None = None  # Mistral: attend to at most this many past tokens
+    labels: list[str] = field(default_factory=list)  # set: a sequence classifier over these
+    pooling: str = "last"  # classifier input: last (real) token, cls (BERT pooler) or mean
+    classifier_dropout: float = 0.1
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -77,6 +80,7 @@ _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "mlp": ("swiglu", "geglu", "gelu"),
     "act": ("silu", "gelu", "gelu_tanh"),
+    "pooling": ("last", "cls", "mean"),
 }
 
 # Tiny shapes for tests and from-scratch runs; real models come from their config.json.
@@ -124,7 +128,21 @@ def _rope_theta(hf: dict) -> float:
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
-    """Map a transformers config.json dict onto ModelConfig."""
+    """Map a transformers config.json dict onto ModelConfig (a classifier for *ForSequenceClassification)."""
+    cfg = _from_hf_config(hf)
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        id2label = hf.get("id2label") or {
+            str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))
+        }
+        cfg.labels = [id2label[k] for k in sorted(id2label, key=int)]
+        cfg.pooling = "last" if cfg.causal else "cls"
+        dropout = hf.get("classifier_dropout")
+        dropout = hf.get("hidden_dropout_prob", 0.1) if dropout is None else dropout
+        cfg.classifier_dropout = 0.0 if cfg.causal else dropout  # HF decoders have none
+    return cfg
+
+
+def _from_hf_config(hf: dict) -> ModelConfig:
     kind = hf.get("model_type", "")
     common = dict(
         vocab_size=hf["vocab_size"],

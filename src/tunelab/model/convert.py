@@ -65,13 +65,17 @@ _BERT += [
                      ("decoder.weight", "decoder.weight"), ("bias", "decoder.bias")]
 ]  # fmt: skip
 
+# Classification heads: HF decoders call theirs `score`, BERT `classifier`; ours is `score`.
+_SCORE = [("score.weight", "score.weight")]
+_CLASSIFIER = [("classifier.weight", "score.weight"), ("classifier.bias", "score.bias")]
+
 TABLES = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gemma": _LLAMA,
-    "gpt2": _GPT2,
-    "bert": _BERT,
+    "llama": _LLAMA + _SCORE,
+    "mistral": _LLAMA + _SCORE,
+    "qwen2": _LLAMA + _SCORE,
+    "gemma": _LLAMA + _SCORE,
+    "gpt2": _GPT2 + _SCORE,
+    "bert": _BERT + _CLASSIFIER,
 }
 # Buffers and aliases that HF checkpoints carry and tunelab recomputes or ties.
 _IGNORED = re.compile(
@@ -104,9 +108,9 @@ def _rename(name: str, pairs, forward: bool) -> str | None:
 def _canonical_hf(name: str, family: str) -> str:
     """Give bare-model checkpoints (no 'model.'/'transformer.'/'bert.' prefix) the full name."""
     prefix = {"gpt2": "transformer.", "bert": "bert."}.get(family, "model.")
-    if family == "bert" and name.startswith("cls."):
+    if family == "bert" and name.startswith(("cls.", "classifier.")):
         return name
-    if name.startswith(prefix) or name == "lm_head.weight":
+    if name.startswith(prefix) or name in ("lm_head.weight", "score.weight"):
         return name
     return prefix + name
 
@@ -158,7 +162,19 @@ def tunelab_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
-    """A transformers config.json dict for this model."""
+    """A transformers config.json dict for this model (a *ForSequenceClassification with labels)."""
+    hf = _to_hf_config(cfg)
+    if cfg.labels:
+        base = hf["architectures"][0].removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+        hf["architectures"] = [base.removesuffix("Model") + "ForSequenceClassification"]
+        hf["id2label"] = dict(enumerate(cfg.labels))
+        hf["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+        if not cfg.causal:
+            hf["classifier_dropout"] = cfg.classifier_dropout
+    return hf
+
+
+def _to_hf_config(cfg: ModelConfig) -> dict:
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
     if cfg.family == "gpt2":

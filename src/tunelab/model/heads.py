@@ -92,8 +92,55 @@ class EncoderModel(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+class SequenceClassifier(nn.Module):
+    """A transformer whose pooled hidden state feeds one linear layer over the labels.
+
+    Decoders pool the last real token (GPT2/LlamaForSequenceClassification, no bias); encoders
+    the [CLS] pooler or the mean over real tokens, then dropout (BertForSequenceClassification).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.labels:
+            raise ModelError("a classifier needs labels (model config 'labels')")
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.pooler = Pooler(cfg) if cfg.pooler else None
+        self.dropout = nn.Dropout(cfg.classifier_dropout)
+        self.score = nn.Linear(cfg.d_model, len(cfg.labels), bias=not cfg.causal)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Label logits (B, n_labels); right or left padding give the same result."""
+        position_ids = None
+        if attention_mask is not None and self.cfg.causal:
+            # Left padding: real tokens still start at position 0.
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        h = self.transformer(input_ids, attention_mask, position_ids, **kw)
+        return self.score(self.dropout(self.pool(h, attention_mask)))
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        how = self.cfg.pooling
+        if how == "last":
+            if attention_mask is None:
+                return h[:, -1]
+            positions = torch.arange(h.shape[1], device=h.device)
+            last = (attention_mask.long() * positions).argmax(1)
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        if how == "cls":
+            return self.pooler(h) if self.pooler is not None else h[:, 0]
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 def require_causal(model: nn.Module, what: str) -> None:
-    """Encoders cannot predict the next token; say so instead of failing deep inside."""
+    """Encoders and classifiers cannot predict the next token; say so instead of failing deep inside."""
+    if isinstance(model, SequenceClassifier):
+        raise ModelError(
+            f"{what} needs a language model; this is a classifier over {model.cfg.labels}"
+        )
     if not model.cfg.causal:
         raise ModelError(
             f"{what} needs a causal (decoder) model; this is a {model.cfg.family} encoder"
@@ -101,5 +148,8 @@ def require_causal(model: nn.Module, what: str) -> None:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model a config describes: an encoder for bidirectional configs, else a causal LM."""
+    """The model a config describes: a classifier when it names labels, else an encoder for
+    bidirectional configs or a causal LM."""
+    if cfg.labels:
+        return SequenceClassifier(cfg)
     return CausalLM(cfg) if cfg.causal else EncoderModel(cfg)

@@ -92,8 +92,35 @@ class EvalConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    label_field: str = opt("label", "column holding the class label (classify)")
+    labels: list = opt([], "label names in index order; default: the sorted labels in the data")
+    template: str = opt(
+        "{text}", "prompt modifiers around the text, e.g. 'Review: {text}\\nSentiment:'"
+    )
+    pooling: str | None = opt(
+        None, "last, cls or mean; default: last token (decoders), cls (encoders)"
+    )
+    class_weights: list = opt([], "loss weight per label (imbalanced data); default: equal")
+    folds: int = opt(0, "k-fold cross-validation: train k runs, report mean and std (0: off)")
+
+
+@dataclass
+class AlignConfig:
+    loss: str = opt("dpo", "preference loss (align): dpo (sigmoid), ipo or hinge")
+    beta: float = opt(0.1, "strength of the pull towards the reference model (align)")
+    label_smoothing: float = opt(0.0, "conservative DPO: assumed chance a pair is mislabeled")
+    precompute_ref: bool = opt(
+        True, "reference log-probs computed once and cached in the run; false: every step"
+    )
+    prompt_field: str = opt("prompt", "column holding the prompt (text or chat messages)")
+    chosen_field: str = opt("chosen", "column holding the preferred response")
+    rejected_field: str = opt("rejected", "column holding the dispreferred response")
+
+
+@dataclass
 class RunConfig:
-    task: str = opt("pretrain", "pretrain or finetune")
+    task: str = opt("pretrain", "pretrain, finetune, classify or align")
     model: str | None = opt("smollm2-135m-instruct", "model name, directory, .gguf or hub id")
     arch: str | None = opt(
         None, "train from scratch with this architecture preset (e.g. gpt2-tiny)"
@@ -104,13 +131,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     method: dict = opt({}, "adaptation method and its options (see `tunelab finetune --help`)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "classify": ClassifyConfig,
+    "align": AlignConfig,
+}
 
 
 def _convert(value: Any, tp, key: str):
