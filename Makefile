@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tunelab-installed
 .PHONY: run test setup lint clean
 
 run: $(STAMP)
-	$(BIN)/tunelab main
+	$(BIN)/tunelab study recipes/quickstart.yaml --out studies/quickstart
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -3,38 +3,16 @@ prompt modifiers, one-line data errors, prompting (verbalizer scoring) by hand."
 
 import json
 import os
-import random
 
 import pytest
 import torch
+from tiny import make_models, write_reviews
 
 from tunelab.cli import main
 from tunelab.evaluate.classification import metrics
 from tunelab.evaluate.icl import demonstrations, label_log_probs, verbalizers
-from tunelab.model.checkpoint import load_model_dir, save_model_dir
-from tunelab.model.config import ModelConfig
-from tunelab.model.heads import build_model
-from tunelab.tokenizer.bpe import BPETokenizer
+from tunelab.model.checkpoint import load_model_dir
 from tunelab.tokenizer.tokenizer import Tokenizer
-
-GOOD = "great wonderful superb moving brilliant".split()
-BAD = "awful boring dreadful dull terrible".split()
-FILL = "the film plot actor scene story music city night".split()
-
-
-def review(rng, label):
-    words = [rng.choice(FILL) for _ in range(rng.randint(4, 9))]
-    words.insert(rng.randrange(len(words)), rng.choice(GOOD if label else BAD))
-    return " ".join(words)
-
-
-def write_reviews(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            label = i % 2
-            f.write(json.dumps({"id": i, "review": review(rng, label),
-                                "sentiment": ["negative", "positive"][label]}) + "\n")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +20,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
     saved = os.environ.get("TUNELAB_CACHE")
     os.environ["TUNELAB_CACHE"] = str(root / "cache")
-    rng = random.Random(0)
-    corpus = [review(rng, i % 2) for i in range(200)]
-    bpe = BPETokenizer.train(corpus, vocab_size=300, special_tokens=["<|endoftext|>"])
-    bpe.save(root / "tok")
-    (root / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    tok = Tokenizer.from_dir(root / "tok")
-    torch.manual_seed(0)
-    common = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, d_ff=128,
-                  max_seq_len=128, eos_token_id=tok.eos_id)  # fmt: skip
-    save_model_dir(build_model(ModelConfig(family="llama", **common)), tok, root / "decoder")
-    bert = ModelConfig(family="bert", pos="learned", norm="layernorm", post_norm=True, mlp="gelu",
-                       act="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, causal=False,
-                       type_vocab_size=2, pooler=True, **common)  # fmt: skip
-    save_model_dir(build_model(bert), tok, root / "encoder")
+    make_models(root)
     write_reviews(root / "train.jsonl", 160, 1)
     write_reviews(root / "test.jsonl", 40, 2)
     yield root
@@ -176,6 +141,18 @@ def test_verbalizer_scores_equal_a_hand_computation(setup):
             logp = model(ids)[0].log_softmax(-1)
         hand = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(verb))
         assert score == pytest.approx(hand, abs=1e-4)
+
+
+def test_cached_demonstrations_score_like_the_whole_prompt(setup):
+    from tunelab.evaluate.icl import prefix_cache
+
+    model, tok = load_model_dir(setup / "decoder")
+    verbs = verbalizers(tok, ["great movie", "awful"])
+    demo, example = tok.encode("the plot\nLabel: awful\n\n"), tok.encode("the actor\nLabel:")
+    cache = prefix_cache(model, demo, room=32)
+    for _ in range(2):  # the cache is reused: the second example must not see the first
+        cached = label_log_probs(model, example, verbs, cache)
+        assert cached == pytest.approx(label_log_probs(model, demo + example, verbs), abs=1e-4)
 
 
 def test_demonstrations_are_balanced_and_seeded():

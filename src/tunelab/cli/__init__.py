@@ -10,7 +10,7 @@ from tunelab.errors import TunelabError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.cli import evaluate, models, train
+    from tunelab.cli import align, evaluate, models, study, train
     from tunelab.cli.common import EPILOG
 
     parser = argparse.ArgumentParser(
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (models, train, evaluate):
+    for module in (models, train, align, evaluate, study):
         module.register(sub)
     return parser
 

@@ -120,28 +120,6 @@ def cmd_estimate(a) -> None:
     emit(a, est, format_estimate(est))
 
 
-def cmd_main(a) -> None:
-    """The main job until the default study lands: generation plus perplexity on the embedded model."""
-    from tunelab.evaluate.perplexity import perplexity
-    from tunelab.generate import Sampling, generate
-
-    lm = load_model(a)
-    demo = (Path(__file__).parents[1] / "demo" / "plots.txt").read_text()
-    gen = generate(
-        lm.model,
-        lm.tokenizer,
-        ["What is the capital of France?"],
-        Sampling(max_new_tokens=40),
-        chat=True,
-    )[0]
-    ppl = perplexity(lm.model, lm.tokenizer, demo, window=256, stride=128)
-    result = {"model": a.model, "generation": {k: gen[k] for k in ("text", "new_tokens", "tokens_per_s")},
-              "perplexity": ppl}  # fmt: skip
-    emit(a, result, f"{a.model}\n> What is the capital of France?\n{gen['text'].strip()}\n"
-                     f"[{gen['tokens_per_s']:.1f} tok/s]\ndemo text perplexity: {ppl['perplexity']:.2f} "
-                     f"over {ppl['tokens']} tokens")  # fmt: skip
-
-
 def register(sub) -> None:
     """Add the model-as-it-is subcommands."""
     p = sub.add_parser("models", help="list known models and whether each is present locally")
@@ -210,7 +188,3 @@ def register(sub) -> None:
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
     p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
     p.set_defaults(func=cmd_estimate)
-
-    p = sub.add_parser("main", help="the README's main job on the embedded model")
-    model_args(p)
-    p.set_defaults(func=cmd_main)

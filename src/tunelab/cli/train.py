@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from tunelab.cli.common import EPILOG
@@ -15,7 +16,7 @@ ALIASES = {
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--grad-accum": "train.grad_accum",
     "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
     "--eval-every": "train.eval_every", "--save-every": "train.save_every",
-    "--precision": "train.precision", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+    "--precision": "train.precision", "--dist": "train.dist", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
     "--text-field": "data.text_field", "--label-field": "classify.label_field",
     "--labels": "classify.labels", "--template": "classify.template", "--folds": "classify.folds",
 }  # fmt: skip
@@ -55,6 +56,10 @@ def run_task(cfg) -> dict:
         return run_classify(cfg)
     from tunelab.train.run import run_training
 
+    if cfg.task == "align":
+        from tunelab.train.align import AlignTask
+
+        return run_training(cfg, task=AlignTask())
     return run_training(cfg)
 
 
@@ -69,6 +74,8 @@ def cmd_train(a) -> None:
     else:
         cfg = load_config(a.config, {**overrides, "task": a.task})
     summary = run_task(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     if a.json:
         return print(json.dumps(summary))
     print(f"run: {cfg.out}")

@@ -28,21 +28,42 @@ def verbalizers(tokenizer, labels: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def label_log_probs(model, prompt_ids: list[int], verbs: list[list[int]]) -> list[float]:
+def label_log_probs(
+    model, prompt_ids: list[int], verbs: list[list[int]], prefix=None
+) -> list[float]:
     """Sum of log p(verbalizer tokens | prompt) per label: one forward for the first tokens,
-    one more per multi-token label."""
+    one more per multi-token label. `prefix` (a KVCache holding shared demonstrations) is
+    reused as the context before prompt_ids instead of being recomputed."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    first = model(ids, last_only=True)[0, -1].float().log_softmax(-1)
+    start = prefix.length if prefix is not None else 0
+
+    def run(ids: list[int], **kw):
+        if prefix is not None:
+            prefix.length = start  # drop what the previous example appended
+        return model(torch.tensor([ids], device=device), cache=prefix, **kw)[0].float()
+
+    first = run(prompt_ids, last_only=True)[-1].log_softmax(-1)
     scores = []
     for verb in verbs:
         score = float(first[verb[0]])
         if len(verb) > 1:
-            full = torch.tensor([prompt_ids + verb[:-1]], device=device)
-            logp = model(full)[0, len(prompt_ids) :].float().log_softmax(-1)
+            logp = run(prompt_ids + verb[:-1])[len(prompt_ids) :].log_softmax(-1)
             score += float(logp.gather(1, torch.tensor(verb[1:], device=device)[:, None]).sum())
         scores.append(score)
+    if prefix is not None:
+        prefix.length = start  # leave the cache holding only the demonstrations
     return scores
+
+
+@torch.no_grad()
+def prefix_cache(model, ids: list[int], room: int):
+    """A KV cache holding the demonstrations, with room for an example and its label after."""
+    from tunelab.model.transformer import KVCache
+
+    param = next(model.parameters())
+    cache = KVCache(model.cfg, 1, len(ids) + room, param.device, param.dtype)
+    model(torch.tensor([ids], device=param.device), cache=cache, last_only=True)
+    return cache
 
 
 def demonstrations(records: list[dict], gold: list[int], k: int, seed: int) -> list[int]:
@@ -87,11 +108,13 @@ def evaluate_icl(model, tokenizer, records: list[dict], gold: list[int], labels:
             + " " + labels[pool_gold[i]] + "\n\n"
             for i in demonstrations(pool, pool_gold, k, seed)
         )  # fmt: skip
+        room = max_text_tokens + len(tokenizer.encode(template)) + max(map(len, verbs)) + 8
+        prefix = prefix_cache(model, tokenizer.encode(demo), room) if demo else None
         predicted = []
         for record in records:
             text = _clip(tokenizer, record[text_field], max_text_tokens)
-            ids = tokenizer.encode(demo + template.replace("{text}", text))
-            scores = label_log_probs(model, ids, verbs)
+            ids = tokenizer.encode(template.replace("{text}", text), add_special_tokens=not demo)
+            scores = label_log_probs(model, ids, verbs, prefix)
             predicted.append(max(range(len(labels)), key=scores.__getitem__))
             if progress is not None:
                 progress()

@@ -68,7 +68,7 @@ class ClassifyTask:
     def __init__(self, records: tuple | None = None):
         self.records = records  # (train, val, labels) given by k-fold; else read from the config
         self.labels: list[str] = []
-        self.objective = None
+        self.objective, self.all_val = None, None
 
     def prepare(self, model, tokenizer, cfg: RunConfig):
         from tunelab.train.objectives import classification
@@ -105,6 +105,8 @@ class ClassifyTask:
         train_b = Batches(train, b, seed=cfg.train.seed,
                           group_by_length=cfg.data.group_by_length, **common)  # fmt: skip
         val_b = Batches(val, b, shuffle=False, **common) if val else None
+        # finish() scores the whole validation set on every rank (torchrun shards val_b)
+        self.all_val = Batches(val, b, shuffle=False, pad_id=pad) if val else None
         counts = {name: sum(e["label"] == i for e in train) for i, name in enumerate(self.labels)}
         stats = {"kind": "classification", "labels": self.labels, "train_examples": len(train),
                  "val_examples": len(val), "train_label_counts": counts}  # fmt: skip
@@ -120,11 +122,12 @@ class ClassifyTask:
         """Validation metrics of the final model, and its predictions for error analysis."""
         from tunelab.evaluate.classification import metrics, predict, write_predictions
 
-        if val_batches is None:
+        if self.all_val is None:
             return {"labels": self.labels}
-        gold, probs = predict(model, val_batches)
-        write_predictions(run_dir / "predictions.jsonl", self.val_records, gold, probs,
-                          self.labels, cfg.data.text_field)  # fmt: skip
+        gold, probs = predict(model, self.all_val)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            write_predictions(run_dir / "predictions.jsonl", self.val_records, gold, probs,
+                              self.labels, cfg.data.text_field)  # fmt: skip
         return {"labels": self.labels, **metrics(gold, probs.argmax(-1).tolist(), self.labels)}
 
 

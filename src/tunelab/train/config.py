@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = opt(0, "seed for init, data order and sampling")
     precision: str = opt("fp32", "fp32, bf16 (autocast) or fp16 (CUDA, with a grad scaler)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    dist: str = opt("auto", "distribution under torchrun: auto, ddp, fsdp or none")
     eval_every: int | None = opt(None, "evaluate every N steps; default: only at the end")
     eval_batches: int | None = opt(None, "cap the validation batches per evaluation")
     save_every: int | None = opt(None, "checkpoint every N steps; always at the end")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tunelab.errors import TunelabError
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig
+from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
 from tunelab.train.progress import Progress
 from tunelab.train.schedule import make_scheduler
 
@@ -85,8 +86,13 @@ class Trainer:
     """Runs optimizer steps on a model with an objective; callbacks may change what trains."""
 
     def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
-                 val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None):  # fmt: skip
+                 val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None,
+                 dist=None):  # fmt: skip
+        # `dist` (train/distributed.py) wraps the model for DDP and brings rank and reduce.
+        if dist is not None:
+            is_main, reduce = dist.is_main, dist.reduce
         self.model, self.objective, self.batches, self.cfg = model, objective, batches, cfg
+        self.dist = dist
         self.run_dir, self.total_steps, self.val_batches = Path(run_dir), total_steps, val_batches
         self.callbacks, self.evaluators, self.is_main = list(callbacks), list(evaluators), is_main
         self.reduce = reduce or (lambda x: x)  # sums a tensor across ranks under DDP
@@ -126,13 +132,19 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        # Names and tensors of the unwrapped model (no DDP `module.` prefix, FSDP shards
+        # gathered on every rank), so any world size resumes it; only rank 0 writes.
+        weights = {n: p.detach() for n, p in trainable_named(self.model).items()}
+        weights = full_state(weights, keep=self.is_main)
+        optim = full_state(self.optimizer.state_dict(), keep=self.is_main)
         if not self.is_main:
+            self._barrier()
             return None
         target = self.run_dir / "checkpoints" / f"step-{self.step}"
         with atomic_dir(target) as tmp:
-            weights = {n: p.detach().contiguous() for n, p in trainable_named(self.model).items()}
+            weights = {n: w.contiguous() for n, w in weights.items()}
             save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             state = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed,
                          best_val=self.best_val, bad_evals=self.bad_evals,
@@ -142,7 +154,12 @@ class Trainer:
         old = sorted(_checkpoints(self.run_dir))[: -self.cfg.keep_checkpoints or None]
         for _, path in old:
             shutil.rmtree(path, ignore_errors=True)
+        self._barrier()
         return target
+
+    def _barrier(self) -> None:
+        if self.dist is not None:
+            self.dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         try:
@@ -163,8 +180,9 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_optimizer(self)
         self.scheduler = self._make_scheduler()
-        self.model.load_state_dict(weights, strict=False)
+        load_weights(self.model, weights)
         self.optimizer.load_state_dict(optim)
+        shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self._stream = None
@@ -182,20 +200,27 @@ class Trainer:
 
     def train_step(self) -> dict:
         self.model.train()
+        # Callbacks may have changed what trains since the last step: DDP wraps that set.
+        model = self.dist.wrap(self.model) if self.dist is not None else self.model
         loss_sum = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device, dtype=torch.long)
         tokens, sums = 0, {}
-        for _ in range(self.cfg.grad_accum):
+        for i in range(self.cfg.grad_accum):
             batch = self._next_batch()
-            with autocast(self.device, self.cfg.precision):
-                loss, n, metrics = self.objective(self.model, batch)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # Gradients are reduced across ranks once per step, after the last micro-batch.
+            sync = i == self.cfg.grad_accum - 1
+            with nullcontext() if sync else no_sync(model):
+                with autocast(self.device, self.cfg.precision):
+                    loss, n, metrics = self.objective(model, batch)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach().float()
             count += n
             sums = _add_metrics(sums, metrics)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         loss_sum, count = self.reduce(loss_sum), self.reduce(count)
+        # Global tokens: every rank must see the same count to stop at the same step.
+        tokens = int(self.reduce(torch.tensor(tokens, device=self.device)))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -205,7 +230,7 @@ class Trainer:
             p.grad.div_(max(int(count), 1))
         grad_norm = None
         if self.cfg.clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
+            grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)))
         loss = float(loss_sum) / max(int(count), 1)
         if not math.isfinite(loss):
             last = sorted(_checkpoints(self.run_dir))
@@ -257,7 +282,7 @@ class Trainer:
     def _means(self, sums: dict, count) -> dict:
         """Objective metrics arrive as sums over targets; report them per target, across ranks."""
         n = max(int(count), 1)
-        return {k: float(self.reduce(v)) / n for k, v in sums.items()}
+        return {k: float(self.reduce(v.to(self.device))) / n for k, v in sums.items()}
 
     def log(self, record: dict) -> None:
         if not self.is_main:

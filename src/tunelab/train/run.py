@@ -20,12 +20,6 @@ from tunelab.train.config import RunConfig, load_config
 log = logging.getLogger("tunelab")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
     import tunelab
@@ -249,43 +243,63 @@ def before_after(before: dict, after: dict) -> dict:
 
 
 def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) -> dict:
-    """Train as the config says and return summary.json's contents; resumes when asked."""
+    """Train as the config says and return summary.json's contents; resumes when asked.
+
+    Under torchrun every rank trains on its shard of the data; only rank 0 writes the run."""
     from tunelab.adapt import apply_method
     from tunelab.adapt.estimate import format_report, param_report
+    from tunelab.train.distributed import launch
     from tunelab.train.loop import Trainer, latest_checkpoint
 
     task = task or LMTask(kind)
-    run_dir = prepare_run_dir(cfg)
-    if cfg.resume and (run_dir / "summary.json").exists():
-        return json.loads((run_dir / "summary.json").read_text())
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_for_training(cfg, device)
-    model = task.prepare(model, tokenizer, cfg)
-    callbacks = [*apply_method(model, cfg.method), *callbacks]
-    params = param_report(model)
-    log.info(format_report(params))
-    train_b, val_b, data_stats = task.data(cfg, tokenizer)
-    model.eval()
-    before = task.measure(model, tokenizer, cfg, val_b)
-    set_dropout(model, cfg.train.dropout)
-    steps = total_steps(cfg, train_b)
-    trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, steps, val_batches=val_b,
-                      callbacks=callbacks, evaluators=task.evaluators(cfg, tokenizer))  # fmt: skip
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint is not None:
-        trainer.load_checkpoint(checkpoint)
-    summary = trainer.fit()
-    set_dropout(model, 0.0)
-    model.eval()
-    summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
-    summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
-    summary["params"] = params
-    summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
-                   method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
-    save_final(model, tokenizer, run_dir / "final")
-    write_summary(run_dir, summary)
-    return summary
+    with launch(cfg.train) as dist:
+        # Rank 0 names the run directory (a default name holds the time) and writes its config.
+        run_dir = Path(dist.broadcast(str(prepare_run_dir(cfg)) if dist.is_main else None))
+        cfg.out = str(run_dir)
+        summary_file = run_dir / "summary.json"
+        done = cfg.resume and dist.is_main and summary_file.exists()
+        finished = dist.broadcast(json.loads(summary_file.read_text()) if done else None)
+        if finished is not None:  # a finished run: every rank returns rank 0's summary
+            return finished
+        torch.manual_seed(cfg.train.seed)
+        model, tokenizer = load_for_training(cfg, dist.device)
+        model = task.prepare(model, tokenizer, cfg)
+        callbacks = [*apply_method(model, cfg.method), *callbacks]
+        params = param_report(model)
+        if dist.is_main:
+            log.info(format_report(params))
+        train_b, val_b, data_stats = task.data(cfg, tokenizer, dist.rank, dist.world)
+        model.eval()
+        before = task.measure(model, tokenizer, cfg, val_b)
+        set_dropout(model, cfg.train.dropout)
+        dist.shard(model)  # FSDP only; DDP wraps in the loop, which keeps the plain module
+        steps = total_steps(cfg, train_b)
+        trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, steps, val_batches=val_b,
+                          callbacks=callbacks, evaluators=task.evaluators(cfg, tokenizer),
+                          dist=dist)  # fmt: skip
+        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+        checkpoint = dist.broadcast(checkpoint)  # rank 0's choice; other nodes need a shared disk
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+        summary = trainer.fit()
+        set_dropout(model, 0.0)
+        model.eval()
+        summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
+        summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
+        summary["params"] = params
+        summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
+                       method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
+
+        def rebuild():  # the model as it was before FSDP, to hold the gathered weights
+            plain = task.prepare(load_for_training(cfg, torch.device("cpu"))[0], tokenizer, cfg)
+            apply_method(plain, cfg.method)
+            return plain
+
+        model = dist.unshard(model, rebuild)
+        if dist.is_main:
+            save_final(model, tokenizer, run_dir / "final")
+            write_summary(run_dir, summary)
+        return summary
 
 
 def save_final(model, tokenizer, path: Path) -> None:

@@ -1,0 +1,505 @@
+"""Classification on IMDB: MiniLM full fine-tuning (tunelab against HF Trainer, same work),
+SmolLM2-135M LoRA, and SmolLM2 0/1/k-shot prompting, measured on held-out reviews.
+
+    python bench/classify.py [--examples 3008] [--speed-steps 20] [--runs 3] [--write]
+
+MiniLM (all-MiniLM-L6-v2, the embedded HF directory, BERT encoder + its [CLS] pooler + a new
+2-way linear head) is fully fine-tuned by both frameworks on identical work: the first
+--examples reviews of ../shared/data/imdb/imdb_train_00..02 (a multiple of the batch), max
+length 256 (the text is cut, [CLS]/[SEP] kept), batch 16, dynamic padding to the longest row,
+AdamW (fused) lr --lr with linear warmup then linear decay to 0, no weight decay, clip 1.0,
+fp32, no evaluation during training, no dropout in the encoder and 0.1 before the head (the
+`tunelab classify` default; HF's config gets the same), seed 0. HF Trainer gets the reviews in
+the order tunelab's seeded batch plan takes them (sequential sampler), so both see the same
+examples in the same batches (checked: identical real tokens per batch). Each framework runs in
+its own subprocess. Speed: --runs short runs of --speed-steps timed steps after --warmup untimed
+ones, alternating who goes first; samples/s = 16 x timed steps / their wall time (median run).
+Accuracy: one full run each (--epochs over the examples), then the 2,000 held-out reviews of
+imdb_test_00 (tunelab's model reloaded from the run's final/ directory).
+
+SmolLM2-135M-Instruct LoRA (`tunelab classify --method lora`, last-token head) trains a shorter
+budget (--lora-examples) and is scored on the first --lora-eval test reviews; prompting
+(`tunelab evaluate icl`) scores --icl-limit seeded test reviews with demonstrations from
+imdb_train_00. With --write the table replaces the '## Classification (IMDB)' section of
+docs/BENCHMARKS.md (added at the end when missing), leaving the other sections alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMDB = ROOT.parent / "shared" / "data" / "imdb"
+TRAIN = [IMDB / f"imdb_train_0{i}.jsonl" for i in range(3)]
+TEST = IMDB / "imdb_test_00.jsonl"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Classification (IMDB)"
+ENCODER, DECODER = "minilm-l6", "smollm2-135m-instruct"
+LABELS = ["negative", "positive"]
+TEMPLATE = "Review: {text}\nSentiment:"
+BATCH, SEQ_LEN = 16, 256
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def batch_plan(n_records: int, steps: int) -> list[list[int]]:
+    """Record indices of the first `steps` batches tunelab's Batches takes (seed 0)."""
+    from tunelab.data.batching import Batches
+
+    b = Batches([{"input_ids": [0]}] * n_records, BATCH, pad_id=0, seed=0)
+    plan, epoch = [], 0
+    while len(plan) < steps:
+        plan += b.plan(epoch)
+        epoch += 1
+    return plan[:steps]
+
+
+def timed(marks: list[float], warmup: int, steps: int) -> tuple[float, float]:
+    """(samples/s, seconds) over the steps after the first `warmup` (marks: end of each step)."""
+    if len(marks) < steps:
+        raise SystemExit(f"saw {len(marks)} step ends, expected {steps}")
+    w = max(warmup, 1)
+    seconds = marks[steps - 1] - marks[w - 1]
+    return BATCH * (steps - w) / seconds, seconds
+
+
+# -- workers: one framework per process ---------------------------------------------------------
+def tunelab_config(a: dict, out: str) -> dict:
+    return {
+        "task": "classify", "model": a["model"], "data.path": a["train_file"],
+        "data.val_fraction": 0.0, "train.seq_len": SEQ_LEN, "train.batch_size": a["batch"],
+        "train.grad_accum": 1, "train.max_steps": a["steps"], "train.lr": a["lr"],
+        "train.warmup_steps": a["warmup_lr"], "train.schedule": a["schedule"],
+        "train.min_lr_ratio": 0.0, "train.weight_decay": 0.0, "train.clip": 1.0,
+        "train.precision": "fp32", "train.device": "cpu", "train.seed": 0, "out": out,
+        "classify.labels": LABELS, "classify.template": a.get("template", "{text}"),
+        "classify.pooling": a.get("pooling"), "method": a.get("method", {}),
+    }  # fmt: skip
+
+
+def worker_tunelab(a: dict) -> dict:
+    """A `tunelab classify` run (run_classify, as the command runs it); then, when asked, the
+    reloaded final model scored on the test reviews as `tunelab evaluate classification` does."""
+    import torch
+
+    import tunelab
+    from tunelab.data import Batches
+    from tunelab.data.templates import encode_classification
+    from tunelab.evaluate.classification import metrics, predict
+    from tunelab.train import loop
+    from tunelab.train.classify import run_classify
+    from tunelab.train.config import load_config
+
+    cpu: list[float] = []  # process CPU seconds (all threads) at the start and after each step
+    fit, train_step = loop.Trainer.fit, loop.Trainer.train_step
+
+    def clocked_fit(self, *args, **kw):
+        cpu.append(time.process_time())
+        return fit(self, *args, **kw)
+
+    def clocked_step(self, *args, **kw):
+        out = train_step(self, *args, **kw)
+        cpu.append(time.process_time())
+        return out
+
+    loop.Trainer.fit, loop.Trainer.train_step = clocked_fit, clocked_step
+    with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
+        cfg = load_config(None, tunelab_config(a, str(Path(tmp) / "run")))
+        start = time.perf_counter()
+        summary = run_classify(cfg)
+        process_s = time.perf_counter() - start
+        rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "loss" in r and r.get("split") != "val"]
+        marks = [r["time"] for r in steps]
+        out = dict(marks=marks, batch_tokens=[r["tokens_step"] for r in steps],
+                   losses=[r["loss"] for r in steps], wall_s=summary["wall_time_s"],
+                   process_s=process_s, cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu,
+                   peak_rss_mb=summary["peak_memory_mb"],
+                   trainable=summary["trainable_params"], params=summary["total_params"])  # fmt: skip
+        if a.get("eval_file"):
+            t = time.perf_counter()
+            lm = tunelab.load(str(Path(cfg.out) / "final"))
+            records = read_jsonl(Path(a["eval_file"]))
+            ex = encode_classification(records, lm.tokenizer, LABELS, template=cfg.classify.template,
+                                       seq_len=SEQ_LEN)  # fmt: skip
+            pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else lm.tokenizer.eos_id
+            with torch.inference_mode():
+                gold, probs = predict(lm.model, Batches(ex, BATCH, pad_id=pad or 0, shuffle=False))
+            m = metrics(gold, probs.argmax(-1).tolist(), LABELS)
+            out.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], eval_n=m["examples"],
+                       eval_s=time.perf_counter() - t)  # fmt: skip
+    return out
+
+
+def worker_hf(a: dict) -> dict:
+    """HF Trainer on the same reviews in the same batches (sequential sampler over the plan)."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    records = read_jsonl(Path(a["train_file"]))
+    rows = [records[i] for batch in a["plan"] for i in batch]
+    tok = AutoTokenizer.from_pretrained(a["model"])
+
+    def dataset(recs: list[dict]) -> Dataset:
+        enc = tok([r["text"] for r in recs], truncation=True, max_length=SEQ_LEN)
+        return Dataset.from_dict({**enc, "labels": [int(r["label"]) for r in recs]})
+
+    train_ds = dataset(rows)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        a["model"], num_labels=2, dtype=torch.float32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout=0.1,
+    )  # fmt: skip
+    marks: list[float] = []
+    begin: list[float] = []
+    cpu: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            begin.append(time.perf_counter())
+            cpu.append(time.process_time())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+            cpu.append(time.process_time())
+
+    real: list[int] = []
+    collator = DataCollatorWithPadding(tok)
+
+    def counting(features):
+        batch = collator(features)
+        real.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=a["batch"], per_device_eval_batch_size=BATCH,
+            gradient_accumulation_steps=1, max_steps=a["steps"], learning_rate=a["lr"],
+            lr_scheduler_type=a["schedule"], warmup_steps=a["warmup_lr"], weight_decay=0.0,
+            max_grad_norm=1.0, use_cpu=True, report_to="none", logging_steps=10,
+            save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=0,
+            train_sampling_strategy="sequential", disable_tqdm=True,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting,
+                          callbacks=[Clock()])  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        process_s = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        out = dict(marks=[m - begin[0] for m in marks], batch_tokens=real[: a["steps"]],
+                   losses=losses, wall_s=marks[-1] - begin[0], process_s=process_s,
+                   cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu,
+                   params=sum(p.numel() for p in model.parameters()))  # fmt: skip
+        out["trainable"] = out["params"]
+        if a.get("eval_file"):
+            t = time.perf_counter()
+            pred = trainer.predict(dataset(read_jsonl(Path(a["eval_file"]))))
+            guess = np.argmax(pred.predictions, -1)
+            out.update(accuracy=float((guess == pred.label_ids).mean()), eval_n=len(guess),
+                       eval_s=time.perf_counter() - t)  # fmt: skip
+    return out
+
+
+def run_icl(a: dict) -> dict:
+    """`tunelab evaluate icl` as a user runs it, timed."""
+    cmd = [str(Path(sys.executable).parent / "tunelab"), "evaluate", "icl", "--model", DECODER,
+           "--data", str(TEST), "--demos", str(TRAIN[0]), "--labels", ",".join(LABELS),
+           "--template", TEMPLATE, "--shots", a["shots"], "--limit", str(a["limit"]),
+           "--seed", "0", "--json"]  # fmt: skip
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"tunelab evaluate icl failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, seconds=time.perf_counter() - t)
+
+
+# -- the parent ---------------------------------------------------------------------------------
+def machine() -> str:
+    import peft
+    import torch
+    import transformers
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpus} CPUs ({model}), {torch.get_num_threads()} torch threads; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}")  # fmt: skip
+
+
+def spawn(name: str, a: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", name],
+                          input=json.dumps(a), capture_output=True, text=True)  # fmt: skip
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"the {name} worker failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def write_section(body: str) -> None:
+    """Replace (or append at the end) this section of docs/BENCHMARKS.md, keeping the others.
+    The file is read right before writing: other benchmarks edit their own sections."""
+    text = DOC.read_text()
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    DOC.write_text(text)
+
+
+def loads() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["speed", "minilm", "lora", "icl"],
+                    choices=["speed", "minilm", "lora", "icl"])  # fmt: skip
+    ap.add_argument("--examples", type=int, default=3008, help="MiniLM training reviews")
+    ap.add_argument("--epochs", type=int, default=1, help="MiniLM passes over --examples")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument(
+        "--mean-row",
+        action="store_true",
+        help="also train tunelab with mean pooling (HF's BERT head has only [CLS])",
+    )
+    ap.add_argument("--warmup-ratio", type=float, default=0.06, help="lr warmup (both)")
+    ap.add_argument("--speed-steps", type=int, default=20, help="timed steps per speed run")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (speed runs)")
+    ap.add_argument("--runs", type=int, default=3, help="speed runs per framework (median)")
+    ap.add_argument("--eval", type=int, default=2000, help="test reviews scored (MiniLM)")
+    ap.add_argument("--lora-examples", type=int, default=512, help="SmolLM2 LoRA reviews")
+    ap.add_argument("--lora-batch", type=int, default=8)
+    ap.add_argument("--lora-lr", type=float, default=5e-4)
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-eval", type=int, default=500, help="test reviews scored (LoRA)")
+    ap.add_argument("--icl-limit", type=int, default=200, help="test reviews scored (prompting)")
+    ap.add_argument("--shots", default="0,1,4")
+    ap.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
+    ap.add_argument("--worker", choices=["tunelab", "hf"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        job = json.loads(sys.stdin.read())
+        out = (worker_tunelab if a.worker == "tunelab" else worker_hf)(job)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    missing = [p for p in [*TRAIN, TEST] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]}: IMDB not found; this benchmark reads ../shared/data/imdb")
+
+    from tunelab.hub import resolve
+
+    encoder_dir = str(resolve(ENCODER))
+    train_all = [r for p in TRAIN for r in read_jsonl(p)]
+    test_all = read_jsonl(TEST)
+    n = a.examples - a.examples % BATCH
+    if not 0 < n <= len(train_all):
+        raise SystemExit(f"--examples must be between {BATCH} and {len(train_all)}")
+    load_before, started = loads(), time.time()
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
+        train_file = write_jsonl(Path(tmp) / "train.jsonl", train_all[:n])
+        test_file = write_jsonl(Path(tmp) / "test.jsonl", test_all[: a.eval])
+        base = dict(model=encoder_dir, train_file=str(train_file), batch=BATCH, lr=a.lr)
+
+        if "speed" in a.parts:
+            steps = a.warmup + a.speed_steps
+            job = dict(
+                base, steps=steps, warmup_lr=0, schedule="constant", plan=batch_plan(n, steps)
+            )
+            runs: dict[str, list] = {"tunelab": [], "hf": []}
+            for r in range(a.runs):  # alternate who goes first, so drift in load evens out
+                for name in ("tunelab", "hf") if r % 2 == 0 else ("hf", "tunelab"):
+                    m = spawn(name, job)
+                    m["samples_s"], m["timed_s"] = timed(m["marks"], a.warmup, steps)
+                    w = max(a.warmup, 1)
+                    m["timed_cpu_s"] = m["cpu_marks"][steps] - m["cpu_marks"][w]
+                    m["samples_cpu_s"] = BATCH * (steps - w) / m["timed_cpu_s"]
+                    runs[name].append(m)
+                    print(f"speed {name}: {m['samples_s']:.1f} samples/s, "
+                          f"{m['samples_cpu_s']:.1f} per CPU-s (load {loads()})",
+                          flush=True)  # fmt: skip
+            res["speed"] = {k: sorted(v, key=lambda m: m["samples_s"])[len(v) // 2]
+                            for k, v in runs.items()}  # fmt: skip
+            res["speed_all"] = {k: [m["samples_s"] for m in v] for k, v in runs.items()}
+            res["speed_same"] = all(
+                x["batch_tokens"] == runs["hf"][0]["batch_tokens"] for x in runs["tunelab"]
+            )
+
+        if "minilm" in a.parts:
+            steps = a.epochs * n // BATCH
+            job = dict(base, steps=steps, warmup_lr=round(a.warmup_ratio * steps), schedule="linear",
+                       plan=batch_plan(n, steps), eval_file=str(test_file))  # fmt: skip
+            res["full"] = {}
+            variants = [("tunelab", "tunelab", {}), ("hf", "hf", {})]
+            if a.mean_row:
+                variants.append(("tunelab_mean", "tunelab", {"pooling": "mean"}))
+            for name, worker, extra in variants:
+                m = spawn(worker, dict(job, **extra))
+                m["samples_s"] = BATCH * steps / m["wall_s"]
+                res["full"][name] = m
+                print(f"full {name}: {m['wall_s']:.0f} s training, {m['samples_s']:.1f} samples/s, "
+                      f"accuracy {m['accuracy']:.4f} on {m['eval_n']} (load {loads()})",
+                      flush=True)  # fmt: skip
+            res["full_same"] = res["full"]["tunelab"]["batch_tokens"] == res["full"]["hf"]["batch_tokens"]  # fmt: skip
+
+        if "lora" in a.parts:
+            k = a.lora_examples - a.lora_examples % a.lora_batch
+            lora_file = write_jsonl(Path(tmp) / "lora.jsonl", train_all[:k])
+            lora_test = write_jsonl(Path(tmp) / "lora_test.jsonl", test_all[: a.lora_eval])
+            steps = k // a.lora_batch
+            job = dict(model=DECODER, train_file=str(lora_file), batch=a.lora_batch, lr=a.lora_lr,
+                       steps=steps, warmup_lr=round(a.warmup_ratio * steps), schedule="linear",
+                       template=TEMPLATE,
+                       method={"name": "lora", "r": a.lora_r, "alpha": 2 * a.lora_r,
+                               "targets": "all-linear"},
+                       eval_file=str(lora_test))  # fmt: skip
+            m = spawn("tunelab", job)
+            m["samples_s"], m["steps"], m["examples"] = k / m["wall_s"], steps, k
+            res["lora"] = m
+            print(f"lora: {m['wall_s']:.0f} s training, accuracy {m['accuracy']:.4f} "
+                  f"on {m['eval_n']} (load {loads()})", flush=True)  # fmt: skip
+
+        if "icl" in a.parts:
+            res["icl"] = run_icl(dict(shots=a.shots, limit=a.icl_limit))
+            shots = ", ".join(
+                f"{k}-shot {v['accuracy']:.3f}" for k, v in res["icl"]["shots"].items()
+            )
+            print(f"icl: {shots} in {res['icl']['seconds']:.0f} s (load {loads()})", flush=True)
+
+    body = report(a, n, res, load_before, loads(), time.time() - started)
+    print("\n" + body)
+    if a.write:
+        write_section(body)
+        print(f"\nwritten to {DOC}")
+
+
+def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: float) -> str:
+    cmd = " ".join(sys.argv[1:])
+    lines = [
+        f"`python bench/classify.py{' ' + cmd if cmd else ''}` on {datetime.date.today()}; "
+        f"data: ../shared/data/imdb (train shards imdb_train_00..02, held-out imdb_test_00, "
+        f"1,000 positive / 1,000 negative each). Whole script {total_s / 60:.0f} min.",
+        "",
+        f"Machine: {machine()}. Load average {load_before} before, {load_after} after.",
+        "",
+        "| model | method | framework | training | train wall time | train CPU time "
+        "| samples/s | samples/CPU-s | held-out accuracy |",
+        "|:---|:---|:---|:---|---:|---:|---:|---:|---:|",
+    ]
+    if "speed" in res:
+        s = res["speed"]
+        for name, label in (("tunelab", "tunelab"), ("hf", "HF Trainer")):
+            all_runs = ", ".join(f"{x:.1f}" for x in res["speed_all"][name])
+            lines.append(f"| MiniLM-L6 | full | {label} | speed: {a.speed_steps} steps x 16 "
+                         f"(runs: {all_runs}) | {s[name]['timed_s']:.1f} s "
+                         f"| {s[name]['timed_cpu_s']:.1f} s | {s[name]['samples_s']:.1f} "
+                         f"| {s[name]['samples_cpu_s']:.1f} | |")  # fmt: skip
+        ratio = s["tunelab"]["samples_s"] / s["hf"]["samples_s"]
+        cpu_ratio = s["tunelab"]["samples_cpu_s"] / s["hf"]["samples_cpu_s"]
+        lines.append(f"| MiniLM-L6 | full | **ratio** | | | | **{ratio:.2f}x** "
+                     f"| {cpu_ratio:.2f}x | |")  # fmt: skip
+    if "full" in res:
+        f = res["full"]
+        labels = [
+            ("tunelab", "full", "tunelab"),
+            ("hf", "full", "HF Trainer"),
+            ("tunelab_mean", "full, mean pooling", "tunelab"),
+        ]
+        for name, method, label in (x for x in labels if x[0] in f):
+            m = f[name]
+            lines.append(f"| MiniLM-L6 | {method} | {label} | {n} reviews x {a.epochs} epoch, "
+                         f"{len(m['batch_tokens'])} steps | {m['wall_s']:.0f} s "
+                         f"| {m['cpu_s']:.0f} s | {m['samples_s']:.1f} "
+                         f"| {BATCH * len(m['batch_tokens']) / m['cpu_s']:.1f} "
+                         f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |")  # fmt: skip
+    if "lora" in res:
+        m = res["lora"]
+        lines.append(f"| SmolLM2-135M | LoRA r={a.lora_r}, all linear + head | tunelab "
+                     f"| {m['examples']} reviews x 1 epoch, batch {a.lora_batch}, {m['steps']} steps "
+                     f"| {m['wall_s']:.0f} s | {m['cpu_s']:.0f} s | {m['samples_s']:.2f} "
+                     f"| {m['examples'] / m['cpu_s']:.2f} "
+                     f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |")  # fmt: skip
+    if "icl" in res:
+        r = res["icl"]
+        for k, m in r["shots"].items():
+            lines.append(f"| SmolLM2-135M | {k}-shot prompting | tunelab | none | | | | "
+                         f"| **{m['accuracy']:.1%}** ({m['examples']}) |")  # fmt: skip
+    lines.append("")
+    notes = []
+    if "speed" in res or "full" in res:
+        same = res.get("speed_same", True) and res.get("full_same", True)
+        notes.append(
+            "MiniLM: all-MiniLM-L6-v2 (22.7M parameters), [CLS] pooler + new linear head, max "
+            "length 256, batch 16, dynamic padding, AdamW lr "
+            f"{a.lr:g} (linear warmup {a.warmup_ratio:g} of the run, then linear to 0; the speed "
+            "runs hold it constant), clip 1.0, fp32, dropout 0 in the encoder and 0.1 before the "
+            "head in both, no evaluation during training, each framework in its own process; "
+            "both take the same reviews in the same batches"
+            + (" (identical real tokens per batch)." if same else
+               " (their tokenizations differ slightly in length).")
+            + f" Speed rows: {a.speed_steps} timed steps after {a.warmup} untimed, median of "
+            f"{a.runs} runs alternating who goes first. Full rows: train wall time from the "
+            "first step to the end of the last (model loading, tokenization, checkpointing and "
+            "scoring excluded), samples/s over that time, accuracy on the first "
+            f"{res['full']['tunelab']['eval_n'] if 'full' in res else a.eval} reviews of "
+            "imdb_test_00 (tunelab's run reloaded from final/)."
+        )  # fmt: skip
+    if "lora" in res:
+        notes.append(
+            f"SmolLM2 LoRA: `tunelab classify --method lora` (r {a.lora_r}, alpha "
+            f"{2 * a.lora_r}, all linear layers; the new score head trains fully), template "
+            f"`{TEMPLATE!r}`, last-token pooling, lr {a.lora_lr:g} linear, batch {a.lora_batch}, "
+            f"max length 256, the first {res['lora']['examples']} training reviews once: a "
+            f"short budget; scored on the first {res['lora']['eval_n']} reviews of imdb_test_00."
+        )
+    if "icl" in res:
+        notes.append(
+            f"Prompting: `tunelab evaluate icl --model {DECODER} --data imdb_test_00.jsonl "
+            f"--demos imdb_train_00.jsonl --labels negative,positive --template {TEMPLATE!r} "
+            f"--shots {a.shots} --limit {a.icl_limit} --seed 0` ({a.icl_limit} seeded test "
+            "reviews, label-balanced demonstrations from imdb_train_00, texts cut at 256 "
+            f"tokens; {res['icl']['seconds']:.0f} s for all shot counts)."
+        )
+    return "\n".join([*lines, *(x + "\n" for x in notes)])
+
+
+if __name__ == "__main__":
+    main()

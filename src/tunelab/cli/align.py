@@ -1,0 +1,54 @@
+"""`tunelab align`: preference alignment (DPO, IPO, hinge) with every run option of finetune."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tunelab.cli.common import EPILOG
+from tunelab.cli.train import _train_args
+
+ALIGN_ALIASES = {"--loss": "align.loss", "--beta": "align.beta",
+                 "--label-smoothing": "align.label_smoothing"}  # fmt: skip
+HELP = "align a language model to preference pairs (prompt, chosen, rejected): DPO, IPO, hinge"
+
+
+def cmd_align(a) -> None:
+    from tunelab.train.align import AlignTask
+    from tunelab.train.config import load_config
+    from tunelab.train.run import config_for_resume, run_training
+
+    skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
+    overrides = {k: v for k, v in vars(a).items() if k not in skip}
+    if a.resume:
+        cfg = config_for_resume(a.resume, overrides)
+    else:
+        cfg = load_config(a.config, {**overrides, "task": "align"})
+    summary = run_training(cfg, task=AlignTask())
+    if a.json:
+        return print(json.dumps(summary))
+    print(f"run: {cfg.out}")
+    for key in ("steps", "wall_time_s", "tokens_per_s", "final_val_loss", "trainable_params"):
+        print(f"  {key}: {summary.get(key)}")
+    for key in ("preference_accuracy", "reward_margin"):
+        if key in summary:
+            print(f"  {key}: {summary[key]['before']:.3f} -> {summary[key]['after']:.3f}")
+
+
+def register(sub) -> None:
+    """Add the `align` subcommand."""
+    p = sub.add_parser("align", help=HELP, description=HELP, epilog=EPILOG,
+                       usage="tunelab align [options]")  # fmt: skip
+    _train_args(p)
+    from tunelab.train.config import option_docs
+
+    docs = {key: (default, doc) for key, default, doc, _ in option_docs()}
+    group = p.add_argument_group("alignment (aliases of align.*)")
+    for flag, key in ALIGN_ALIASES.items():
+        default, doc = docs[key]
+        group.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
+    default, doc = docs["align.precompute_ref"]
+    group.add_argument("--precompute-ref", dest="align.precompute_ref", nargs="?", const="true",
+                       default=argparse.SUPPRESS, metavar="BOOL",
+                       help=f"{doc} [{default}]")  # fmt: skip
+    p.set_defaults(func=cmd_align, task="align", overrides=True)

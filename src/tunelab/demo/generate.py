@@ -1,0 +1,191 @@
+"""Demo data written by us for the quickstart study: movie plots, labelled reviews, general
+English and preference pairs, generated from small grammars with a fixed seed.
+
+Real data lives in ../shared/data (IMDB, Wikipedia plots); these files only need to be
+plausible enough that continued pretraining, sentiment and DPO each have something to learn.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HEROES = [
+    "a retired lighthouse keeper",
+    "a young courier",
+    "an exiled chess champion",
+    "a small-town detective",
+    "a disgraced surgeon",
+    "an estranged sister",
+    "a travelling magician",
+    "a rookie astronaut",
+    "an aging boxer",
+    "a shy librarian",
+    "a former smuggler",
+    "a stubborn farmer",
+    "a teenage hacker",
+    "a widowed baker",
+]
+PLACES = [
+    "on a windswept island",
+    "in a crowded city of the near future",
+    "in a mining town",
+    "aboard a failing space station",
+    "in post-war Vienna",
+    "in a desert border town",
+    "in a snowbound mountain village",
+    "along the Mississippi",
+    "in a haunted hotel",
+    "in 1920s Shanghai",
+    "on a fishing trawler",
+    "in a sprawling suburb",
+]
+INCIDENTS = [
+    "finds a letter that predicts the future",
+    "is mistaken for a spy",
+    "inherits a debt to a dangerous family",
+    "witnesses a murder no one believes",
+    "discovers a map hidden in an old piano",
+    "loses a bet with a powerful rival",
+    "is asked to guard a mysterious child",
+    "uncovers a forged painting",
+]
+TURNS = [
+    "As storms cut off the roads,",
+    "When an old friend returns,",
+    "After a betrayal at a wedding,",
+    "Chased through flooded tunnels,",
+    "With the police closing in,",
+    "During a week-long festival,",
+]
+ACTS = [
+    "must decide whom to trust",
+    "reopens a quarrel with the past",
+    "forms an unlikely alliance with a rival",
+    "races to expose the truth",
+    "plans one last impossible heist",
+    "learns the cost of an old promise",
+]
+ENDS = [
+    "The film ends with a quiet reconciliation.",
+    "In the final act, the truth comes out.",
+    "A last confrontation leaves the town changed.",
+    "The story closes on an open question.",
+    "Everything is settled in a tense courtroom.",
+    "A sacrifice saves those left behind.",
+]
+
+GOOD = [
+    "a triumph",
+    "wonderful",
+    "moving and funny",
+    "beautifully shot",
+    "gripping from start to finish",
+    "a joy to watch",
+    "brilliant",
+    "superbly acted",
+    "heartfelt",
+    "unforgettable",
+]
+BAD = [
+    "a mess",
+    "painfully dull",
+    "boring and predictable",
+    "badly acted",
+    "a waste of time",
+    "tedious",
+    "clumsy",
+    "forgettable",
+    "lifeless",
+    "an absolute disaster",
+]
+PARTS = [
+    "The acting",
+    "The script",
+    "The soundtrack",
+    "The ending",
+    "The pacing",
+    "The direction",
+    "The cast",
+    "The dialogue",
+    "The photography",
+    "The story",
+]
+VERDICT = {
+    1: ["I loved it.", "Highly recommended.", "I would watch it again.", "Ten out of ten."],
+    0: ["I hated it.", "Avoid this one.", "I walked out early.", "Two out of ten."],
+}
+
+TOPICS = ["The river floods every spring, and farmers plant after the water recedes.",
+          "Bread rises because yeast turns sugar into gas that the dough traps.",
+          "The committee met on Tuesday to discuss the new budget for the library.",
+          "Copper conducts electricity well, which is why it is used in wiring.",
+          "Most birds migrate along the same routes each year, guided by the stars.",
+          "The recipe asks for two eggs, a cup of flour and a pinch of salt.",
+          "Trains from the capital leave every hour and take about three hours.",
+          "Photosynthesis lets plants turn light, water and carbon dioxide into sugar.",
+          "The museum reopened after repairs to its roof and heating system.",
+          "A healthy diet includes vegetables, whole grains and enough water.",
+          "The old bridge was replaced by a wider one with a cycle lane.",
+          "Volcanoes form where molten rock escapes through cracks in the crust."]  # fmt: skip
+
+
+def plots(n: int, rng: random.Random) -> list[str]:
+    out = []
+    for _ in range(n):
+        hero, place = rng.choice(HEROES), rng.choice(PLACES)
+        out.append(f"{hero[0].upper()}{hero[1:]} {place} {rng.choice(INCIDENTS)}. "
+                   f"{rng.choice(TURNS)} the hero {rng.choice(ACTS)}. {rng.choice(ENDS)}")  # fmt: skip
+    return out
+
+
+def review(label: int, rng: random.Random) -> str:
+    """A review whose overall verdict decides the label; one aside may praise or blame a part."""
+    main, other = (GOOD, BAD) if label else (BAD, GOOD)
+    parts = rng.sample(PARTS, 3)
+    sentences = [f"{parts[0]} is {rng.choice(main)}.", f"{parts[1]} is {rng.choice(main)}."]
+    if rng.random() < 0.3:  # a mixed review: the verdict still decides
+        sentences.append(f"{parts[2]} is {rng.choice(other)}, but that hardly matters.")
+    rng.shuffle(sentences)
+    return " ".join([f"I saw this film about {rng.choice(HEROES)} {rng.choice(PLACES)}.",
+                     *sentences, rng.choice(VERDICT[label])])  # fmt: skip
+
+
+def preference(rng: random.Random) -> dict:
+    """A question about a film; chosen answers politely and on topic, rejected rambles or sneers."""
+    hero, place = rng.choice(HEROES), rng.choice(PLACES)
+    prompt = f"In one sentence, what is a film about {hero} {place} likely to be about?"
+    chosen = f"It probably follows {hero} who {rng.choice(INCIDENTS)} and {rng.choice(ACTS)}."
+    rejected = rng.choice([
+        "Who cares, films like that are all the same.",
+        f"I don't know. {rng.choice(TOPICS)}",
+        "That is a stupid question, look it up yourself.",
+    ])  # fmt: skip
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, Path]:
+    """Write plots.txt (train), plots_test.txt, general.txt, reviews_{train,test}.jsonl and
+    preferences.jsonl to out."""
+    out, rng = Path(out), random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    shipped = (Path(__file__).parent / "plots.txt").read_text().strip()
+    names = ("plots.txt", "plots_test.txt", "general.txt", "reviews_train.jsonl",
+             "reviews_test.jsonl", "preferences.jsonl")  # fmt: skip
+    files = {name: out / name for name in names}
+    files["plots.txt"].write_text(shipped + "\n\n" + "\n\n".join(plots(n, rng)) + "\n")
+    files["plots_test.txt"].write_text("\n\n".join(plots(n // 6, rng)) + "\n")
+    general = [" ".join(rng.sample(TOPICS, 4)) for _ in range(n // 3)]
+    files["general.txt"].write_text("\n\n".join(general) + "\n")
+    for name, count in (("reviews_train.jsonl", n), ("reviews_test.jsonl", n // 3)):
+        with open(files[name], "w") as f:
+            for i in range(count):
+                label = rng.randrange(2)
+                row = {"id": f"{name.split('_')[1][:-6]}-{i}", "review": review(label, rng),
+                       "sentiment": ["negative", "positive"][label]}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    with open(files["preferences.jsonl"], "w") as f:
+        for _ in range(n):
+            f.write(json.dumps(preference(rng)) + "\n")
+    return files

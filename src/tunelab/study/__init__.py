@@ -1,0 +1,1 @@
+"""Studies (grids of runs from one recipe) and their reports."""

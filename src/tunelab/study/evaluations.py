@@ -1,0 +1,76 @@
+"""Study cells that measure a model without training it: prompting (icl) and perplexity.
+
+Each writes a summary.json like a training run's, so the results table treats them alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+
+
+def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
+                   run_dir: Path) -> dict:  # fmt: skip
+    """Evaluate `model` as the cell says and write run_dir/summary.json."""
+    import tunelab
+    from tunelab.train.run import write_summary
+
+    if not model:
+        raise ConfigError(f"{run_dir}: an evaluation cell needs a model")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lm = tunelab.load(model)
+    if task == "icl":
+        summary = _icl(lm, config, method, seed)
+    else:
+        summary = _perplexity(lm, config)
+    total = sum(p.numel() for p in lm.model.parameters())
+    summary.update(task=task, model=model, wall_time_s=round(time.perf_counter() - t0, 3),
+                   trainable_params=0, total_params=total)  # fmt: skip
+    write_summary(run_dir, summary)
+    return summary
+
+
+def _icl(lm, config: dict, method: dict, seed: int) -> dict:
+    """k-shot prompting on data.val_path (scored) with demonstrations from data.path."""
+    from tunelab.data import load_records
+    from tunelab.data.templates import label_index, label_names
+    from tunelab.evaluate.icl import DEFAULT_TEMPLATE, evaluate_icl
+
+    data, c = config.get("data") or {}, config.get("classify") or {}
+    text_field, label_field = data.get("text_field", "text"), c.get("label_field", "label")
+    pool = load_records(data["path"])
+    scored = load_records(data.get("val_path") or data["path"])
+    labels = label_names(pool, label_field, c.get("labels"))
+    limit = (config.get("icl") or {}).get("limit")
+    scored = scored[:limit] if limit else scored
+    k = int(method.get("shots", 0))
+    result = evaluate_icl(lm.model, lm.tokenizer, scored,
+                          [label_index(r, label_field, labels) for r in scored], labels, [k],
+                          demo_records=pool, demo_gold=[label_index(r, label_field, labels) for r in pool],
+                          template=c.get("template") or DEFAULT_TEMPLATE, text_field=text_field,
+                          seed=seed)  # fmt: skip
+    metrics = result["shots"][str(k)]
+    return {"shots": k, "labels": labels, **metrics}
+
+
+def _perplexity(lm, config: dict) -> dict:
+    from tunelab.evaluate.perplexity import perplexity, read_texts
+
+    e = config.get("eval") or {}
+    out = {}
+    for name in ("domain", "general"):
+        if e.get(name):
+            r = perplexity(lm.model, lm.tokenizer, read_texts([e[name]]), e.get("window", 256),
+                           e.get("stride", 128), e.get("max_tokens", 8192))  # fmt: skip
+            out["in_domain" if name == "domain" else name] = r["perplexity"]
+    if not out:
+        raise ConfigError("a perplexity cell needs eval.domain or eval.general")
+    return {"perplexity": out, "samples": _samples(lm, config)}
+
+
+def _samples(lm, config: dict) -> list[str]:
+    prompts = (config.get("train") or {}).get("samples") or []
+    return [lm.generate(p, max_new_tokens=40) for p in prompts]

@@ -1,0 +1,268 @@
+"""A study: a grid of ordinary runs from one YAML recipe, and one table of what each cost and gained.
+
+Recipe shape (see recipes/quickstart.yaml):
+    study: name
+    seeds: [0, 1]                  # every cell runs once per seed
+    defaults: {train: {...}}       # run-config keys applied to every training run
+    quick: {seeds: [0], defaults: {...}, experiments: {name: {...}}}   # merged with --quick
+    experiments:
+      - name: methods
+        task: pretrain | finetune | classify | align | icl | perplexity
+        config: {...}              # run-config keys for this experiment
+        methods: {lora: {name: lora, r: 8}, full: {}}     # label -> method options
+        models: [smollm2-135m-instruct]
+        runs: [{name, model, method, config}]             # explicit cells (instead of the grid)
+Strings may name `${demo}` (the demo data, written on first use), `${study}`, and
+`${run:EXPERIMENT/CELL}` (that cell's final model, same seed).
+Each cell is a run directory under runs/; finished ones are skipped, interrupted ones resume,
+a failed one is recorded with its error and the study goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import ConfigError, TunelabError, closest
+
+log = logging.getLogger("tunelab")
+TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity")
+EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds")
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep merge: dicts merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | Path, quick: bool = False) -> dict:
+    """The recipe with `quick:` merged in when asked; unknown keys name the closest valid one."""
+    path = Path(path)
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such recipe") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    allowed = ("study", "description", "seeds", "defaults", "quick", "experiments")
+    for key in recipe:
+        if key not in allowed:
+            raise ConfigError(f"{path}: unknown recipe key {key!r}{closest(key, allowed)}")
+    if quick and recipe.get("quick"):
+        q = recipe["quick"]
+        recipe["seeds"] = q.get("seeds", recipe.get("seeds"))
+        recipe["defaults"] = merge(recipe.get("defaults") or {}, q.get("defaults") or {})
+        for e in recipe.get("experiments", []):
+            e.update(merge(e, (q.get("experiments") or {}).get(e.get("name"), {})))
+        recipe["experiments"] = [e for e in recipe["experiments"] if not e.get("skip")]
+    for i, e in enumerate(recipe.get("experiments") or []):
+        where = f"{path}: experiments[{i}]"
+        for key in e:
+            if key not in EXPERIMENT_KEYS + ("skip",):
+                raise ConfigError(f"{where}: unknown key {key!r}{closest(key, EXPERIMENT_KEYS)}")
+        if e.get("task") not in TASKS:
+            raise ConfigError(f"{where}: task {e.get('task')!r}; expected one of {', '.join(TASKS)}")  # fmt: skip
+        if not e.get("name"):
+            raise ConfigError(f"{where}: every experiment needs a name")
+    if not recipe.get("experiments"):
+        raise ConfigError(f"{path}: no experiments")
+    return recipe
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(str(text)).name if "/" in str(text) else str(text)).strip("-")  # fmt: skip
+
+
+def cells(recipe: dict) -> list[dict]:
+    """Every (experiment, cell, seed) of the recipe, in order."""
+    out = []
+    for e in recipe["experiments"]:
+        methods = e.get("methods") or {"full": {}}
+        runs = e.get("runs") or [
+            {"model": m, "method": label} for m in e.get("models") or [None] for label in methods
+        ]
+        for run in runs:
+            label, run_config = run.get("method", "full"), dict(run.get("config") or {})
+            if isinstance(label, dict):  # an inline method, e.g. {shots: 4} for prompting
+                method = label
+                label = f"{label['shots']}-shot" if "shots" in label else label.get("name", "full")
+            else:
+                method = run_config.pop("method", None) or methods.get(label, {"name": label})
+            name = run.get("name") or "-".join(
+                x for x in (slug(run["model"]) if run.get("model") else "", str(label)) if x
+            )
+            for seed in e.get("seeds") or recipe.get("seeds") or [0]:
+                data = merge(e.get("config") or {}, run_config).get("data") or {}
+                out.append({"experiment": e["name"], "task": e["task"], "cell": name,
+                            "data": Path(data["path"]).stem if data.get("path") else "",
+                            "model": run.get("model"), "method_label": str(label),
+                            "method": dict(method or {}), "seed": seed,
+                            "config": merge(e.get("config") or {}, run_config),
+                            "run": f"{e['name']}/{name}-s{seed}"})  # fmt: skip
+    return out
+
+
+class Study:
+    """Runs the cells of a recipe into a study directory and collects the results table."""
+
+    def __init__(self, recipe: dict, out: str | Path):
+        self.recipe, self.out = recipe, Path(out)
+        self.cells = cells(recipe)
+        seen: set[str] = set()
+        for cell in self.cells:  # a reference must name a cell that runs earlier
+            for ref in re.findall(
+                r"\$\{run:([^}]+)\}", json.dumps([cell["model"], cell["config"]])
+            ):
+                if ref not in seen:
+                    raise ConfigError(f"{cell['run']}: ${{run:{ref}}} names no earlier cell"
+                                      f"{closest(ref, sorted(seen))}")  # fmt: skip
+            seen.add(f"{cell['experiment']}/{cell['cell']}")
+
+    def resolve(self, value, seed: int):
+        """Fill ${demo}, ${study} and ${run:EXP/CELL} in strings, recursively."""
+        if isinstance(value, dict):
+            return {k: self.resolve(v, seed) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v, seed) for v in value]
+        if not isinstance(value, str):
+            return value
+        if "${demo}" in value:
+            value = value.replace("${demo}", str(self.demo_dir()))
+        value = value.replace("${study}", str(self.out))
+
+        def run_ref(m: re.Match) -> str:
+            exp_cell = m.group(1)
+            target = self.out / "runs" / f"{exp_cell}-s{seed}"
+            if not target.exists():  # that experiment ran fewer seeds: take its first
+                found = sorted(target.parent.glob(f"{Path(exp_cell).name}-s*"))
+                target = found[0] if found else target
+            if not (target / "final").exists():
+                raise ConfigError(f"${{run:{exp_cell}}}: {target} has no final model (did it fail?)")  # fmt: skip
+            return str(target / "final")
+
+        return re.sub(r"\$\{run:([^}]+)\}", run_ref, value)
+
+    def demo_dir(self) -> Path:
+        from tunelab.demo.generate import write_demo_data
+
+        path = self.out / "data"
+        if not (path / "preferences.jsonl").exists():
+            write_demo_data(path)
+        return path
+
+    def run(self, isolate: bool = True) -> dict:
+        """Run every unfinished cell; isolate=True runs each in a fresh process, so its peak
+        memory is its own and a crash (or the OOM killer) takes only that cell."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.yaml").write_text(yaml.safe_dump(self.recipe, sort_keys=False))
+        for i, cell in enumerate(self.cells, 1):
+            run_dir = self.out / "runs" / cell["run"]
+            tag = f"[{i}/{len(self.cells)}] {cell['run']}"
+            if (run_dir / "summary.json").exists():
+                log.info("%s: done already", tag)
+                continue
+            log.info("%s ...", tag)
+            t0 = time.perf_counter()
+            (run_dir / "error.json").unlink(missing_ok=True)
+            if isolate:
+                _in_child(self, i - 1, run_dir)
+            else:
+                _guarded(self, cell, run_dir)
+            if (run_dir / "error.json").exists():
+                error = json.loads((run_dir / "error.json").read_text())["error"]
+                log.error("%s failed: %s", tag, error)
+            else:
+                log.info("%s: done in %.0f s", tag, time.perf_counter() - t0)
+        return self.collect()
+
+    def collect(self) -> dict:
+        from tunelab.study.results import group_rows, row_of, write_results
+
+        rows = [row_of(cell, self.out / "runs" / cell["run"]) for cell in self.cells]
+        results = {"study": self.recipe.get("study", self.out.name), "rows": rows,
+                   "groups": group_rows(rows)}  # fmt: skip
+        write_results(self.out, results)
+        return results
+
+
+def _guarded(study: Study, cell: dict, run_dir: Path) -> None:
+    """Run a cell; a failure is written to error.json (one line + traceback), never raised."""
+    try:
+        run_cell(study, cell, run_dir)
+    except Exception as e:  # noqa: BLE001 - a failed cell must not stop the study
+        run_dir.mkdir(parents=True, exist_ok=True)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, TunelabError):
+            message = f"{type(e).__name__}: {message}"
+        (run_dir / "error.json").write_text(json.dumps(
+            {"error": message, "traceback": traceback.format_exc()}, indent=2))  # fmt: skip
+
+
+def _child(recipe: dict, out: str, index: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    study = Study(recipe, out)
+    cell = study.cells[index]
+    _guarded(study, cell, study.out / "runs" / cell["run"])
+
+
+def _in_child(study: Study, index: int, run_dir: Path) -> None:
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_child, args=(study.recipe, str(study.out), index)
+    )
+    child.start()
+    try:
+        child.join()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.join()
+        raise
+    if child.exitcode and not (run_dir / "error.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        why = "killed (out of memory?)" if child.exitcode < 0 else "exited"
+        (run_dir / "error.json").write_text(json.dumps(
+            {"error": f"the run's process {why} with code {child.exitcode}"}))  # fmt: skip
+
+
+def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
+    """One cell: a training run through the usual runner, or an evaluation-only task."""
+    seed = cell["seed"]
+    config = study.resolve(merge(study.recipe.get("defaults") or {}, cell["config"]), seed)
+    model = study.resolve(cell["model"], seed) if cell["model"] else config.get("model")
+    if cell["task"] in ("icl", "perplexity"):
+        from tunelab.study.evaluations import run_evaluation
+
+        return run_evaluation(cell["task"], model, config, cell["method"], seed, run_dir)
+    from tunelab.cli.train import run_task
+    from tunelab.train.config import load_config
+
+    resume = (run_dir / "config.yaml").exists()
+    config = merge(config, {"task": cell["task"], "out": str(run_dir), "resume": resume,
+                            "method": cell["method"], "train": {"seed": seed}})  # fmt: skip
+    if model:
+        config["model"] = model
+    cfg = load_config(None, _flatten(config))
+    return run_task(cfg)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}; method stays one dict."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "method" and not prefix.startswith("method"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
