@@ -244,6 +244,15 @@ def report(args, r: dict, load_before: float) -> str:
     params = s["total_params"]
     today = datetime.date.today().isoformat()
     sample = " ".join(r["sample"].split())
+    load_after = os.getloadavg()[0]
+    shared = ""
+    if max(load_before, load_after) > 0.75 * (os.cpu_count() or 1):
+        # Other jobs competing for the cores slow every step (and spin torch's threads), so
+        # the minutes say less than the losses, which depend only on the step.
+        shared = (
+            " The machine was shared with other jobs during this run: CPU and wall minutes are "
+            "inflated (wall most); the loss at each step does not depend on the load."
+        )
     return f"""`python bench/scratch.py --write` on {today}: `gpt2-tiny` ({params / 1e6:.2f}M \
 parameters, embeddings tied) from random weights on a BPE vocabulary of {r["vocab"]} trained \
 here on the training side ({r["tok_wall"]:.1f} s). Corpus: general_english (WikiText-2 test \
@@ -256,7 +265,7 @@ rows of {args.seq_len} tokens: {r["train_tokens"]:,} training tokens \
 AdamW lr {args.lr:g} (weight decay 0.1), {max(1, args.steps // 20)} warmup steps then cosine to \
 10%, {args.steps} steps ({s["tokens"] / r["train_tokens"]:.2f} epochs), fp32, seed {args.seed}.
 
-Machine: {machine()}. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.
+Machine: {machine()}. Load average {load_before:.2f} before, {load_after:.2f} after.{shared}
 
 {table(r)}
 

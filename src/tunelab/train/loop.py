@@ -224,9 +224,8 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        for (
-            p
-        ) in params:  # normalise by the targets of the whole step, across micro-batches and ranks
+        # normalise by the targets of the whole step, across micro-batches and ranks
+        for p in params:
             p.grad.div_(max(int(count), 1))
         grad_norm = None
         if self.cfg.clip:

@@ -136,12 +136,15 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
     kind = detect_kind(records, d.text_field) if kind == "auto" else kind
     options = encode_options(cfg, kind)
 
+    # Packed raw text is cut into rows by pack(); cutting documents here would drop their tails.
+    cut = None if d.pack and kind == "text" else t.seq_len
+
     def encode(part: list[dict], name: str) -> list[dict]:
         key = dict(data=file_fingerprint([p for p in (d.path, d.val_path) if p]), part=name,
                    val=d.val_fraction, seed=t.seed, tok=tokenizer_fingerprint(tokenizer), kind=kind,
-                   seq_len=t.seq_len, options=options, n=len(part))  # fmt: skip
+                   seq_len=cut, options=options, n=len(part))  # fmt: skip
         return cached_encode(
-            key, lambda: encode_records(part, tokenizer, kind=kind, seq_len=t.seq_len, **options)[0]
+            key, lambda: encode_records(part, tokenizer, kind=kind, seq_len=cut, **options)[0]
         )
 
     train_ex, val_ex = encode(train, "train"), encode(val, "val") if val else []
