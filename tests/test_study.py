@@ -131,9 +131,10 @@ def test_recipe_errors_name_the_key(setup, tmp_path):
         Study(ref, tmp_path / "x")
 
 
-def test_quickstart_recipe_expands_in_both_modes():
+def test_shipped_recipes_expand_in_both_modes():
     for quick in (False, True):
         grid = cells(load_recipe("recipes/quickstart.yaml", quick=quick))
+        Study(load_recipe("recipes/imdb.yaml", quick=quick), "/nonexistent")
         names = {c["run"] for c in grid}
         assert "sentiment/smollm2-domain-lora-s0" in names and "preference/lora-s0" in names
         Study(load_recipe("recipes/quickstart.yaml", quick=quick), "/nonexistent")  # refs resolve
