@@ -186,6 +186,6 @@ def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, P
                        "sentiment": ["negative", "positive"][label]}  # fmt: skip
                 f.write(json.dumps(row) + "\n")
     with open(files["preferences.jsonl"], "w") as f:
-        for _ in range(n):
+        for _ in range(n // 3):  # DPO's reference pass covers them all: keep the set small
             f.write(json.dumps(preference(rng)) + "\n")
     return files
