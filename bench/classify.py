@@ -285,8 +285,12 @@ def write_section(body: str) -> None:
     DOC.write_text(text)
 
 
+SEEN: list[float] = []  # the 1-minute load averages read during the run
+
+
 def loads() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
+    SEEN.append(os.getloadavg()[0])
+    return f"{SEEN[-1]:.2f}"
 
 
 def main() -> None:
@@ -389,6 +393,7 @@ def main() -> None:
             for name, worker, extra in variants:
                 m = spawn(worker, dict(job, **extra))
                 m["samples_s"] = BATCH * steps / m["wall_s"]
+                m["load"] = loads()
                 res["full"][name] = m
                 print(f"full {name}: {m['wall_s']:.0f} s training, {m['samples_s']:.1f} samples/s, "
                       f"accuracy {m['accuracy']:.4f} on {m['eval_n']} (load {loads()})",
@@ -461,7 +466,7 @@ def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: flo
         for name, method, label in (x for x in labels if x[0] in f):
             m = f[name]
             lines.append(f"| MiniLM-L6 | {method} | {label} | {n} reviews x {a.epochs} epoch, "
-                         f"{len(m['batch_tokens'])} steps | {m['wall_s']:.0f} s "
+                         f"{len(m['batch_tokens'])} steps (load after {m['load']}) | {m['wall_s']:.0f} s "
                          f"| {m['cpu_s']:.0f} s | {m['samples_s']:.1f} "
                          f"| {BATCH * len(m['batch_tokens']) / m['cpu_s']:.1f} "
                          f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |")  # fmt: skip
@@ -495,7 +500,10 @@ def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: flo
             "first step to the end of the last (model loading, tokenization, checkpointing and "
             "scoring excluded), samples/s over that time, accuracy on the first "
             f"{res['full']['tunelab']['eval_n'] if 'full' in res else a.eval} reviews of "
-            "imdb_test_00 (tunelab's run reloaded from final/)."
+            "imdb_test_00 (tunelab's run reloaded from final/). The full runs follow one "
+            "another, so other jobs on the machine slow them unequally: compare the frameworks' "
+            "speed in the speed rows; train CPU time is the process's user + system CPU seconds "
+            "over the same span (2 cores: at most 2 s per second)."
         )  # fmt: skip
     if "lora" in res:
         notes.append(
@@ -521,9 +529,12 @@ def targets(a, res: dict, load_before: str, load_after: str) -> str:
     """The issue's targets, met or not, from the figures above."""
     out = ["Targets (issue 5):"]
     if "full" in res:
-        best = max((k for k in res["full"] if k != "hf"), key=lambda k: res["full"][k]["accuracy"])
+        ours = [k for k in res["full"] if k != "hf"]
+        hits = [k for k in ours if res["full"][k]["accuracy"] >= 0.85
+                and res["full"][k]["wall_s"] <= a.budget]  # fmt: skip
+        best = hits[0] if hits else "tunelab"
         m = res["full"][best]
-        ok = m["accuracy"] >= 0.85 and m["wall_s"] <= a.budget
+        ok = bool(hits)
         out.append(f"MiniLM >= 85% held-out accuracy within 5 minutes of CPU training: "
                    f"**{'met' if ok else 'not met'}** ({m['accuracy']:.1%} after "
                    f"{m['wall_s']:.0f} s{', mean pooling' if best == 'tunelab_mean' else ''}).")  # fmt: skip
@@ -533,11 +544,11 @@ def targets(a, res: dict, load_before: str, load_after: str) -> str:
         out.append(f"tunelab >= 1.5x HF Trainer samples/s: **{'met' if ratio >= 1.5 else 'not met'}** "
                    f"({ratio:.2f}x; {s['tunelab']['samples_s']:.1f} against "
                    f"{s['hf']['samples_s']:.1f} samples/s).")  # fmt: skip
-    busy = max(float(load_before), float(load_after)) >= 1.5
-    if busy:
-        out.append("The machine was shared with other jobs during this run (see the load "
-                   "averages), so wall times and samples/s are lower than on a quiet machine; "
-                   "the CPU-time columns are less sensitive to that.")  # fmt: skip
+    if max(SEEN, default=0.0) > 3.0:  # this benchmark alone keeps both cores busy: about 2
+        out.append(f"Other jobs shared the machine during part of this run (1-minute load up to "
+                   f"{max(SEEN):.1f}, read after each stage; this benchmark alone gives about 2), "
+                   "so some wall times and samples/s are lower than on a quiet machine; the "
+                   "CPU-time columns are less sensitive to that.")  # fmt: skip
     return " ".join(out)
 
 
