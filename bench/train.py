@@ -1,6 +1,7 @@
 """Training speed and memory: tunelab against transformers + TRL's SFTTrainer, same SFT work.
 
-    python bench/train.py [--steps 20] [--precisions fp32 bf16] [--runs 1] [--no-write]
+    python bench/train.py [--steps 20] [--precisions fp32 bf16] [--methods full lora-qv ...]
+                          [--runs 1] [--no-write]
 
 Both fine-tune every weight of SmolLM2-135M-Instruct (the HF directory gguf_to_hf_dir makes from
 the embedded GGUF; tunelab loads that directory too) on the Alpaca-style instruction set in
@@ -11,7 +12,13 @@ records in the order tunelab's seeded batch plan takes them (sequential sampler)
 the same examples in the same batches. Each framework runs in its own subprocess, so peak RSS
 (ru_maxrss) is its own; the first --warmup steps are not timed. Tokens/s counts real (non-pad)
 tokens: the attention-mask sum of each batch. MFU = 6 x params x tokens/s over the fp32 matmul
-peak measured here with torch.mm. The table goes to the '## Training' section of
+peak measured here with torch.mm (4 x params for LoRA and QLoRA: frozen weights need no weight
+gradient). Methods: full; lora-qv and lora-all (r 16, alpha 32, no dropout, on q_proj/v_proj or
+every linear layer of the blocks) against peft's LoraConfig with the same settings; qlora (NF4
+base, LoRA on every linear layer) runs for tunelab alone: peft's QLoRA needs bitsandbytes, whose
+4-bit layers want a GPU. Training peak RSS resets the process's high-water mark once the model
+is loaded and adapted (/proc/self/clear_refs), so it shows what training holds, not the fp32
+load that QLoRA quantizes away. The table goes to the '## Training' section of
 docs/BENCHMARKS.md.
 """
 
@@ -46,6 +53,37 @@ compare figures only within one section. Re-run the script a section names to re
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak() -> None:
+    """Start a new RSS high-water mark (Linux >= 4.0); VmHWM then tracks from here."""
+    import gc
+
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: train_peak_mb() then reports the process peak
+
+
+def train_peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+# name -> (tunelab method options, peft target_modules or None for full)
+METHODS = {
+    "full": ({}, None),
+    "lora-qv": ({"name": "lora", "targets": "q_proj,v_proj"}, ["q_proj", "v_proj"]),
+    "lora-all": ({"name": "lora", "targets": "all-linear"}, "all-linear"),
+    "qlora": ({"name": "qlora", "targets": "all-linear", "bits": "nf4"}, None),
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
 def hf_dir() -> Path:
@@ -88,6 +126,7 @@ def worker_tunelab(a: dict) -> dict:
             "train.lr": a["lr"], "train.warmup_steps": 0, "train.schedule": "constant",
             "train.weight_decay": 0.0, "train.clip": 1.0, "train.precision": a["precision"],
             "train.device": "cpu", "train.seed": a["seed"], "out": tmp,
+            **{f"method.{k}": v for k, v in method_options(a["method"]).items()},
         })  # fmt: skip
         run_dir = prepare_run_dir(cfg)
         torch.manual_seed(cfg.train.seed)
@@ -99,6 +138,7 @@ def worker_tunelab(a: dict) -> dict:
                              "records, so TRL's batch order would not match")  # fmt: skip
         trainer = Trainer(model, causal_lm, train_b, cfg.train, run_dir, total, callbacks=callbacks)
         real, padded, marks = [], [], []
+        reset_peak()
         collate = train_b.collate_fn
 
         def counting(examples):
@@ -112,8 +152,27 @@ def worker_tunelab(a: dict) -> dict:
         for _ in range(total):
             losses.append(trainer.train_step()["loss"])
             marks.append(time.perf_counter())
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(model)
     return result(a, real, padded, marks, losses, params)
+
+
+def method_options(method: str) -> dict:
+    options, _ = METHODS[method]
+    return {**options, **LORA} if options else {}
+
+
+def count_params(model) -> dict:
+    """Base (frozen or not, quantized or not) and trainable parameter counts; the LoRA factors
+    are not base parameters."""
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        from tunelab.adapt.estimate import param_report
+
+        total = param_report(model)["total_params"]  # counts NF4 weights, which are buffers
+    except ImportError:
+        total = sum(p.numel() for p in model.parameters())
+    return {"base": total - lora, "trainable": trainable}
 
 
 def worker_trl(a: dict) -> dict:
@@ -136,10 +195,21 @@ def worker_trl(a: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(a["model"])
     marks, rss = [], []
 
+    peft_config = None
+    if METHODS[a["method"]][1] is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                 lora_dropout=LORA["dropout"], bias="none", task_type="CAUSAL_LM",
+                                 target_modules=METHODS[a["method"]][1])  # fmt: skip
+
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            reset_peak()
+
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.perf_counter())
-            rss.append(peak_rss_mb())
+            rss.append((peak_rss_mb(), train_peak_mb()))
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         args = SFTConfig(
@@ -152,7 +222,8 @@ def worker_trl(a: dict) -> dict:
             train_sampling_strategy="sequential", shuffle_dataset=False, disable_tqdm=True,
         )  # fmt: skip
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[Clock()])  # fmt: skip
+                             processing_class=tokenizer, callbacks=[Clock()],
+                             peft_config=peft_config)  # fmt: skip
         real, padded, collate = [], [], trainer.data_collator
 
         def counting(examples):
@@ -164,10 +235,11 @@ def worker_trl(a: dict) -> dict:
         trainer.data_collator = counting
         out = trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(trainer.model)
         del out
     r = result(a, real[:total], padded[:total], marks, losses, params)
-    r["peak_rss_mb"] = rss[-1]  # at the end of the last timed step, before train() tidies up
+    # at the end of the last timed step, before train() tidies up
+    r["peak_rss_mb"], r["train_peak_mb"] = rss[-1]
     return r
 
 
@@ -180,6 +252,7 @@ def result(a, real, padded, marks, losses, params) -> dict:
     return dict(tokens_per_s=sum(timed) / seconds, seconds=seconds,
                 real_per_batch=statistics.mean(real[:total]),
                 padded_per_batch=statistics.mean(padded[:total]), peak_rss_mb=peak_rss_mb(),
+                train_peak_mb=train_peak_mb(),
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 params=params, batch_tokens=real[:total])  # fmt: skip
 
@@ -229,21 +302,28 @@ def spawn(name: str, a: dict) -> dict:
 
 
 def table(rows: list[dict], peak: float) -> str:
-    lines = ["| precision | framework | real tok/s | peak RSS (MiB) | real tok/batch "
-             "| padded tok/batch | MFU | loss first → last |",
-             "|:---|:---|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    lines = ["| method | precision | framework | trainable | real tok/s | MFU | training peak RSS "
+             "(MiB) | process peak RSS (MiB) | real tok/batch | loss first → last |",
+             "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
     for r in rows:
+        flops = 6 if r["method"] == "full" else 4  # frozen weights: no weight gradients
         for name, label in (("ours", "tunelab"), ("theirs", "TRL SFTTrainer")):
-            m = r[name]
-            mfu = 6 * m["params"] * m["tokens_per_s"] / (peak * 1e9)
-            lines.append(f"| {r['precision']} | {label} | {m['tokens_per_s']:.1f} "
-                         f"| {m['peak_rss_mb']:.0f} | {m['real_per_batch']:.1f} "
-                         f"| {m['padded_per_batch']:.1f} | {mfu:.1%} "
+            m = r.get(name)
+            if m is None:
+                continue
+            mfu = flops * m["params"]["base"] * m["tokens_per_s"] / (peak * 1e9)
+            lines.append(f"| {r['method']} | {r['precision']} | {label} "
+                         f"| {m['params']['trainable'] / 1e6:.2f}M | {m['tokens_per_s']:.1f} "
+                         f"| {mfu:.1%} | {m['train_peak_mb']:.0f} | {m['peak_rss_mb']:.0f} "
+                         f"| {m['real_per_batch']:.1f} "
                          f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |")  # fmt: skip
-        o, t = r["ours"], r["theirs"]
-        lines.append(f"| {r['precision']} | **ratio** | **{o['tokens_per_s'] / t['tokens_per_s']:.2f}x** "
-                     f"| **{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x** "
-                     f"| {o['real_per_batch'] / t['real_per_batch']:.2f}x | | | |")  # fmt: skip
+        o, t = r["ours"], r.get("theirs")
+        if t is not None:
+            lines.append(f"| {r['method']} | {r['precision']} | **ratio** | "
+                         f"| **{o['tokens_per_s'] / t['tokens_per_s']:.2f}x** | "
+                         f"| **{o['train_peak_mb'] / t['train_peak_mb']:.2f}x** "
+                         f"| {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
+                         f"| {o['real_per_batch'] / t['real_per_batch']:.2f}x | |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -263,7 +343,8 @@ def write_section(body: str) -> None:
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tokens/s, with the median peak RSS of the runs."""
     best = sorted(runs, key=lambda m: m["tokens_per_s"])[len(runs) // 2]
-    return dict(best, peak_rss_mb=statistics.median(m["peak_rss_mb"] for m in runs))
+    return dict(best, **{k: statistics.median(m[k] for m in runs)
+                         for k in ("peak_rss_mb", "train_peak_mb")})  # fmt: skip
 
 
 def main() -> None:
@@ -271,6 +352,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["full"],
+        choices=list(METHODS),
+        help="full fine-tuning, LoRA on q/v or every linear layer, QLoRA (NF4)",
+    )
     ap.add_argument("--runs", type=int, default=1, help="runs per framework (median tok/s)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -300,24 +388,31 @@ def main() -> None:
                warmup=a.warmup, lr=a.lr, seq_len=a.seq_len, batch=a.batch, seed=0,
                plan=batch_plan(n_records, a.batch, 0, a.warmup + a.steps))  # fmt: skip
     rows = []
-    for precision in a.precisions:
-        runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
-        for r in range(a.runs):  # alternate who goes first, so drift in machine load evens out
-            for name in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
-                m = spawn("tunelab" if name == "ours" else "trl", dict(job, precision=precision))
-                runs[name].append(m)
-                print(f"{precision} {'tunelab' if name == 'ours' else 'TRL'}: "
-                      f"{m['tokens_per_s']:.1f} real tok/s, peak RSS {m['peak_rss_mb']:.0f} MiB, "
-                      f"{m['real_per_batch']:.1f} real tok/batch", flush=True)  # fmt: skip
-        rows.append(dict(precision=precision, ours=median_run(runs["ours"]),
-                         theirs=median_run(runs["theirs"])))  # fmt: skip
+    for method in a.methods:
+        names = ("ours", "theirs") if method != "qlora" else ("ours",)
+        for precision in a.precisions:
+            runs: dict[str, list[dict]] = {n: [] for n in names}
+            for r in range(a.runs):  # alternate who goes first, so drift in load evens out
+                for name in names if r % 2 == 0 else names[::-1]:
+                    m = spawn("tunelab" if name == "ours" else "trl",
+                              dict(job, precision=precision, method=method))  # fmt: skip
+                    runs[name].append(m)
+                    print(f"{method} {precision} {'tunelab' if name == 'ours' else 'TRL'}: "
+                          f"{m['tokens_per_s']:.1f} real tok/s, training peak RSS "
+                          f"{m['train_peak_mb']:.0f} MiB, {m['real_per_batch']:.1f} real "
+                          "tok/batch", flush=True)  # fmt: skip
+            rows.append(dict(method=method, precision=precision,
+                             **{n: median_run(v) for n, v in runs.items()}))  # fmt: skip
     peak = max(peak, matmul_peak())  # again after: a busy machine lowers the first measurement
-    params = rows[0]["ours"]["params"]
-    same = all(r["ours"]["batch_tokens"] == r["theirs"]["batch_tokens"] for r in rows)
+    params = rows[0]["ours"]["params"]["base"]
+    same = all(
+        r["ours"]["batch_tokens"] == r["theirs"]["batch_tokens"] for r in rows if "theirs" in r
+    )
     body = "\n".join([
         f"`python bench/train.py --steps {a.steps} --precisions {' '.join(a.precisions)} "
-        f"--runs {a.runs}` on {datetime.date.today()}: {MODEL} ({params / 1e6:.1f}M parameters), "
-        f"full fine-tuning on the {n_records} records of instructions/instruction-data.json "
+        f"--methods {' '.join(a.methods)} --runs {a.runs}` on {datetime.date.today()}: {MODEL} "
+        f"({params / 1e6:.1f}M parameters), {', '.join(a.methods)} "
+        f"on the {n_records} records of instructions/instruction-data.json "
         f"(chat template, loss on responses), seq len {a.seq_len}, batch {a.batch}, grad accum 1, "
         f"no packing, dynamic padding, AdamW lr {a.lr:g} constant, clip 1.0, no evaluation; "
         f"{a.steps} timed steps after {a.warmup} untimed; each framework in its own process"
@@ -329,9 +424,16 @@ def main() -> None:
         table(rows, peak),
         "",
         "Real tok/s: attention-mask (non-pad) tokens of the timed steps over their wall time. "
-        "Peak RSS: ru_maxrss of the framework's own process at the end of the last timed step "
-        "(model, optimizer, data, libraries). MFU: 6 × parameters × real tok/s over the fp32 "
-        "matmul peak (bf16 rows too). Both take the same records in the same batches"
+        "Training peak RSS: the process's high-water mark from the start of training (model "
+        "loaded and adapted, high-water mark reset) to the end of the last timed step; process "
+        "peak RSS: ru_maxrss over the whole process (model loading, libraries). MFU: 6 × "
+        "parameters × real tok/s (4 × for LoRA and QLoRA, whose frozen weights take no weight "
+        "gradient) over the fp32 matmul peak (bf16 rows too). LoRA: r "
+        f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}; peft's LoraConfig with "
+        "the same settings for TRL; lora-qv adapts q_proj and v_proj, lora-all every linear layer "
+        "of the blocks; qlora stores those in NF4 (double quantization) and runs for tunelab "
+        "alone (peft's QLoRA needs bitsandbytes' GPU kernels). Both take the same records in the "
+        "same batches"
         + (" (identical real tokens per batch)." if same else
            " (their tokenizations differ slightly in length).")
         + " Their losses differ by design: TRL also trains on the newline the chat template puts "

@@ -67,6 +67,22 @@ def test_param_report_counts_tied_once_and_trainable():
     assert report["by_dtype"]["float32"]["trainable_bytes"] == 4 * trainable
 
 
+def test_param_report_counts_quantized_weights_as_parameters():
+    from tunelab.adapt.quantize import quantize
+
+    model = CausalLM(ModelConfig(**SMALL, tie_embeddings=True))
+    total = sum(p.numel() for p in model.parameters())
+    quantize(model, bits="nf4")
+    report = param_report(model)
+    assert report["total_params"] == total  # the same model, only stored in 4 bits
+    nf4 = report["by_dtype"]["nf4"]
+    assert (
+        nf4["trainable_params"] == 0 and 0.5 * nf4["params"] <= nf4["bytes"] < 0.6 * nf4["params"]
+    )
+    layers = sum(type(m).__name__ == "NF4Linear" for m in model.modules())
+    assert report["buffer_bytes"] == layers * 16 * 4  # code tables only: no weight counted twice
+
+
 def test_estimate_pieces_and_errors():
     cfg = ModelConfig(**SMALL)
     full, lora = estimate(cfg, "full", 64, 2), estimate(cfg, "qlora", 64, 2)

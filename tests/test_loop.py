@@ -8,6 +8,7 @@ import pytest
 import torch
 from batches import ListBatches  # noqa: I001 - tests/ is on sys.path
 
+from tunelab.data.batching import Batches
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
 from tunelab.train.config import TrainConfig
@@ -101,6 +102,15 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path):
                       val_batches=ListBatches(data, 4))  # fmt: skip
     summary = trainer.fit()  # lr 0: the validation loss never improves after the first eval
     assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 3
+
+
+def test_capped_evaluation_sees_the_same_batches_each_time(tmp_path):
+    val = [{"input_ids": x, "labels": x} for x in examples(12, seed=3)]
+    cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant", eval_batches=1)
+    trainer = Trainer(tiny_model(), causal_lm, ListBatches(examples(), 4), cfg, tmp_path,
+                      total_steps=1, val_batches=Batches(val, 4, pad_id=0, shuffle=False))  # fmt: skip
+    first = trainer.evaluate()["val_loss"]
+    assert [trainer.evaluate()["val_loss"] for _ in range(3)] == [first] * 3
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no bf16 CPU kernels")

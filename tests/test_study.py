@@ -151,3 +151,12 @@ def test_demo_data_is_deterministic_and_labelled(tmp_path):
     assert len(rows) >= 200 and 0.35 < share < 0.65
     pairs = [json.loads(x) for x in a["preferences.jsonl"].read_text().splitlines()]
     assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_model_names_in_tables_keep_run_references_and_shorten_paths():
+    from tunelab.study.results import short_model
+
+    assert short_model("domain/lora") == "domain/lora"  # a ${run:domain/lora} cell
+    assert short_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert short_model("/data/studies/q/runs/domain/lora-s0/final") == "lora-s0"
+    assert short_model("smollm2-135m-instruct") == "smollm2-135m-instruct"

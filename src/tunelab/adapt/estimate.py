@@ -32,9 +32,18 @@ def param_report(model) -> dict:
         if p.requires_grad:
             row["trainable_params"] += p.numel()
             row["trainable_bytes"] += size
+    from tunelab.adapt.quantize import NF4Linear, QuantLinear
+
+    for m in model.modules():  # quantized weights are buffers, yet still the model's parameters
+        if isinstance(m, QuantLinear):
+            row = by_dtype.setdefault("nf4" if isinstance(m, NF4Linear) else "int8", dict.fromkeys(
+                ("params", "bytes", "trainable_params", "trainable_bytes"), 0))  # fmt: skip
+            row["params"] += m.in_features * m.out_features
+            row["bytes"] += m.storage_bytes()
     total = {k: sum(r[k] for r in by_dtype.values()) for k in ("params", "bytes")}
     train = {k: sum(r[f"trainable_{k}"] for r in by_dtype.values()) for k in ("params", "bytes")}
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    quantized = sum(by_dtype[k]["bytes"] for k in ("nf4", "int8") if k in by_dtype)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers()) - quantized
     return dict(total_params=total["params"], trainable_params=train["params"],
                 trainable_pct=100 * train["params"] / max(total["params"], 1),
                 total_bytes=total["bytes"], trainable_bytes=train["bytes"],

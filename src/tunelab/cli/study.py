@@ -21,11 +21,12 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tunelab.study.results import short_model
+
     table = Table("experiment", "model", "method", "seeds", "metric", "value", "wall s",
                   "peak MiB", "trainable", title=f"study {results['study']}")  # fmt: skip
     for g in results["groups"]:
-        table.add_row(g["experiment"], Path(g["model"]).name if "/" in g["model"] else g["model"],
-                      g["method"], f"{g['seeds']}" + (f" ({g['failed']} failed)" if g["failed"] else ""),
+        table.add_row(g["experiment"], short_model(g["model"]), g["method"], f"{g['seeds']}" + (f" ({g['failed']} failed)" if g["failed"] else ""),
                       g["metric"], _fmt(g.get("value")), _fmt(g.get("wall_time_s")),
                       _fmt(g.get("peak_memory_mb")), _fmt(g.get("trainable_params")))  # fmt: skip
     Console(stderr=False, width=160).print(table)

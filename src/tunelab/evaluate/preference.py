@@ -9,7 +9,6 @@ Rewards are DPO's implicit ones, beta * (log pi(y|x) - log pi_ref(y|x)).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 
 import torch
 
@@ -77,16 +76,6 @@ def tree_mask(position_ids: torch.Tensor, branch: torch.Tensor, window: int | No
     return (allowed | torch.eye(t, dtype=torch.bool, device=branch.device))[:, None]
 
 
-@contextmanager
-def _attention_mask(transformer, mask: torch.Tensor):
-    """Make the transformer use `mask` as is: it builds masks from (B, T) inputs only."""
-    transformer.build_mask = lambda *args, **kwargs: mask  # shadows the method on this instance
-    try:
-        yield
-    finally:
-        del transformer.build_mask
-
-
 def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (B,) of the chosen and rejected responses (prompt not counted, EOS is).
 
@@ -95,10 +84,7 @@ def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """
     core = getattr(model, "module", model)  # a DDP wrapper runs the model it holds
     mask = tree_mask(batch["position_ids"], batch["branch"], core.cfg.sliding_window)
-    with _attention_mask(core.transformer, mask):
-        logits = model(
-            batch["input_ids"], position_ids=batch["position_ids"], select=batch["select"]
-        )
+    logits = model(batch["input_ids"], mask, batch["position_ids"], select=batch["select"])
     logp = torch.log_softmax(logits.float(), dim=-1)
     tokens = logp[batch["pred_index"], batch["pred_target"]]
     b = batch["input_ids"].shape[0]

@@ -171,7 +171,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, d). attention_mask: (B, past+T), 1 for real tokens.
+        """Hidden states (B, T, d). attention_mask: (B, past+T), 1 for real tokens, or a (B, 1, T, S) bool mask.
 
         segment_ids (B, T) keep packed documents from attending to each other.
         """
@@ -203,7 +203,12 @@ class Transformer(nn.Module):
         return x if cfg.post_norm else self.norm(x)
 
     def build_mask(self, attention_mask, segment_ids, past: int, t: int, device):
-        """A boolean (B, 1, T, S) mask, 'causal' for SDPA's fast path, or None."""
+        """A boolean (B, 1, T, S) mask, 'causal' for SDPA's fast path, or None.
+
+        `attention_mask` is (B, S) with 1 for real tokens, or a ready (B, 1, T, S) boolean mask
+        (DPO's tree-shaped rows), which is used as is."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask.bool()
         cfg, s = self.cfg, past + t
         window = cfg.sliding_window if cfg.causal else None
         simple = attention_mask is None and segment_ids is None and (window is None or s <= window)

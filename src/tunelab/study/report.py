@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.study.results import LOWER_IS_BETTER, group_rows
+from tunelab.study.results import LOWER_IS_BETTER, group_rows, short_model
 
 GROUP_KEYS = ("experiment", "model", "method", "data")
 # One fixed phrase per known method, matched on the '-'-separated words of the method label.
@@ -150,8 +150,7 @@ def entries(results: dict) -> list[dict]:
 
 
 def label(e: dict, many_models: bool) -> str:
-    model = Path(str(e["model"]))
-    model = model.parent.name if model.name == "final" else model.name  # ${run:X} ends in final/
+    model = short_model(e["model"]) if e["model"] else ""
     return f"{e['method']} · {model}" if many_models and model else str(e["method"])
 
 

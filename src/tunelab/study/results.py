@@ -47,6 +47,15 @@ def _model_name(model: str | None) -> str:
     return re.sub(r"\$\{run:([^}]+)\}", r"\1", model or "")
 
 
+def short_model(model: str) -> str:
+    """A model's name for tables: hub names and 'experiment/run' as they are, paths by their
+    last part (a run's final/ by the run)."""
+    p = Path(str(model))
+    if p.name == "final":
+        p = p.parent
+    return str(p) if len(p.parts) <= 2 and not p.is_absolute() else p.name
+
+
 def row_of(cell: dict, run_dir: Path) -> dict:
     row = {"experiment": cell["experiment"], "run": cell["run"], "dir": f"runs/{cell['run']}",
            "task": cell["task"], "model": _model_name(cell["model"]), "method": cell["method_label"],

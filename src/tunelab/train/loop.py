@@ -258,6 +258,8 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             count = torch.zeros((), device=self.device, dtype=torch.long)
             sums = {}
+            if hasattr(self.val_batches, "set_epoch"):  # a capped pass stops mid-epoch: restart
+                self.val_batches.set_epoch(0)
             for i, batch in enumerate(self.val_batches):
                 if self.cfg.eval_batches and i >= self.cfg.eval_batches:
                     break
