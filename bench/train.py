@@ -51,15 +51,22 @@ compare figures only within one section. Re-run the script a section names to re
 """
 
 
+PEAK_BEFORE_RESET = [0.0]
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """The process's peak RSS from its start. Not ru_maxrss: Linux carries the parent's peak
+    into a spawned child's ru_maxrss (and the parent converted the GGUF)."""
+    return max(train_peak_mb(), PEAK_BEFORE_RESET[0])
 
 
 def reset_peak() -> None:
-    """Start a new RSS high-water mark (Linux >= 4.0); VmHWM then tracks from here."""
+    """Start a new RSS high-water mark (Linux >= 4.0): train_peak_mb() then tracks from here.
+    Resetting also resets ru_maxrss, so the process peak so far is kept aside first."""
     import gc
 
     gc.collect()
+    PEAK_BEFORE_RESET[0] = peak_rss_mb()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -67,13 +74,14 @@ def reset_peak() -> None:
 
 
 def train_peak_mb() -> float:
+    """This process's RSS high-water mark (VmHWM) since its start or the last reset_peak()."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # name -> (tunelab method options, peft target_modules or None for full)
@@ -252,7 +260,7 @@ def result(a, real, padded, marks, losses, params) -> dict:
     return dict(tokens_per_s=sum(timed) / seconds, seconds=seconds,
                 real_per_batch=statistics.mean(real[:total]),
                 padded_per_batch=statistics.mean(padded[:total]), peak_rss_mb=peak_rss_mb(),
-                train_peak_mb=train_peak_mb(),
+                train_peak_mb=train_peak_mb(), load_peak_mb=PEAK_BEFORE_RESET[0],
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 params=params, batch_tokens=real[:total])  # fmt: skip
 
@@ -292,7 +300,11 @@ def machine() -> str:
 
 
 def spawn(name: str, a: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name],
+    # A fixed mmap threshold makes glibc give large freed blocks back to the system at once
+    # (its default raises the threshold as blocks are freed and then keeps them), so RSS tracks
+    # what each framework holds rather than what the allocator kept; the same for both.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    proc = subprocess.run([sys.executable, __file__, "--worker", name], env=env,
                           input=json.dumps(a), capture_output=True, text=True)  # fmt: skip
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -426,7 +438,8 @@ def main() -> None:
         "Real tok/s: attention-mask (non-pad) tokens of the timed steps over their wall time. "
         "Training peak RSS: the process's high-water mark from the start of training (model "
         "loaded and adapted, high-water mark reset) to the end of the last timed step; process "
-        "peak RSS: ru_maxrss over the whole process (model loading, libraries). MFU: 6 × "
+        "peak RSS: over the whole process (model loading, libraries); both with glibc's mmap "
+        "threshold fixed at 128 KiB, so freed blocks go back to the system. MFU: 6 × "
         "parameters × real tok/s (4 × for LoRA and QLoRA, whose frozen weights take no weight "
         "gradient) over the fp32 matmul peak (bf16 rows too). LoRA: r "
         f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}; peft's LoraConfig with "

@@ -116,6 +116,13 @@ VERDICT = {
     1: ["I loved it.", "Highly recommended.", "I would watch it again.", "Ten out of ten."],
     0: ["I hated it.", "Avoid this one.", "I walked out early.", "Two out of ten."],
 }
+# Subtler verdicts for balanced reviews, where one part is praised and one blamed.
+ON_BALANCE = {
+    1: ["On balance, it works.", "Flawed, but worth your evening.", "I left smiling.",
+        "Seven out of ten."],
+    0: ["On balance, it does not work.", "A few nice moments, but not worth your evening.",
+        "I left disappointed.", "Four out of ten."],
+}  # fmt: skip
 
 TOPICS = ["The river floods every spring, and farmers plant after the water recedes.",
           "Bread rises because yeast turns sugar into gas that the dough traps.",
@@ -141,15 +148,30 @@ def plots(n: int, rng: random.Random) -> list[str]:
 
 
 def review(label: int, rng: random.Random) -> str:
-    """A review whose overall verdict decides the label; one aside may praise or blame a part."""
-    main, other = (GOOD, BAD) if label else (BAD, GOOD)
+    """A review whose overall verdict decides the label. Most are clear; some praise or blame a
+    part in passing, some say it with a negation ('far from tedious'), and a third are balanced
+    (one part praised, one blamed) with a quieter verdict, so that models and methods differ."""
+    other = BAD if label else GOOD
     parts = rng.sample(PARTS, 3)
-    sentences = [f"{parts[0]} is {rng.choice(main)}.", f"{parts[1]} is {rng.choice(main)}."]
-    if rng.random() < 0.3:  # a mixed review: the verdict still decides
-        sentences.append(f"{parts[2]} is {rng.choice(other)}, but that hardly matters.")
+
+    def said(part: str, good: bool) -> str:
+        if rng.random() < 0.2:  # the opposite word, negated
+            return (
+                f"{part} is {'far from' if good else 'hardly'} {rng.choice(BAD if good else GOOD)}."
+            )
+        return f"{part} is {rng.choice(GOOD if good else BAD)}."
+
+    if rng.random() < 0.35:
+        sentences = [said(parts[0], True), said(parts[1], False)]
+        verdict = rng.choice(ON_BALANCE[label])
+    else:
+        sentences = [said(parts[0], bool(label)), said(parts[1], bool(label))]
+        if rng.random() < 0.3:  # a mixed review: the verdict still decides
+            sentences.append(f"{parts[2]} is {rng.choice(other)}, but that hardly matters.")
+        verdict = rng.choice(VERDICT[label])
     rng.shuffle(sentences)
     return " ".join([f"I saw this film about {rng.choice(HEROES)} {rng.choice(PLACES)}.",
-                     *sentences, rng.choice(VERDICT[label])])  # fmt: skip
+                     *sentences, verdict])  # fmt: skip
 
 
 def preference(rng: random.Random) -> dict:
