@@ -94,3 +94,27 @@ def test_left_and_right_padding_agree(tmp_path):
         alone = ours(ids)
         assert (ours(right, attention_mask=mr) - alone).abs().max() < 1e-5
         assert (ours(left, attention_mask=ml) - alone).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_last_block_at_the_pooled_position_alone_equals_the_whole_block(family, window):
+    """keep= computes the last block for one position per row; it must equal the full pass."""
+    from tunelab.model.config import ModelConfig
+    from tunelab.model.transformer import Transformer
+
+    if family == "bert" and window:
+        pytest.skip("encoders have no sliding window")
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else 4,
+                      d_model=16, d_ff=32, sliding_window=window,
+                      **({} if family == "llama" else dict(causal=False, post_norm=True, norm="layernorm",
+                                                           pos="learned", mlp="gelu", act="gelu", type_vocab_size=2)))  # fmt: skip
+    model = Transformer(cfg).eval()
+    ids = torch.randint(1, 40, (3, 7))
+    for mask in (None, torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] * 2 + [1] * 5])):
+        keep = torch.tensor([6, 3, 0]) if family == "llama" else torch.zeros(3, dtype=torch.long)
+        full = model(ids, mask)
+        part = model(ids, mask, keep=keep)
+        assert part.shape == (3, 1, 16)
+        assert torch.allclose(part[:, 0], full[torch.arange(3), keep], atol=1e-6)

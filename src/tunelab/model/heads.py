@@ -116,23 +116,28 @@ class SequenceClassifier(nn.Module):
             # Left padding: real tokens still start at position 0.
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        h = self.transformer(input_ids, attention_mask, position_ids, **kw)
-        return self.score(self.dropout(self.pool(h, attention_mask)))
+        keep = self.pooled_position(input_ids, attention_mask)
+        h = self.transformer(input_ids, attention_mask, position_ids, keep=keep, **kw)
+        if keep is not None:  # h is (B, 1, d): the pooled position's hidden state
+            pooled = self.pooler(h) if self.pooler is not None else h[:, 0]
+        else:
+            m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            m = m[..., None].to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return self.score(self.dropout(pooled))
 
-    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        how = self.cfg.pooling
-        if how == "last":
-            if attention_mask is None:
-                return h[:, -1]
-            positions = torch.arange(h.shape[1], device=h.device)
-            last = (attention_mask.long() * positions).argmax(1)
-            return h[torch.arange(h.shape[0], device=h.device), last]
-        if how == "cls":
-            return self.pooler(h) if self.pooler is not None else h[:, 0]
+    def pooled_position(self, input_ids, attention_mask) -> torch.Tensor | None:
+        """(B,) the one position each row is pooled from ([CLS] or the last real token), so the
+        transformer computes its last block there alone; None for mean pooling."""
+        b, t = input_ids.shape
+        if self.cfg.pooling == "cls":
+            return torch.zeros(b, dtype=torch.long, device=input_ids.device)
+        if self.cfg.pooling != "last":
+            return None
         if attention_mask is None:
-            return h.mean(1)
-        m = attention_mask[..., None].to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.full((b,), t - 1, dtype=torch.long, device=input_ids.device)
+        positions = torch.arange(t, device=input_ids.device)
+        return (attention_mask.long() * positions).argmax(1)
 
 
 def require_causal(model: nn.Module, what: str) -> None:

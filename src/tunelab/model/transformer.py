@@ -88,13 +88,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.out_bias)
 
-    def forward(self, x, mask, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, mask, rope, cache: KVCache | None, layer: int, keep=None) -> torch.Tensor:
+        """keep: (B,) one position per row whose output alone is wanted (its query alone)."""
         cfg, (b, t, _) = self.cfg, x.shape
-        q = self.q_proj(x).view(b, t, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        xq = x if keep is None else take(x, keep)
+        tq = xq.shape[1]
+        q = self.q_proj(xq).view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q_rope = rope if keep is None else tuple(take(r, keep, dim=2) for r in rope)
+            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
+        if keep is not None:
+            mask = _query_rows(mask, keep, t)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = cfg.n_kv_head != cfg.n_head
@@ -106,7 +112,25 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
         )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, cfg.n_head * cfg.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
+
+
+def take(x: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Position keep[i] of row i along `dim`, kept as a dimension of size 1."""
+    x = x.expand(keep.shape[0], *x.shape[1:])  # a mask may broadcast over the batch
+    shape = [1] * x.dim()
+    shape[0] = -1
+    index = keep.view(shape).expand(*x.shape[:dim], 1, *x.shape[dim + 1 :])
+    return x.gather(dim, index)
+
+
+def _query_rows(mask, keep: torch.Tensor, t: int):
+    """The mask rows of the kept queries: (B, 1, 1, S), or None."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):  # causal: the kept query sees itself and what precedes it
+        return (torch.arange(t, device=keep.device)[None, :] <= keep[:, None])[:, None, None]
+    return take(mask, keep, dim=2)
 
 
 class MLP(nn.Module):
@@ -133,11 +157,15 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.dropout = nn.Dropout(0.0)  # set by training config; identity by default
 
-    def forward(self, x, mask, rope, cache, layer) -> torch.Tensor:
+    def forward(self, x, mask, rope, cache, layer, keep=None) -> torch.Tensor:
+        """keep: (B,) positions; the block then returns (B, 1, d) for those alone."""
+        residual = x if keep is None else take(x, keep)
         if self.post_norm:  # BERT: add, then normalise
-            x = self.attn_norm(x + self.dropout(self.attn(x, mask, rope, cache, layer)))
+            x = self.attn_norm(
+                residual + self.dropout(self.attn(x, mask, rope, cache, layer, keep))
+            )
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache, layer))
+        x = residual + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache, layer, keep))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -170,8 +198,10 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, d). attention_mask: (B, past+T), 1 for real tokens, or a (B, 1, T, S) bool mask.
+        """Hidden states (B, T, d), or (B, 1, d) at positions `keep` (B,) when a head reads one
+        position per row: the last block then computes queries, MLP and norms there alone. attention_mask: (B, past+T), 1 for real tokens, or a (B, 1, T, S) bool mask.
 
         segment_ids (B, T) keep packed documents from attending to each other.
         """
@@ -196,8 +226,9 @@ class Transformer(nn.Module):
                 self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, x.device)
             rope = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
         mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, rope, cache, i)
+            x = layer(x, mask, rope, cache, i, keep if i == last else None)
         if cache is not None:
             cache.length += t
         return x if cfg.post_norm else self.norm(x)
