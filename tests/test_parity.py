@@ -104,3 +104,47 @@ def load_model_dir_no_tok(path):
 
     Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(str(path / "tokenizer.json"))
     return load_model_dir(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_padded_batch_equals_each_sequence_alone(family):
+    """The transformer packs the real tokens of a padded batch (Packed): every real position
+    must come out as it does for that sequence run alone, and so must the gradients."""
+    from tunelab.model.config import ModelConfig
+    from tunelab.model.transformer import Transformer
+
+    extra = {
+        "llama": dict(n_kv_head=2),
+        "gpt2": dict(family="gpt2", pos="learned", norm="layernorm", mlp="gelu", act="gelu",
+                     qkv_bias=True, out_bias=True, mlp_bias=True),
+        "bert": dict(family="bert", causal=False, post_norm=True, norm="layernorm",
+                     pos="learned", mlp="gelu", act="gelu", type_vocab_size=2),
+    }[family]  # fmt: skip
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=4, d_model=16, d_ff=32, **extra)
+    model = Transformer(cfg)
+    lengths, t = [7, 4, 5], 7
+    ids = torch.randint(1, 40, (3, t))
+    for left in (False, True) if cfg.causal else (False,):
+        mask = torch.zeros(3, t, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            if left:
+                mask[i, t - n :] = 1
+            else:
+                mask[i, :n] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0) if left else None
+        model.zero_grad()
+        out = model(ids, mask, pos)
+        real = mask.bool()
+        out[real].square().sum().backward()
+        batched = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        total = 0
+        for i, n in enumerate(lengths):
+            row = ids[i : i + 1, t - n :] if left else ids[i : i + 1, :n]
+            alone = model(row)
+            torch.testing.assert_close(out[i][real[i]], alone[0], atol=1e-5, rtol=1e-5)
+            total = total + alone.square().sum()
+        total.backward()
+        for g, p in zip(batched, model.parameters()):
+            torch.testing.assert_close(g, p.grad, atol=1e-4, rtol=1e-4)

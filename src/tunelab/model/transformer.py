@@ -88,14 +88,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.out_bias)
 
-    def forward(self, x, mask, rope, cache: KVCache | None, layer: int, keep=None) -> torch.Tensor:
-        """keep: (B,) one position per row whose output alone is wanted (its query alone)."""
-        cfg, (b, t, _) = self.cfg, x.shape
+    def forward(self, x, mask, rope, cache, layer: int, keep=None, packed=None) -> torch.Tensor:
+        """keep: (B,) one position per row whose output alone is wanted (its query alone).
+        packed: x holds the batch's real tokens alone (N, d); attention needs them at (B, T)."""
+        cfg = self.cfg
         xq = x if keep is None else take(x, keep)
-        tq = xq.shape[1]
-        q = self.q_proj(xq).view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+        if packed is not None:
+            q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
+        (b, tq, _), t = q.shape, k.shape[1]
+        q = q.view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q_rope = rope if keep is None else tuple(take(r, keep, dim=2) for r in rope)
             q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
@@ -112,7 +116,30 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
         )
-        return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
+        y = y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim)
+        return self.o_proj(y if packed is None else packed.pack(y))
+
+
+class Packed:
+    """The real tokens of a padded batch packed into (N, ...): norms, projections and the MLP
+    then skip the padding (often a sixth of a dynamically padded batch); attention puts q, k, v
+    back at their (B, T) places."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.b, self.t = attention_mask.shape
+        self.index = attention_mask.flatten().nonzero().squeeze(1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(self.b * self.t, *x.shape[1:])
+        return out.index_copy(0, self.index, x).view(self.b, self.t, *x.shape[1:])
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of a (B, T) mask is real tokens, then padding."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def take(x: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -157,15 +184,15 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.dropout = nn.Dropout(0.0)  # set by training config; identity by default
 
-    def forward(self, x, mask, rope, cache, layer, keep=None) -> torch.Tensor:
-        """keep: (B,) positions; the block then returns (B, 1, d) for those alone."""
+    def forward(self, x, mask, rope, cache, layer, keep=None, packed=None) -> torch.Tensor:
+        """keep: (B,) positions; the block then returns (B, 1, d) for those alone.
+        packed: x is (N, d), the real tokens alone (see Packed)."""
         residual = x if keep is None else take(x, keep)
+        args = (mask, rope, cache, layer, keep, packed)
         if self.post_norm:  # BERT: add, then normalise
-            x = self.attn_norm(
-                residual + self.dropout(self.attn(x, mask, rope, cache, layer, keep))
-            )
+            x = self.attn_norm(residual + self.dropout(self.attn(x, *args)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = residual + self.dropout(self.attn(self.attn_norm(x), mask, rope, cache, layer, keep))
+        x = residual + self.dropout(self.attn(self.attn_norm(x), *args))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -226,9 +253,18 @@ class Transformer(nn.Module):
                 self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, x.device)
             rope = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
         mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+        packed = None
+        if cache is None and attention_mask is not None and attention_mask.dim() == 2:
+            if not attention_mask.all():  # padding to skip
+                packed = Packed(attention_mask)
+                x = packed.pack(x)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, rope, cache, i, keep if i == last else None)
+            if i == last and keep is not None and packed is not None:
+                x, packed = packed.unpack(x), None  # the last block computes `keep` rows alone
+            x = layer(x, mask, rope, cache, i, keep if i == last else None, packed)
+        if packed is not None:
+            x = packed.unpack(x)
         if cache is not None:
             cache.length += t
         return x if cfg.post_norm else self.norm(x)
@@ -242,6 +278,8 @@ class Transformer(nn.Module):
             return attention_mask.bool()
         cfg, s = self.cfg, past + t
         window = cfg.sliding_window if cfg.causal else None
+        if cfg.causal and past == 0 and attention_mask is not None and right_padded(attention_mask):
+            attention_mask = None  # causal attention never reaches a pad placed after the text
         simple = attention_mask is None and segment_ids is None and (window is None or s <= window)
         if simple:
             if not cfg.causal or t == 1:
