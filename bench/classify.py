@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import workers  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 IMDB = ROOT.parent / "shared" / "data" / "imdb"
 TRAIN = [IMDB / f"imdb_train_0{i}.jsonl" for i in range(3)]
@@ -263,13 +265,7 @@ def machine() -> str:
 
 
 def spawn(name: str, a: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name],
-                          input=json.dumps(a), capture_output=True, text=True)  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit(f"the {name} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return workers.spawn(__file__, name, a)
 
 
 def write_section(body: str) -> None:

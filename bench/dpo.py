@@ -24,11 +24,12 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import workers  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import hf_dir, machine  # noqa: E402  (bench/train.py: the same model and machine line)
@@ -188,13 +189,7 @@ def result(a, tokens, marks, losses, precompute_s) -> dict:
 
 # -- the parent: subprocesses, the table ----------------------------------------------------------
 def spawn(name: str, a: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name],
-                          input=json.dumps(a), capture_output=True, text=True)  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit(f"the {name} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return workers.spawn(__file__, name, a)
 
 
 LABELS = {("trl", False): "TRL DPOTrainer, reference each step (default)",

@@ -32,11 +32,12 @@ import platform
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import workers  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
@@ -300,17 +301,7 @@ def machine() -> str:
 
 
 def spawn(name: str, a: dict) -> dict:
-    # A fixed mmap threshold makes glibc give large freed blocks back to the system at once
-    # (its default raises the threshold as blocks are freed and then keeps them), so RSS tracks
-    # what each framework holds rather than what the allocator kept; the same for both.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, __file__, "--worker", name], env=env,
-                          input=json.dumps(a), capture_output=True, text=True)  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit(f"the {name} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return workers.spawn(__file__, name, a)
 
 
 def table(rows: list[dict], peak: float) -> str:
@@ -438,8 +429,10 @@ def main() -> None:
         "Real tok/s: attention-mask (non-pad) tokens of the timed steps over their wall time. "
         "Training peak RSS: the process's high-water mark from the start of training (model "
         "loaded and adapted, high-water mark reset) to the end of the last timed step; process "
-        "peak RSS: over the whole process (model loading, libraries); both with glibc's mmap "
-        "threshold fixed at 128 KiB, so freed blocks go back to the system. MFU: 6 × "
+        "peak RSS: over the whole process (model loading, libraries). tunelab's worker runs "
+        "with the glibc settings the tunelab command starts with (src/tunelab/allocator.py: "
+        "freed memory is kept for reuse, which saves ~200k page faults a step here); TRL's "
+        "with glibc's defaults, as its users get them. MFU: 6 × "
         "parameters × real tok/s (4 × for LoRA and QLoRA, whose frozen weights take no weight "
         "gradient) over the fp32 matmul peak (bf16 rows too). LoRA: r "
         f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}; peft's LoraConfig with "

@@ -1,5 +1,5 @@
 import sys
 
-from tunelab.cli import main
+from tunelab.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from tunelab import allocator
 from tunelab.errors import TunelabError
 
 
@@ -23,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (models, train, align, evaluate, study):
         module.register(sub)
     return parser
+
+
+def entry() -> int:
+    """The `tunelab` command: first restart with glibc set to reuse freed memory (allocator.py)."""
+    allocator.reexec(sys.argv[1:])
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.allocator import keep_freed_memory
 from tunelab.errors import TunelabError
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig
@@ -88,6 +89,7 @@ class Trainer:
     def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
                  val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None,
                  dist=None):  # fmt: skip
+        keep_freed_memory()  # large tensors come back every step; see allocator.py
         # `dist` (train/distributed.py) wraps the model for DDP and brings rank and reduce.
         if dist is not None:
             is_main, reduce = dist.is_main, dist.reduce

@@ -1,0 +1,62 @@
+"""The allocator settings: large tensors allocated again each step reuse memory, no page faults."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tunelab import allocator
+
+CODE = """
+import resource, torch
+from tunelab.model.config import ModelConfig
+from tunelab.model.heads import CausalLM
+from tunelab.train.objectives import causal_lm
+torch.manual_seed(0)
+model = CausalLM(ModelConfig(vocab_size=16384, n_layer=2, n_head=4, d_model=256, d_ff=512))
+ids = torch.randint(0, 16384, (4, 256))
+batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+def step():  # 64 MB of logits and their gradient, as in a language-model step
+    causal_lm(model, batch)[0].backward()
+    model.zero_grad(set_to_none=True)
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(env: dict) -> int:
+    clean = {k: v for k, v in os.environ.items() if k not in allocator.MALLOC_ENV}
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+                         env={**clean, **env}, check=True).stdout  # fmt: skip
+    return int(out.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_with_the_settings_freed_large_blocks_are_reused_without_page_faults():
+    default, kept = faults({}), faults(allocator.MALLOC_ENV)
+    assert default > 16_384  # the logits and their gradient fault their 4 KiB pages in again
+    assert kept < default / 20
+
+
+def test_the_command_restarts_once_with_the_settings(monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda *a: calls.append(a))
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    for k in allocator.MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("TUNELAB_MALLOC", raising=False)
+    allocator.reexec(["models", "--json"])
+    ((exe, argv, env),) = calls
+    assert argv == [sys.executable, "-m", "tunelab", "models", "--json"]
+    assert all(env[k] == v for k, v in allocator.MALLOC_ENV.items())
+    for k, v in allocator.MALLOC_ENV.items():  # the restarted process does not restart again
+        monkeypatch.setenv(k, v)
+    allocator.reexec(["models"])
+    monkeypatch.setenv("TUNELAB_MALLOC", "0")
+    for k in allocator.MALLOC_ENV:
+        monkeypatch.delenv(k)
+    allocator.reexec(["models"])  # turned off
+    assert len(calls) == 1
