@@ -90,12 +90,12 @@ class Attention(nn.Module):
 
     def forward(self, x, mask, rope, cache, layer: int, keep=None, packed=None) -> torch.Tensor:
         """keep: (B,) one position per row whose output alone is wanted (its query alone).
-        packed: x holds the batch's real tokens alone (N, d); attention needs them at (B, T)."""
+        packed: x holds the batch's real tokens alone (N, d), see Packed."""
+        if packed is not None:
+            return self.forward_packed(x, rope, packed)
         cfg = self.cfg
         xq = x if keep is None else take(x, keep)
         q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
-        if packed is not None:
-            q, k, v = packed.unpack(q), packed.unpack(k), packed.unpack(v)
         (b, tq, _), t = q.shape, k.shape[1]
         q = q.view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
@@ -116,18 +116,50 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
         )
-        y = y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim)
-        return self.o_proj(y if packed is None else packed.pack(y))
+        return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
+
+    def forward_packed(self, x, rope, packed: Packed) -> torch.Tensor:
+        """Each sequence attends within itself: one SDPA call per row on its real tokens, with
+        no mask and no padding. rope: cos and sin (N, 1, head_dim) of the packed tokens."""
+        cfg, n = self.cfg, x.shape[0]
+        q = self.q_proj(x).view(n, cfg.n_head, cfg.head_dim)
+        k = self.k_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
+        v = self.v_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = cfg.n_kv_head != cfg.n_head
+        if gqa and not _SDPA_GQA:
+            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+        # split, not slices: its backward concatenates the rows' gradients in one copy
+        rows = [
+            F.scaled_dot_product_attention(
+                *(t.transpose(0, 1)[None] for t in row), is_causal=cfg.causal, **extra
+            )[0].transpose(0, 1)
+            for row in zip(*(t.split(packed.lengths) for t in (q, k, v)))
+        ]  # fmt: skip
+        return self.o_proj(torch.cat(rows).reshape(n, cfg.n_head * cfg.head_dim))
 
 
 class Packed:
-    """The real tokens of a padded batch packed into (N, ...): norms, projections and the MLP
-    then skip the padding (often a sixth of a dynamically padded batch); attention puts q, k, v
-    back at their (B, T) places."""
+    """The real tokens of a padded batch packed into (N, ...), row after row: norms,
+    projections and the MLP skip the padding (often a sixth of a dynamically padded batch), and
+    attention runs on each row's span of real tokens alone."""
 
     def __init__(self, attention_mask: torch.Tensor):
         self.b, self.t = attention_mask.shape
         self.index = attention_mask.flatten().nonzero().squeeze(1)
+        self.lengths = attention_mask.sum(1).tolist()  # real tokens per row, in packed order
+
+    @staticmethod
+    def fits(attention_mask: torch.Tensor, window: int | None) -> bool:
+        """Worth packing and exact: padding to skip, each row's real tokens in one run (left or
+        right padding), and no sliding window that a row is longer than."""
+        m = attention_mask
+        if m.dim() != 2 or bool(m.all()) or not (right_padded(m) or right_padded(m.flip(1))):
+            return False
+        return window is None or int(m.sum(1).max()) <= window
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(0, 1).index_select(0, self.index)
@@ -252,17 +284,23 @@ class Transformer(nn.Module):
                 # a plain attribute, not a buffer: meta-device loading would leave a buffer empty
                 self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, x.device)
             rope = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
-        mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
-        packed = None
-        if cache is None and attention_mask is not None and attention_mask.dim() == 2:
-            if not attention_mask.all():  # padding to skip
+        window = cfg.sliding_window if cfg.causal else None
+        packed, mask, layer_rope = None, None, rope
+        if cache is None and segment_ids is None and attention_mask is not None:
+            if Packed.fits(attention_mask, window):
                 packed = Packed(attention_mask)
                 x = packed.pack(x)
+                if rope is not None:
+                    layer_rope = tuple(packed.pack(r.squeeze(1))[:, None] for r in rope)
+        if packed is None:
+            mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if i == last and keep is not None and packed is not None:
-                x, packed = packed.unpack(x), None  # the last block computes `keep` rows alone
-            x = layer(x, mask, rope, cache, i, keep if i == last else None, packed)
+                # the last block computes the `keep` rows alone, at their (B, T) places
+                x, packed, layer_rope = packed.unpack(x), None, rope
+                mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+            x = layer(x, mask, layer_rope, cache, i, keep if i == last else None, packed)
         if packed is not None:
             x = packed.unpack(x)
         if cache is not None:
