@@ -35,7 +35,10 @@ def reexec(argv: list[str]) -> None:
     if not _applies() or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
         return
     env = {**os.environ, **MALLOC_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+    except OSError:  # no interpreter path to restart (embedded Python): run as we are
+        keep_freed_memory()
 
 
 def keep_freed_memory() -> bool:
