@@ -98,6 +98,21 @@ def test_batched_rows_equal_single_rows(tmp_path):
     assert batched == [generate_ids(ours, [p], s, eos_ids=set(), pad_id=0)[0] for p in PROMPTS]
 
 
+def test_batched_decoding_leaves_the_weights_as_it_found_them(tmp_path):
+    """Batched decoding stores linear weights column-major meanwhile (column_major_linears)."""
+    from tunelab.generate import column_major_linears
+
+    _, ours, _ = _tiny("llama", tmp_path)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    layer = ours.transformer.layers[0].mlp.up_proj
+    with column_major_linears(ours, rows=2):
+        assert not layer.weight.is_contiguous() and layer.weight.t().is_contiguous()
+        assert torch.equal(layer.weight, before["transformer.layers.0.mlp.up_proj.weight"])
+    generate_ids(ours, PROMPTS, Sampling(max_new_tokens=3), eos_ids=set(), pad_id=0)
+    after = ours.state_dict()
+    assert all(after[k].is_contiguous() and torch.equal(after[k], v) for k, v in before.items())
+
+
 # ---- sampling scores against transformers' logits processors ----
 
 SCORE_CASES = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +92,15 @@ def generate_ids(
     attention = mask if padded else None  # the model reads only its first (past + new) columns
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = KVCache(model.cfg, b, total, device, dtype)
+    with column_major_linears(model, b):
+        return _decode(
+            model, s, seq, width, attention, positions, cache, eos_ids, pad_id, tokenizer
+        )
+
+
+def _decode(model, s, seq, width, attention, positions, cache, eos_ids, pad_id, tokenizer):
+    """The prefill and the token-by-token loop of generate_ids."""
+    b, device = seq.shape[0], seq.device
     generator = torch.Generator(device).manual_seed(s.seed) if s.seed is not None else None
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)  # real new tokens per row
@@ -118,6 +128,28 @@ def generate_ids(
         )
     new = seq[:, width:].tolist()
     return [row[:n] for row, n in zip(new, lengths.tolist())]
+
+
+@contextmanager
+def column_major_linears(model, rows: int):
+    """Store the blocks' plain linear weights column-major while decoding several rows.
+
+    Same values, other memory order: F.linear then runs x @ W.T on a contiguous W.T, which on
+    CPU streams the weights ~1.4x (4 rows) to ~1.8x (8 rows) faster than the row-major kernel
+    (decoding reads every weight once per token, so that speed is the decoding speed). Costs one
+    transpose each way (~0.3 s for SmolLM2-135M), so a single row, which gains ~1.1x, skips it."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m is not model.lm_head]
+    cpu = next(model.parameters()).device.type == "cpu"
+    if rows < 2 or not cpu:
+        yield
+        return
+    for m in linears:
+        m.weight.data = m.weight.data.t().contiguous().t()
+    try:
+        yield
+    finally:  # saving, quantizing and merging expect contiguous weights
+        for m in linears:
+            m.weight.data = m.weight.data.contiguous()
 
 
 def _last_logits(model, ids, attention, positions, cache) -> torch.Tensor:
