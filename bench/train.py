@@ -173,15 +173,11 @@ def method_options(method: str) -> dict:
 def count_params(model) -> dict:
     """Base (frozen or not, quantized or not) and trainable parameter counts; the LoRA factors
     are not base parameters."""
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    try:
-        from tunelab.adapt.estimate import param_report
+    from tunelab.adapt.estimate import param_report
 
-        total = param_report(model)["total_params"]  # counts NF4 weights, which are buffers
-    except ImportError:
-        total = sum(p.numel() for p in model.parameters())
-    return {"base": total - lora, "trainable": trainable}
+    report = param_report(model)  # counts NF4 weights (buffers) too, tied weights once
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {"base": report["total_params"] - lora, "trainable": report["trainable_params"]}
 
 
 def worker_trl(a: dict) -> dict:

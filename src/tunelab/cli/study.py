@@ -26,8 +26,9 @@ def print_table(results: dict) -> None:
     table = Table("experiment", "model", "method", "seeds", "metric", "value", "wall s",
                   "peak MiB", "trainable", title=f"study {results['study']}")  # fmt: skip
     for g in results["groups"]:
-        table.add_row(g["experiment"], short_model(g["model"]), g["method"], f"{g['seeds']}" + (f" ({g['failed']} failed)" if g["failed"] else ""),
-                      g["metric"], _fmt(g.get("value")), _fmt(g.get("wall_time_s")),
+        seeds = f"{g['seeds']}" + (f" ({g['failed']} failed)" if g["failed"] else "")
+        table.add_row(g["experiment"], short_model(g["model"]), g["method"], seeds, g["metric"],
+                      _fmt(g.get("value")), _fmt(g.get("wall_time_s")),
                       _fmt(g.get("peak_memory_mb")), _fmt(g.get("trainable_params")))  # fmt: skip
     Console(stderr=False, width=160).print(table)
 

@@ -107,16 +107,23 @@ class Attention(nn.Module):
             mask = _query_rows(mask, keep, t)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        gqa = cfg.n_kv_head != cfg.n_head
-        if gqa and not _SDPA_GQA:
-            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-        extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+        k, v, extra = self._shared_kv(k, v)
         is_causal = isinstance(mask, str)  # "causal": the fast path without a mask tensor
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
         )
         return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
+
+    def _shared_kv(self, k, v) -> tuple:
+        """Grouped-query attention: K/V heads (dim 1) shared by SDPA itself where torch can,
+        else repeated; returns k, v and SDPA's extra arguments."""
+        cfg = self.cfg
+        if cfg.n_kv_head == cfg.n_head:
+            return k, v, {}
+        if _SDPA_GQA:
+            return k, v, {"enable_gqa": True}
+        n = cfg.n_head // cfg.n_kv_head
+        return k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1), {}
 
     def forward_packed(self, x, rope, packed: Packed) -> torch.Tensor:
         """Each sequence attends within itself: one SDPA call per row on its real tokens, with
@@ -127,11 +134,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        gqa = cfg.n_kv_head != cfg.n_head
-        if gqa and not _SDPA_GQA:
-            k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
-        extra = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+        k, v, extra = self._shared_kv(k, v)
         # split, not slices: its backward concatenates the rows' gradients in one copy
         rows = [
             F.scaled_dot_product_attention(
@@ -260,7 +263,9 @@ class Transformer(nn.Module):
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, T, d), or (B, 1, d) at positions `keep` (B,) when a head reads one
-        position per row: the last block then computes queries, MLP and norms there alone. attention_mask: (B, past+T), 1 for real tokens, or a (B, 1, T, S) bool mask.
+        position per row: the last block then computes queries, MLP and norms there alone.
+
+        attention_mask: (B, past+T), 1 for real tokens, or a (B, 1, T, S) bool mask.
 
         segment_ids (B, T) keep packed documents from attending to each other.
         """
