@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab.errors import ConfigError
 from tunelab.generate import Sampling, generate_from_ids, generate_ids, next_token_scores
@@ -98,19 +99,40 @@ def test_batched_rows_equal_single_rows(tmp_path):
     assert batched == [generate_ids(ours, [p], s, eos_ids=set(), pad_id=0)[0] for p in PROMPTS]
 
 
-def test_batched_decoding_leaves_the_weights_as_it_found_them(tmp_path):
-    """Batched decoding stores linear weights column-major meanwhile (column_major_linears)."""
-    from tunelab.generate import column_major_linears
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_compute_the_same_and_leave_the_model_alone(tmp_path, dtype):
+    """Decoding runs the linears on prepacked copies (packed_linears) where the CPU has the
+    kernels: same outputs as F.linear, the model's weights untouched, the methods restored."""
+    from tunelab.generate import _packing, packed_linears
 
     _, ours, _ = _tiny("llama", tmp_path)
+    ours = ours.to(dtype)
+    if _packing(next(ours.parameters()), rows=2) is None:
+        pytest.skip("no MKL / oneDNN packed kernels in this torch build")
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    layer = ours.transformer.layers[0].mlp.up_proj
-    with column_major_linears(ours, rows=2):
-        assert not layer.weight.is_contiguous() and layer.weight.t().is_contiguous()
-        assert torch.equal(layer.weight, before["transformer.layers.0.mlp.up_proj.weight"])
+    layer, x = ours.transformer.layers[0].mlp.up_proj, torch.randn(2, 1, 64, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode(), packed_linears(ours, rows=2):
+        assert "forward" in vars(layer) and "forward" in vars(ours.lm_head)  # packed
+        for shape in ((2, 1, 64), (3, 5, 64)):  # the decoding rows, and another count (prefill)
+            x = torch.randn(shape, dtype=dtype)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=tol, rtol=tol)
+    assert "forward" not in vars(layer) and "forward" not in vars(ours.lm_head)
     generate_ids(ours, PROMPTS, Sampling(max_new_tokens=3), eos_ids=set(), pad_id=0)
     after = ours.state_dict()
-    assert all(after[k].is_contiguous() and torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_packed_linears_leave_fp32_single_rows_and_big_models_alone(tmp_path, monkeypatch):
+    from tunelab import generate as gen
+
+    _, ours, _ = _tiny("llama", tmp_path)
+    layer = ours.transformer.layers[0].mlp.up_proj
+    with gen.packed_linears(ours, rows=1):  # one fp32 row already streams at memory speed
+        assert "forward" not in vars(layer)
+    monkeypatch.setattr(gen, "_free_memory", lambda: 1000.0)  # the copy would not fit
+    with gen.packed_linears(ours, rows=8):
+        assert "forward" not in vars(layer)
 
 
 # ---- sampling scores against transformers' logits processors ----
