@@ -32,7 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op instead of five
+        if x.dtype == torch.float32 and not self.offset:  # the weight inside the one call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one op instead of five
         if self.offset:  # Gemma stores w and scales by (1 + w), in float32
             return (h * (1.0 + self.weight.float())).type_as(x)
         return self.weight * h.type_as(x)
@@ -224,11 +226,17 @@ class Block(nn.Module):
         packed: x is (N, d), the real tokens alone (see Packed)."""
         residual = x if keep is None else take(x, keep)
         args = (mask, rope, cache, layer, keep, packed)
+        # no dropout call when it does nothing: decoding runs this 60 times per token
+        drop = self.dropout if self.training and self.dropout.p > 0 else _identity
         if self.post_norm:  # BERT: add, then normalise
-            x = self.attn_norm(residual + self.dropout(self.attn(x, *args)))
-            return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = residual + self.dropout(self.attn(self.attn_norm(x), *args))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x = self.attn_norm(residual + drop(self.attn(x, *args)))
+            return self.mlp_norm(x + drop(self.mlp(x)))
+        x = residual + drop(self.attn(self.attn_norm(x), *args))
+        return x + drop(self.mlp(self.mlp_norm(x)))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class Transformer(nn.Module):
