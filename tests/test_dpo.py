@@ -20,16 +20,10 @@ from tunelab.model.config import ModelConfig, preset
 from tunelab.model.heads import build_model
 from tunelab.tokenizer.bpe import BPETokenizer
 from tunelab.tokenizer.tokenizer import Tokenizer
-from tunelab.train.align import (
-    REFERENCE_FILE,
-    AlignTask,
-    cached_reference,
-    encode_pairs,
-    live_reference,
-    split_prompt,
-)
+from tunelab.train.align import AlignTask, encode_pairs, split_prompt
 from tunelab.train.config import load_config
 from tunelab.train.objectives import preference_loss
+from tunelab.train.reference import REFERENCE_FILE, cached_reference, live_reference
 from tunelab.train.run import init_weights, run_training
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences"
@@ -288,7 +282,7 @@ def test_lora_reference_is_the_merged_sft_model_not_the_base(setup):
 
 def test_a_frozen_adapter_is_never_disabled_for_the_reference():
     from tunelab.adapt.lora import apply_lora
-    from tunelab.train.align import only_lora_trains
+    from tunelab.train.reference import only_lora_trains
 
     model = build_model(preset("llama-tiny", vocab_size=50, n_layer=1, d_model=32, d_ff=64))
     apply_lora(model, r=2)
@@ -301,7 +295,7 @@ def test_a_frozen_adapter_is_never_disabled_for_the_reference():
 
 
 def test_reference_cache_is_reused_and_keyed(setup, monkeypatch):
-    import tunelab.train.align as align
+    import tunelab.train.reference as reference
 
     cfg = align_cfg(setup, setup / "unused")
     lm_model = build_model(preset("llama-tiny", vocab_size=300, n_layer=1, d_model=32, d_ff=64))
@@ -309,7 +303,7 @@ def test_reference_cache_is_reused_and_keyed(setup, monkeypatch):
                                    Tokenizer.from_dir(setup / "tok"), cfg)}  # fmt: skip
     path = setup / "cache-test.safetensors"
     first = cached_reference(lm_model, parts, cfg, 0, path)
-    monkeypatch.setattr(align, "compute_reference", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(reference, "compute_reference", lambda *a: pytest.fail("recomputed"))
     again = cached_reference(lm_model, parts, cfg, 0, path)
     assert torch.equal(first["train"][0], again["train"][0])
     cfg.align.beta = 0.5  # not part of the key: the loss changes, the reference does not

@@ -8,14 +8,8 @@ from batches import ListBatches  # noqa: I001 - tests/ is on sys.path
 from torch import nn
 
 from tunelab.adapt import apply_method
-from tunelab.adapt.lora import (
-    LoRALinear,
-    apply_lora,
-    load_adapter,
-    lora_modules,
-    merge_lora,
-    save_adapter,
-)
+from tunelab.adapt.lora import LoRALinear, apply_lora, lora_modules, merge_lora
+from tunelab.adapt.peft_format import load_adapter, save_adapter
 from tunelab.errors import ConfigError
 from tunelab.model.checkpoint import load_model_dir
 from tunelab.model.config import ModelConfig

@@ -100,7 +100,8 @@ def cmd_tokenizer_train(a) -> None:
 
 def cmd_merge(a) -> None:
     """Load a PEFT adapter onto its base model, merge it, and save the merged model."""
-    from tunelab.adapt.lora import load_adapter, merge_lora
+    from tunelab.adapt.lora import merge_lora
+    from tunelab.adapt.peft_format import load_adapter
 
     lm = load_model(a)
     load_adapter(lm.model, a.adapter)

@@ -307,7 +307,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
 
 def save_final(model, tokenizer, path: Path) -> None:
     """The trained model in tunelab format; a LoRA run also keeps its adapter in PEFT format."""
-    from tunelab.adapt.lora import lora_modules, merge_lora, save_adapter
+    from tunelab.adapt.lora import lora_modules, merge_lora
+    from tunelab.adapt.peft_format import save_adapter
     from tunelab.adapt.quantize import dequantize_model
     from tunelab.model.checkpoint import save_model_dir
 
