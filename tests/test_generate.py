@@ -101,38 +101,49 @@ def test_batched_rows_equal_single_rows(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_compute_the_same_and_leave_the_model_alone(tmp_path, dtype):
-    """Decoding runs the linears on prepacked copies (packed_linears) where the CPU has the
-    kernels: same outputs as F.linear, the model's weights untouched, the methods restored."""
-    from tunelab.generate import _packing, packed_linears
+    """Decoding runs the linears on oneDNN's reordered copies (packed_linears) where the CPU
+    has the kernels: same outputs as F.linear, the model's weights untouched, methods restored."""
+    from tunelab.kernels import onednn_works, packed_linears
 
     _, ours, _ = _tiny("llama", tmp_path)
     ours = ours.to(dtype)
-    if _packing(next(ours.parameters()), rows=2) is None:
-        pytest.skip("no MKL / oneDNN packed kernels in this torch build")
+    if not onednn_works(dtype):
+        pytest.skip("no oneDNN linear in this torch build")
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    layer, x = ours.transformer.layers[0].mlp.up_proj, torch.randn(2, 1, 64, dtype=dtype)
+    layer = ours.transformer.layers[0].mlp.up_proj
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    with torch.inference_mode(), packed_linears(ours, rows=2):
-        assert "forward" in vars(layer) and "forward" in vars(ours.lm_head)  # packed
-        for shape in ((2, 1, 64), (3, 5, 64)):  # the decoding rows, and another count (prefill)
-            x = torch.randn(shape, dtype=dtype)
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=tol, rtol=tol)
-    assert "forward" not in vars(layer) and "forward" not in vars(ours.lm_head)
+    for rows in (1, 2):
+        with torch.inference_mode(), packed_linears(ours, rows=rows):
+            assert "forward" in vars(layer) and "forward" in vars(ours.lm_head)  # packed
+            for shape in ((rows, 1, 64), (3, 5, 64)):  # the decoding rows, and the prefill
+                x = torch.randn(shape, dtype=dtype)
+                want = F.linear(x, layer.weight)
+                torch.testing.assert_close(layer(x), want, atol=tol, rtol=tol)
+        assert "forward" not in vars(layer) and "forward" not in vars(ours.lm_head)
     generate_ids(ours, PROMPTS, Sampling(max_new_tokens=3), eos_ids=set(), pad_id=0)
     after = ours.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_packed_linears_leave_fp32_single_rows_and_big_models_alone(tmp_path, monkeypatch):
-    from tunelab import generate as gen
+def test_packed_linears_leave_big_models_and_own_forwards_alone(tmp_path, monkeypatch):
+    from tunelab import kernels
 
+    if not kernels.onednn_works(torch.float32):
+        pytest.skip("no oneDNN linear in this torch build")
     _, ours, _ = _tiny("llama", tmp_path)
-    layer = ours.transformer.layers[0].mlp.up_proj
-    with gen.packed_linears(ours, rows=1):  # one fp32 row already streams at memory speed
+    layer, head = ours.transformer.layers[0].mlp.up_proj, ours.lm_head
+    monkeypatch.setattr(kernels, "free_memory", lambda: 1000.0)  # the copy would not fit
+    with kernels.packed_linears(ours, rows=8):
         assert "forward" not in vars(layer)
-    monkeypatch.setattr(gen, "_free_memory", lambda: 1000.0)  # the copy would not fit
-    with gen.packed_linears(ours, rows=8):
-        assert "forward" not in vars(layer)
+    monkeypatch.undo()
+
+    def own(x):  # a forward someone else set stays theirs, during the call and after
+        return F.linear(x, head.weight)
+
+    head.forward = own
+    with kernels.packed_linears(ours, rows=8):
+        assert vars(head)["forward"] is own and "forward" in vars(layer)
+    assert vars(head)["forward"] is own and "forward" not in vars(layer)
 
 
 # ---- sampling scores against transformers' logits processors ----

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.kernels import packed_linears
 from tunelab.model.heads import require_causal
 from tunelab.model.transformer import KVCache
 from tunelab.tokenizer.tokenizer import Tokenizer
@@ -129,68 +128,6 @@ def _decode(model, s, seq, width, attention, positions, cache, eos_ids, pad_id, 
         )
     new = seq[:, width:].tolist()
     return [row[:n] for row, n in zip(new, lengths.tolist())]
-
-
-@contextmanager
-def packed_linears(model, rows: int):
-    """Decode with the linear weights (blocks and a plain LM head) prepacked for CPU GEMMs.
-
-    Decoding reads every weight once per token for a few rows, which the plain kernels do
-    poorly: fp32 with 8 rows streams weights at ~12 GB/s through F.linear and ~17 GB/s through
-    MKL's packed sgemm (the head, a tall matrix, 2x faster); bf16 at any row count is
-    compute-bound in F.linear and ~1.3x faster through oneDNN's prepacked weights. fp32 with
-    one row already runs at memory speed, so it is left alone. The packed copies live for the
-    call (packing costs about one pass over the weights) and are dropped afterwards; the
-    model's own weights are never changed. Skipped where the copy would not fit in memory.
-    """
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    kind = _packing(next(model.parameters()), rows)
-    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if kind is None or 2 * size > _free_memory():
-        yield
-        return
-    for m in linears:
-        m.forward = _packed_forward(m, kind, rows)  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        for m in linears:
-            del m.forward
-
-
-def _packing(param: torch.Tensor, rows: int) -> str | None:
-    if param.device.type != "cpu":
-        return None
-    if param.dtype == torch.float32 and rows >= 2 and torch.backends.mkl.is_available():
-        return "mkl" if hasattr(torch.ops.mkl, "_mkl_linear") else None
-    if param.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-        return "onednn" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
-
-
-def _packed_forward(m: nn.Linear, kind: str, rows: int):
-    w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
-    if kind == "mkl":
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
-    else:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # 2-D: given (B, T, d) the oneDNN op costs ~20 us more
-        if kind == "mkl":  # another row count (the prefill) falls back to w inside the op
-            y = torch.ops.mkl._mkl_linear(x2, packed, w, b, rows)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
-        return y.view(*x.shape[:-1], -1)
-
-    return forward
-
-
-def _free_memory() -> float:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on Linux: assume room
-        return float("inf")
 
 
 def _last_logits(model, ids, attention, positions, cache) -> torch.Tensor:

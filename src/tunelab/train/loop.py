@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tunelab.allocator import keep_freed_memory
 from tunelab.errors import TunelabError
+from tunelab.kernels import onednn_linears
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
@@ -305,7 +306,9 @@ class Trainer:
         cfg, started = self.cfg, time.perf_counter() - self.elapsed
         progress = Progress(self.total_steps, enabled=self.is_main, start=self.step)
         stop_reason = "max_steps"
-        with progress:
+        # fp32 linears on oneDNN (kernels.py); FSDP's sharded parameters keep torch's own path
+        fast = cfg.precision == "fp32" and getattr(self.dist, "strategy", None) != "fsdp"
+        with progress, onednn_linears(self.model, enabled=fast):
             while self.step < self.total_steps:
                 for cb in self.callbacks:
                     cb.on_step(self, self.step)
