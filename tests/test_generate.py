@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from tunelab.errors import ConfigError
 from tunelab.generate import Sampling, generate_from_ids, generate_ids, next_token_scores
 from tunelab.model.checkpoint import load_model_dir
+from tunelab.model.transformer import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,6 +100,24 @@ def test_batched_rows_equal_single_rows(tmp_path):
     assert batched == [generate_ids(ours, [p], s, eos_ids=set(), pad_id=0)[0] for p in PROMPTS]
 
 
+def test_bf16_decoding_keeps_an_fp32_cache_and_follows_the_full_forward(tmp_path, monkeypatch):
+    """bf16 on CPU: keys and values are cached in fp32 (attention runs in fp32); greedy tokens
+    equal those of re-running the whole bf16 sequence each step, with attention in bf16."""
+    from tunelab import generate as gen
+
+    _, ours, _ = _tiny("llama", tmp_path)
+    ours = ours.to(torch.bfloat16)
+    made = []
+    monkeypatch.setattr(gen, "KVCache", lambda *a: made.append(a[-1]) or KVCache(*a))
+    got = generate_ids(ours, PROMPTS[:1], Sampling(max_new_tokens=6), eos_ids=set(), pad_id=0)
+    assert made == [torch.float32]
+    seq = list(PROMPTS[0])
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert got[0] == seq[len(PROMPTS[0]) :]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_compute_the_same_and_leave_the_model_alone(tmp_path, dtype):
     """Decoding runs the linears on oneDNN's reordered copies (packed_linears) where the CPU
@@ -115,10 +134,12 @@ def test_packed_linears_compute_the_same_and_leave_the_model_alone(tmp_path, dty
     for rows in (1, 2):
         with torch.inference_mode(), packed_linears(ours, rows=rows):
             assert "forward" in vars(layer) and "forward" in vars(ours.lm_head)  # packed
+            mlp = ours.transformer.layers[0].mlp  # gate and up run as one product
             for shape in ((rows, 1, 64), (3, 5, 64)):  # the decoding rows, and the prefill
                 x = torch.randn(shape, dtype=dtype)
-                want = F.linear(x, layer.weight)
-                torch.testing.assert_close(layer(x), want, atol=tol, rtol=tol)
+                for m in (mlp.gate_proj, mlp.up_proj, mlp.up_proj, mlp.gate_proj):
+                    want = F.linear(x, m.weight)
+                    torch.testing.assert_close(m(x), want, atol=tol, rtol=tol)
         assert "forward" not in vars(layer) and "forward" not in vars(ours.lm_head)
     generate_ids(ours, PROMPTS, Sampling(max_new_tokens=3), eos_ids=set(), pad_id=0)
     after = ours.state_dict()

@@ -34,10 +34,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not self.offset:  # the weight inside the one call
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one op instead of five
         if self.offset:  # Gemma stores w and scales by (1 + w), in float32
+            h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
             return (h * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)
+        # bf16/fp16: torch normalises in float32 and rounds once, as Llama's x.float() ... .to()
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -112,8 +113,8 @@ class Attention(nn.Module):
         k, v, extra = self._shared_kv(k, v)
         is_causal = isinstance(mask, str)  # "causal": the fast path without a mask tensor
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
-        )
+            q.to(k.dtype), k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
+        ).to(q.dtype)  # a cache may hold fp32 keys for a bf16 model: see generate_ids
         return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
 
     def _shared_kv(self, k, v) -> tuple:
