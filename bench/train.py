@@ -12,7 +12,7 @@ records in the order tunelab's seeded batch plan takes them (sequential sampler)
 the same examples in the same batches. Each framework runs in its own subprocess, so peak RSS
 (ru_maxrss) is its own; the first --warmup steps are not timed. Tokens/s counts real (non-pad)
 tokens: the attention-mask sum of each batch. MFU = 6 x params x tokens/s over the fp32 matmul
-peak measured here with torch.mm (4 x params for LoRA and QLoRA: frozen weights need no weight
+peak measured here (the faster of torch.mm and oneDNN's linear; 4 x params for LoRA and QLoRA: frozen weights need no weight
 gradient). Methods: full; lora-qv and lora-all (r 16, alpha 32, no dropout, on q_proj/v_proj or
 every linear layer of the blocks) against peft's LoraConfig with the same settings; qlora (NF4
 base, LoRA on every linear layer) runs for tunelab alone: peft's QLoRA needs bitsandbytes, whose
@@ -264,16 +264,21 @@ def result(a, real, padded, marks, losses, params) -> dict:
 
 # -- the parent: machine peak, subprocesses, the table ---------------------------------------------
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 GFLOP/s of an n x n x n torch.mm on this machine."""
+    """Best fp32 GFLOP/s of an n x n x n product here, by torch.mm (MKL in torch's CPU build)
+    or by oneDNN's linear (tunelab's kernels.py), whichever is faster on this machine."""
     import torch
 
+    from tunelab.kernels import _lp, onednn_works
+
     x, y = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(x, y)
+    kernels = [torch.mm] + ([lambda a, b: _lp(a, b, None)] if onednn_works(torch.float32) else [])
     best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(x, y)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    for fn in kernels:
+        fn(x, y)
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(x, y)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -417,7 +422,7 @@ def main() -> None:
         f"{a.steps} timed steps after {a.warmup} untimed; each framework in its own process"
         + (f", median of {a.runs} runs" if a.runs > 1 else "") + ".",
         "",
-        f"Machine: {machine()}; fp32 matmul peak {peak:.0f} GFLOP/s (torch.mm 2048³, best of 10 before and after). "
+        f"Machine: {machine()}; fp32 matmul peak {peak:.0f} GFLOP/s (2048³, the faster of torch.mm and oneDNN, best of 10 before and after). "
         f"Load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
         "",
         table(rows, peak),
