@@ -1,11 +1,11 @@
 """Linear layers on oneDNN for CPU: training with the weights as they are, decoding prepacked.
 
-PyTorch runs a CPU nn.Linear through MKL's sgemm. On the 2-vCPU AVX-512 Xeon tunelab is
-measured on, MKL takes a generic code path (~190 GFLOP/s, see docs/BENCHMARKS.md) while
-oneDNN, which torch ships for its compiler, reaches ~440 GFLOP/s on the same products; with a
-few rows (decoding) its reordered weights stream ~1.8x faster than F.linear. Results equal
-F.linear to rounding (sums in another order). The model is untouched: while a context below is
-active, each plain nn.Linear gets an instance `forward`, removed again on exit.
+PyTorch runs a CPU nn.Linear through MKL's sgemm, which takes a generic code path on AMD CPUs:
+on the 2-vCPU AMD EPYC (Zen 5) tunelab is measured on, ~190 GFLOP/s, while oneDNN, which torch
+ships for its compiler, reaches ~400-440 GFLOP/s on the same products, and with a few rows
+(decoding) its reordered weights stream 1.8-3.4x faster (bench/gemm.py, docs/BENCHMARKS.md).
+Results equal F.linear to rounding (sums in another order). The model is untouched: while a
+context below is active, each plain nn.Linear gets an instance `forward`, removed on exit.
 TUNELAB_ONEDNN=0 turns it off.
 """
 
