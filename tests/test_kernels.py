@@ -98,3 +98,18 @@ def test_trainer_uses_onednn_for_fp32_only(tmp_path):
         Trainer(_model(), causal_lm, data, cfg, tmp_path / precision, total_steps=1,
                 callbacks=[Spy()]).fit()  # fmt: skip
     assert seen == [True, False]
+
+
+def test_tunelab_onednn_0_turns_it_off(monkeypatch):
+    model = _model()
+    layer = model.transformer.layers[0].attn.q_proj
+    monkeypatch.setenv("TUNELAB_ONEDNN", "0")
+    onednn_works.cache_clear()
+    try:
+        with onednn_linears(model):
+            assert "forward" not in vars(layer)
+    finally:
+        monkeypatch.undo()
+        onednn_works.cache_clear()
+    with onednn_linears(model):
+        assert "forward" in vars(layer)

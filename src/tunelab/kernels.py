@@ -33,9 +33,11 @@ def onednn_works(dtype: torch.dtype) -> bool:
     try:
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        x, w = torch.randn(3, 8, dtype=dtype), torch.randn(5, 8, dtype=dtype)
+        x, w, g = (torch.randn(*shape, dtype=dtype) for shape in ((3, 8), (5, 8), (3, 5)))
         tol = 1e-4 if dtype == torch.float32 else 5e-2
-        return torch.allclose(_lp(x, w, None).float(), F.linear(x, w).float(), atol=tol)
+        pairs = [(_lp(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
+                 (_lp(g, w.t(), None), g @ w), (_lp(g.t(), x.t(), None), g.t() @ x)]  # fmt: skip
+        return all(torch.allclose(a.float(), b.float(), atol=tol) for a, b in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
