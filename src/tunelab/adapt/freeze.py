@@ -225,7 +225,7 @@ class GradualUnfreezing:
 
     def param_groups(self, trainer) -> list[dict]:
         """Optimizer groups for every stage, unfrozen or not, each with its lr factor."""
-        from tunelab.train.loop import param_groups
+        from tunelab.train.optim import param_groups
 
         params = dict(trainer.model.named_parameters())
         groups = []

@@ -26,42 +26,13 @@ from tunelab.kernels import onednn_linears
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
+from tunelab.train.optim import make_optimizer, trainable_named
 from tunelab.train.progress import Progress
 from tunelab.train.schedule import make_scheduler
 
 
 class TrainingError(TunelabError):
     """Training cannot go on (a NaN loss, an unusable checkpoint)."""
-
-
-def trainable_named(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def param_groups(
-    params: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0
-) -> list:
-    """Weight decay on matrices only: biases and norm weights are not decayed."""
-    decay = [p for n, p in params.items() if p.dim() >= 2]
-    rest = [p for n, p in params.items() if p.dim() < 2]
-    groups = [
-        dict(params=decay, weight_decay=cfg.weight_decay),
-        dict(params=rest, weight_decay=0.0),
-    ]
-    return [dict(g, lr=cfg.lr * lr_scale) for g in groups if g["params"]]
-
-
-def make_optimizer(model, cfg: TrainConfig, groups: list | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, or over `groups` when a callback supplies them."""
-    if groups is None:
-        params = trainable_named(model)
-        if not params:
-            raise TrainingError("no trainable parameters: check the method's freeze settings")
-        groups = param_groups(params, cfg)
-    device = groups[0]["params"][0].device
-    # Fused AdamW (one kernel, no model-sized temporaries) exists on CPU since torch 2.4.
-    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
 
 
 def autocast(device: torch.device, precision: str):

@@ -1,0 +1,38 @@
+"""The optimizer: AdamW over the trainable parameters, weight decay on matrices only."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.errors import ConfigError
+from tunelab.train.config import TrainConfig
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def param_groups(
+    params: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0
+) -> list:
+    """Weight decay on matrices only: biases and norm weights are not decayed."""
+    decay = [p for n, p in params.items() if p.dim() >= 2]
+    rest = [p for n, p in params.items() if p.dim() < 2]
+    groups = [
+        dict(params=decay, weight_decay=cfg.weight_decay),
+        dict(params=rest, weight_decay=0.0),
+    ]
+    return [dict(g, lr=cfg.lr * lr_scale) for g in groups if g["params"]]
+
+
+def make_optimizer(model, cfg: TrainConfig, groups: list | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, or over `groups` when a callback supplies them."""
+    if groups is None:
+        params = trainable_named(model)
+        if not params:
+            raise ConfigError("no trainable parameters: check the method's freeze settings")
+        groups = param_groups(params, cfg)
+    device = groups[0]["params"][0].device
+    # Fused AdamW (one kernel, no model-sized temporaries) exists on CPU since torch 2.4.
+    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)
