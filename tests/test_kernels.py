@@ -113,3 +113,40 @@ def test_tunelab_onednn_0_turns_it_off(monkeypatch):
         onednn_works.cache_clear()
     with onednn_linears(model):
         assert "forward" in vars(layer)
+
+
+def test_frozen_weight_keeps_no_input_and_empty_batches_work():
+    saved = []
+    w, x = torch.randn(8, 4), torch.randn(3, 4, requires_grad=True)  # a frozen weight (LoRA base)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _OneDNNLinear.apply(x, w, None).sum().backward()
+    assert [t.shape for t in saved] == [w.shape]  # the weight for x's gradient, not x itself
+    model = _model()
+    with onednn_linears(model):
+        empty = model.lm_head(torch.randn(0, 32, requires_grad=True))  # no rows: F.linear
+        empty.sum().backward()
+    assert empty.shape == (0, 60)
+
+
+def test_the_kernel_check_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    onednn_works.cache_clear()
+    assert onednn_works(torch.float32)
+    assert torch.equal(torch.rand(3), want)  # a resumed run draws the same dropout masks
+
+
+def test_fused_decoding_siblings_hold_no_activations_after_the_last_read():
+    from tunelab.kernels import _FusedGroup, packed_linears
+
+    model = _model()
+    attn = model.transformer.layers[0].attn
+    with torch.inference_mode(), packed_linears(model, rows=2):
+        group = next(c.cell_contents for c in attn.q_proj.forward.__closure__
+                     if isinstance(c.cell_contents, _FusedGroup))  # fmt: skip
+        x = torch.randn(2, 1, 32)
+        attn.q_proj(x), attn.k_proj(x)
+        assert group.input is x  # v has not read its slice yet
+        attn.v_proj(x)
+        assert group.input is None and not group.outputs

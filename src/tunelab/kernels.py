@@ -19,6 +19,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -33,7 +34,8 @@ def onednn_works(dtype: torch.dtype) -> bool:
     try:
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        x, w, g = (torch.randn(*shape, dtype=dtype) for shape in ((3, 8), (5, 8), (3, 5)))
+        gen = torch.Generator().manual_seed(0)  # not torch's global one: runs stay reproducible
+        x, w, g = (torch.randn(*s, generator=gen).to(dtype) for s in ((3, 8), (5, 8), (3, 5)))
         tol = 1e-4 if dtype == torch.float32 else 5e-2
         pairs = [(_lp(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
                  (_lp(g, w.t(), None), g @ w), (_lp(g.t(), x.t(), None), g.t() @ x)]  # fmt: skip
@@ -50,11 +52,14 @@ class _OneDNNLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        ctx.save_for_backward(x2, weight)
+        # keep only what the gradients asked for need, as F.linear does (a frozen weight: no x)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2 if need_w else None, weight if need_x else None)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return _lp(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx, grad):
         x2, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
@@ -71,9 +76,16 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _train_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != self.weight.dtype or x.device.type != "cpu":  # autocast or a moved model
+    # autocast, a moved model, or no rows at all (oneDNN has no primitive for an empty product)
+    w = self.weight  # fp32 only: a copy made inside the context and cast later keeps this method
+    if (
+        x.dtype != torch.float32
+        or w.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not x.numel()
+    ):
         return F.linear(x, self.weight, self.bias)
-    return _OneDNNLinear.apply(x, self.weight, self.bias)
+    return _OneDNNLinear.apply(x, w, self.bias)
 
 
 def _plain_linears(model: nn.Module) -> list[nn.Linear]:
@@ -97,8 +109,7 @@ def _swapped(linears: list[nn.Linear], make_forward):
 def onednn_linears(model: nn.Module, enabled: bool = True):
     """Inside, the model's fp32 CPU linear layers train (and evaluate) through oneDNN.
 
-    A bound method, not a closure: a deep copy of the model (a frozen DPO reference) then
-    computes with its own weights."""
+    A bound method, not a closure: a deep copy made inside computes with its own weights."""
     linears = [m for m in _plain_linears(model) if m.weight.dtype == torch.float32]
     if not (enabled and linears and onednn_works(torch.float32)):
         yield
@@ -160,15 +171,20 @@ class _FusedGroup:
         self.bias = None if group[0].bias is None else torch.cat([m.bias.detach() for m in group])
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         self.sizes = [m.out_features for m in group]
-        self.input, self.outputs = None, []
+        self.input, self.outputs, self.unread = None, [], set()
 
     def forward_for(self, i: int):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.input is not x:  # identity, not equality: the same tensor object
+            if self.input is not x or i not in self.unread:  # identity: the same tensor object
                 y = _lp(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
                 y = y.view(*x.shape[:-1], -1)
                 self.input, self.outputs = x, y.split(self.sizes, dim=-1)
-            return self.outputs[i]
+                self.unread = set(range(len(self.sizes)))
+            out = self.outputs[i]
+            self.unread.discard(i)
+            if not self.unread:  # every sibling has its slice: hold no activations
+                self.input, self.outputs = None, []
+            return out
 
         return forward
 
