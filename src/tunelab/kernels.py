@@ -11,6 +11,7 @@ TUNELAB_ONEDNN=0 turns it off.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from contextlib import contextmanager
@@ -120,6 +121,18 @@ def onednn_linears(model: nn.Module, enabled: bool = True):
 
 # Sibling layers that read the same input: decoding runs each group as one product.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def on_onednn(fn):
+    """Decorate fn(model, ...) to run with the model's fp32 CPU linear layers on oneDNN
+    (evaluation entry points; inside training the context is already active and this adds none)."""
+
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        with onednn_linears(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapped
 
 
 @contextmanager
