@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tunelab.kernels import _lp
+from tunelab.kernels import onednn_linear
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
                  (576, 1536)]  # fmt: skip
@@ -41,9 +41,9 @@ def products(runs: int) -> None:
         x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
         flop = 2 * m * n * k
         cases = {
-            "forward": (F.linear, (x, w), _lp, (x, w, None)),
-            "input grad": (torch.mm, (g, w), _lp, (g, w.t(), None)),
-            "weight grad": (torch.mm, (g.t(), x), _lp, (g.t(), x.t(), None)),
+            "forward": (F.linear, (x, w), onednn_linear, (x, w, None)),
+            "input grad": (torch.mm, (g, w), onednn_linear, (g, w.t(), None)),
+            "weight grad": (torch.mm, (g.t(), x), onednn_linear, (g.t(), x.t(), None)),
         }
         for name, (ref, ref_args, ours, our_args) in cases.items():
             a, b = timed(ref, ref_args, runs, 3), timed(ours, our_args, runs, 3)
@@ -67,7 +67,7 @@ def decoding(runs: int) -> None:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in ws]
 
         a = timed(_pass, (F.linear, ws, ws, xs), runs, 1)
-        b = timed(_pass, (_lp, ws, packed, xs), runs, 1)
+        b = timed(_pass, (onednn_linear, ws, packed, xs), runs, 1)
         print(f"| {rows} row(s) | {size / a / 1e9:.1f} | {size / b / 1e9:.1f} | {a / b:.2f}x |")
 
 

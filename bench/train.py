@@ -12,8 +12,8 @@ records in the order tunelab's seeded batch plan takes them (sequential sampler)
 the same examples in the same batches. Each framework runs in its own subprocess, so peak RSS
 (ru_maxrss) is its own; the first --warmup steps are not timed. Tokens/s counts real (non-pad)
 tokens: the attention-mask sum of each batch. MFU = 6 x params x tokens/s over the fp32 matmul
-peak measured here (the faster of torch.mm and oneDNN's linear; 4 x params for LoRA and QLoRA: frozen weights need no weight
-gradient). Methods: full; lora-qv and lora-all (r 16, alpha 32, no dropout, on q_proj/v_proj or
+peak measured here, the faster of torch.mm and oneDNN's linear (4 x params for LoRA and QLoRA:
+frozen weights need no weight gradient). Methods: full; lora-qv and lora-all (r 16, alpha 32, no dropout, on q_proj/v_proj or
 every linear layer of the blocks) against peft's LoraConfig with the same settings; qlora (NF4
 base, LoRA on every linear layer) runs for tunelab alone: peft's QLoRA needs bitsandbytes, whose
 4-bit layers want a GPU. Training peak RSS resets the process's high-water mark once the model
@@ -268,10 +268,12 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     or by oneDNN's linear (tunelab's kernels.py), whichever is faster on this machine."""
     import torch
 
-    from tunelab.kernels import _lp, onednn_works
+    from tunelab.kernels import onednn_linear, onednn_works
 
     x, y = torch.randn(n, n), torch.randn(n, n)
-    kernels = [torch.mm] + ([lambda a, b: _lp(a, b, None)] if onednn_works(torch.float32) else [])
+    kernels = [torch.mm] + (
+        [lambda a, b: onednn_linear(a, b, None)] if onednn_works(torch.float32) else []
+    )
     best = 0.0
     for fn in kernels:
         fn(x, y)

@@ -15,7 +15,6 @@ import functools
 import os
 import types
 from contextlib import contextmanager
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b by oneDNN; w may be a plain (out, in) tensor, a strided view or reordered."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-@cache
+@functools.cache
 def onednn_works(dtype: torch.dtype) -> bool:
     """oneDNN's linear exists in this torch build, runs here and agrees with F.linear."""
     if os.environ.get("TUNELAB_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
@@ -38,8 +38,8 @@ def onednn_works(dtype: torch.dtype) -> bool:
         gen = torch.Generator().manual_seed(0)  # not torch's global one: runs stay reproducible
         x, w, g = (torch.randn(*s, generator=gen).to(dtype) for s in ((3, 8), (5, 8), (3, 5)))
         tol = 1e-4 if dtype == torch.float32 else 5e-2
-        pairs = [(_lp(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
-                 (_lp(g, w.t(), None), g @ w), (_lp(g.t(), x.t(), None), g.t() @ x)]  # fmt: skip
+        pairs = [(onednn_linear(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
+                 (onednn_linear(g, w.t(), None), g @ w), (onednn_linear(g.t(), x.t(), None), g.t() @ x)]  # fmt: skip
         return all(torch.allclose(a.float(), b.float(), atol=tol) for a, b in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -57,7 +57,7 @@ class _OneDNNLinear(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x2 if need_w else None, weight if need_x else None)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return _lp(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @once_differentiable  # a second derivative raises instead of coming out wrong
@@ -68,9 +68,9 @@ class _OneDNNLinear(torch.autograd.Function):
             g = g.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _lp(g, weight.t(), None).view(ctx.x_shape)  # g W: W^T as the "weight"
+            gx = onednn_linear(g, weight.t(), None).view(ctx.x_shape)  # g W: W^T as the "weight"
         if ctx.needs_input_grad[1]:
-            gw = _lp(g.t(), x2.t(), None)  # g^T x
+            gw = onednn_linear(g.t(), x2.t(), None)  # g^T x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -85,7 +85,7 @@ def _train_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or x.device.type != "cpu"
         or not x.numel()
     ):
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, w, self.bias)
     return _OneDNNLinear.apply(x, w, self.bias)
 
 
@@ -119,10 +119,6 @@ def onednn_linears(model: nn.Module, enabled: bool = True):
         yield
 
 
-# Sibling layers that read the same input: decoding runs each group as one product.
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
 def on_onednn(fn):
     """Decorate fn(model, ...) to run with the model's fp32 CPU linear layers on oneDNN
     (evaluation entry points; inside training the context is already active and this adds none)."""
@@ -133,6 +129,10 @@ def on_onednn(fn):
             return fn(model, *args, **kwargs)
 
     return wrapped
+
+
+# Sibling layers that read the same input: decoding runs each group as one product.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @contextmanager
@@ -148,10 +148,8 @@ def packed_linears(model: nn.Module, rows: int):
     linears = _plain_linears(model)
     dtype = linears[0].weight.dtype if linears else None
     size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if dtype not in (torch.float32, torch.bfloat16) or not onednn_works(dtype):
-        yield
-        return
-    if 2 * size > free_memory():
+    usable = dtype in (torch.float32, torch.bfloat16) and onednn_works(dtype)
+    if not usable or 2 * size > free_memory():
         yield
         return
     forwards = {}
@@ -171,7 +169,7 @@ def _fusable(model: nn.Module, linears: set) -> list[list[nn.Linear]]:
                 all(m in linears for m in group)
                 and len({(m.in_features, m.bias is None, m.weight.dtype) for m in group}) == 1
             ):
-                groups.append(group)  # fmt: skip
+                groups.append(group)
     return groups
 
 
@@ -189,7 +187,7 @@ class _FusedGroup:
     def forward_for(self, i: int):
         def forward(x: torch.Tensor) -> torch.Tensor:
             if self.input is not x or i not in self.unread:  # identity: the same tensor object
-                y = _lp(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
+                y = onednn_linear(x.reshape(-1, x.shape[-1]), self.packed, self.bias)
                 y = y.view(*x.shape[:-1], -1)
                 self.input, self.outputs = x, y.split(self.sizes, dim=-1)
                 self.unread = set(range(len(self.sizes)))
@@ -208,7 +206,7 @@ def _packed_forward(m: nn.Linear, rows: int):
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # 2-D: given (B, T, d) the op costs ~20 us more
-        return _lp(x2, packed, b).view(*x.shape[:-1], -1)
+        return onednn_linear(x2, packed, b).view(*x.shape[:-1], -1)
 
     return forward
 
