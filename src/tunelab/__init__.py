@@ -18,8 +18,18 @@ __all__ = ["load", "Pretrained"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load(source: str | Path, precision: str = "fp32", device: str = "cpu") -> Pretrained:
-    """Load a model by name, directory, .gguf file or hub id (see `tunelab models`)."""
+def load(
+    source: str | Path,
+    precision: str = "fp32",
+    device: str = "cpu",
+    quantize: str | None = None,
+    double_quant: bool = True,
+) -> Pretrained:
+    """Load a model by name, directory, .gguf file or hub id (see `tunelab models`).
+
+    precision: the dtype every floating-point weight is stored in as it is read.
+    quantize: 'nf4' or 'int8' stores the blocks' linear weights quantized as each is read
+    (QLoRA's base), so the float model never exists whole."""
     from tunelab.errors import ConfigError
     from tunelab.hub import resolve
     from tunelab.model.checkpoint import load_model_dir
@@ -31,7 +41,12 @@ def load(source: str | Path, precision: str = "fp32", device: str = "cpu") -> Pr
         from tunelab.model.gguf import gguf_to_hf_dir
 
         path = gguf_to_hf_dir(path)
-    model, tokenizer = load_model_dir(path, dtype=DTYPES[precision], device=device)
+    on_linear = None
+    if quantize:
+        from tunelab.adapt.quantize import quantizer
+
+        on_linear = quantizer(quantize, double_quant)
+    model, tokenizer = load_model_dir(path, DTYPES[precision], device, on_linear)
     return Pretrained(model, tokenizer, str(source), path)
 
 

@@ -189,6 +189,13 @@ def _coerce(key: str, value, kind):
         raise ConfigError(f"method option {key}: expected {kind.__name__}, got {value!r}") from None
 
 
+def quantization(options: dict) -> tuple[str, bool]:
+    """(bits, double_quant) of a qlora method's options, e.g. for quantizing as weights are read."""
+    bits = _coerce("bits", options.get("bits", "nf4"), str)
+    double = _coerce("double_quant", options.get("double_quant", True), bool)
+    return {"4": "nf4", "8": "int8"}.get(bits, bits), double
+
+
 def lora_method(model: nn.Module, options: dict, quantized: bool = False) -> list:
     """The 'lora' and 'qlora' methods: checked, coerced options; quantize first for qlora."""
     allowed = {**_OPTIONS, **(_QOPTIONS if quantized else {})}
@@ -203,10 +210,9 @@ def lora_method(model: nn.Module, options: dict, quantized: bool = False) -> lis
                 f" valid: {', '.join(allowed)}"
             )
         opts[key] = _coerce(key, value, allowed[key])
-    if quantized:
-        bits = opts.pop("bits", "nf4")
-        bits = {"4": "nf4", "8": "int8"}.get(bits, bits)
-        quantize(model, bits=bits, double_quant=opts.pop("double_quant", True))
+    if quantized:  # a base loaded with quantize_on_read's options is quantized already
+        quantize(model, *quantization(opts))
+        opts.pop("bits", None), opts.pop("double_quant", None)
     apply_lora(model, **opts)
     return []
 

@@ -161,6 +161,22 @@ class Int8Linear(QuantLinear):
 BITS = ("nf4", "int8")
 
 
+def quantizer(bits: str = "nf4", double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)):
+    """A function (name, linear) -> its quantized form (or the linear, when skipped): what
+    quantize() applies to a loaded model, and what loading applies to each layer as it is read."""
+    if bits not in BITS:
+        raise ConfigError(f"quantization bits {bits!r}: expected one of {', '.join(BITS)}")
+
+    def apply(name: str, linear: nn.Module) -> nn.Module:
+        if not isinstance(linear, nn.Linear) or any(re.search(s, name) for s in skip):
+            return linear
+        if name.endswith((".lora_A", ".lora_B")):  # a LoRA base may be quantized, LoRA never
+            return linear
+        return NF4Linear(linear, double_quant) if bits == "nf4" else Int8Linear(linear)
+
+    return apply
+
+
 def quantize(
     model: nn.Module,
     bits: str = "nf4",
@@ -168,18 +184,12 @@ def quantize(
     skip: tuple[str, ...] = ("lm_head",),
 ) -> nn.Module:
     """Replace the blocks' nn.Linear layers by frozen NF4 or int8 ones, in place; returns model."""
-    if bits not in BITS:
-        raise ConfigError(f"quantization bits {bits!r}: expected one of {', '.join(BITS)}")
-    layers = model.transformer.layers
+    apply, layers = quantizer(bits, double_quant, skip), model.transformer.layers
     for name, module in list(layers.named_modules()):
-        full = f"transformer.layers.{name}"
-        if not isinstance(module, nn.Linear) or any(re.search(s, full) for s in skip):
-            continue
-        if name.endswith((".lora_A", ".lora_B")):  # a LoRA base may be quantized, LoRA never
-            continue
-        q = NF4Linear(module, double_quant) if bits == "nf4" else Int8Linear(module)
-        parent, _, leaf = name.rpartition(".")
-        setattr(layers.get_submodule(parent) if parent else layers, leaf, q)
+        q = apply(f"transformer.layers.{name}", module)
+        if q is not module:
+            parent, _, leaf = name.rpartition(".")
+            setattr(layers.get_submodule(parent) if parent else layers, leaf, q)
     return model
 
 

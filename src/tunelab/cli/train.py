@@ -16,7 +16,7 @@ ALIASES = {
     "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--grad-accum": "train.grad_accum",
     "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
     "--eval-every": "train.eval_every", "--save-every": "train.save_every",
-    "--precision": "train.precision", "--dist": "train.dist", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+    "--precision": "train.precision", "--autocast": "train.autocast", "--dist": "train.dist", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
     "--text-field": "data.text_field", "--label-field": "classify.label_field",
     "--labels": "classify.labels", "--template": "classify.template", "--folds": "classify.folds",
 }  # fmt: skip

@@ -14,14 +14,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import ModelError
 from tunelab.model.config import ModelConfig, from_hf_config
-from tunelab.model.convert import hf_to_tunelab, to_hf_config, tunelab_to_hf
+from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
+from tunelab.model.weights import hf_entries, materialize, read_header, read_tensors
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
@@ -47,79 +47,73 @@ def atomic_dir(target: str | Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _bin_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """An old pytorch_model.bin, memory-mapped and never unpickled beyond plain tensors."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(
-            f"{path}: cannot read safetensors ({str(e).splitlines()[0]}); the file may be truncated"
-        ) from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot read safely ({e})") from None
 
 
-def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: one safetensors file, a sharded index, or a .bin file."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(read_safetensors(path / shard))
-        return state
-    if (path / "model.safetensors").exists():
-        return read_safetensors(path / "model.safetensors")
-    if (path / "pytorch_model.bin").exists():
-        try:
-            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelError(f"{path / 'pytorch_model.bin'}: cannot read safely ({e})") from None
-    raise ModelError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin")
+def _sources(path: Path):
+    """(config, {tunelab name: shape}, tensors) of a model directory, tensors read lazily."""
+    if (path / CONFIG_FILE).exists():
+        cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
+        entries = read_header(path / "model.safetensors")
+        return cfg, {n: e.shape for n, e in entries.items()}, read_tensors(entries)
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path}: neither {CONFIG_FILE} nor config.json; not a model directory")
+    try:
+        cfg = from_hf_config(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path / 'config.json'}: invalid JSON at line {e.lineno}") from None
+    safetensors = ("model.safetensors", "model.safetensors.index.json")
+    if (path / "pytorch_model.bin").exists() and not any((path / f).exists() for f in safetensors):
+        state = _bin_tensors(path / "pytorch_model.bin")
+        shapes = {n: s for raw, t in state.items() for n, s in hf_shapes(raw, t.shape, cfg).items()}
+        return cfg, shapes, (p for raw, t in state.items() for p in hf_tensor(raw, t, cfg))
+    entries = hf_entries(path)
+    shapes = {n: s for raw, e in entries.items() for n, s in hf_shapes(raw, e.shape, cfg).items()}
+    tensors = (p for raw, t in read_tensors(entries) for p in hf_tensor(raw, t, cfg))
+    return cfg, shapes, tensors
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy a state dict in, naming missing or unexpected tensors instead of failing silently."""
+def check_names(model: nn.Module, shapes: dict[str, tuple], source: Path) -> None:
+    """Name missing, unexpected or misshapen tensors before any is read."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _tied(model, k)]
+    missing = [k for k in expected if k not in shapes and not _tied(model, k)]
     if missing:
         raise ModelError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
-    for name, tensor in state.items():
+    for name, shape in shapes.items():
         if name not in expected:
             raise ModelError(f"{source}: unexpected tensor {name!r}")
-        if tensor.shape != expected[name].shape:
+        if tuple(shape) != tuple(expected[name].shape):
             raise ModelError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(expected[name].shape)}"
+                f"{source}: {name} has shape {tuple(shape)}, the config says {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=False)
 
 
 def _tied(model: nn.Module, name: str) -> bool:
     return model.cfg.tie_embeddings and name in ("lm_head.weight", "mlm_head.decoder.weight")
 
 
-def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """(model, tokenizer) from a tunelab or HF-layout directory."""
+def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                   on_linear=None):  # fmt: skip
+    """(model, tokenizer) from a tunelab or HF-layout directory, read one tensor at a time.
+
+    Every floating-point tensor is stored in `dtype` as it is read; on_linear(name, linear)
+    may replace each block linear once it is loaded (see weights.materialize)."""
     path = Path(path)
-    if (path / CONFIG_FILE).exists():
-        cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
-        state = read_safetensors(path / "model.safetensors")
-    elif (path / "config.json").exists():
-        try:
-            hf = json.loads((path / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{path / 'config.json'}: invalid JSON at line {e.lineno}") from None
-        cfg = from_hf_config(hf)
-        state = hf_to_tunelab(read_hf_weights(path), cfg)
-    else:
-        raise ModelError(f"{path}: neither {CONFIG_FILE} nor config.json; not a model directory")
+    cfg, shapes, tensors = _sources(path)
     with torch.device("meta"):
         model = build_model(cfg)
-    if isinstance(model, EncoderModel) and any(k.startswith("mlm_head.") for k in state):
-        with torch.device("meta"):
+        if isinstance(model, EncoderModel) and any(k.startswith("mlm_head.") for k in shapes):
             model = EncoderModel(cfg, mlm=True)
-    model = model.to_empty(device="cpu")
-    load_weights(model, state, path)
+    check_names(model, shapes, path)
+    materialize(model, tensors, dtype, device, on_linear)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model = model.to(device=device, dtype=dtype).eval()
-    return model, Tokenizer.from_dir(path)
+    return model.eval(), Tokenizer.from_dir(path)
 
 
 def save_model_dir(

@@ -115,32 +115,43 @@ def _canonical_hf(name: str, family: str) -> str:
     return prefix + name
 
 
-def hf_to_tunelab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename (and for GPT-2, split and transpose) an HF state dict into tunelab's names."""
-    pairs, out = _COMPILED[cfg.family], {}
-    for raw, tensor in hf_state.items():
-        name = _canonical_hf(raw.replace(".gamma", ".weight").replace(".beta", ".bias"), cfg.family)
-        if _IGNORED.search(name):
-            continue
-        if cfg.family == "gpt2" and _CONV1D.search(name):
-            tensor = tensor.t()  # HF's GPT-2 Conv1D stores (in, out)
-        m = re.match(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$", name)
-        if m:
-            i, kind = m.groups()
-            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                out[f"transformer.layers.{i}.attn.{part}.{kind}"] = chunk.contiguous()
-            continue
-        ours = _rename(name, pairs, forward=True)
-        if ours is None:
-            raise ModelError(f"checkpoint tensor {raw!r} has no place in a {cfg.family} model")
-        out[ours] = tensor
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+def hf_names(raw: str, cfg: ModelConfig) -> list[str]:
+    """The tunelab names one HF tensor becomes: none (ignored), one, or three (GPT-2's q/k/v)."""
+    name = _canonical_hf(raw.replace(".gamma", ".weight").replace(".beta", ".bias"), cfg.family)
+    if _IGNORED.search(name):
+        return []
+    m = re.match(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(weight|bias)$", name)
+    if m:
+        i, kind = m.groups()
+        return [f"transformer.layers.{i}.attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj")]
+    ours = _rename(name, _COMPILED[cfg.family], forward=True)
+    if ours is None:
+        raise ModelError(f"checkpoint tensor {raw!r} has no place in a {cfg.family} model")
+    if cfg.tie_embeddings and ours == "lm_head.weight":
+        return []  # tied: the embedding is the head
+    return [ours]
+
+
+def hf_tensor(raw: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """(tunelab name, tensor) pairs for one HF tensor; GPT-2's Conv1D is transposed and split."""
+    names = hf_names(raw, cfg)
+    if cfg.family == "gpt2" and _CONV1D.search(_canonical_hf(raw, cfg.family)):
+        tensor = tensor.t()  # HF's GPT-2 Conv1D stores (in, out)
+    if len(names) == 3:
+        return [(n, c.contiguous()) for n, c in zip(names, tensor.chunk(3, dim=0))]
+    return [(n, tensor.contiguous()) for n in names]
+
+
+def hf_shapes(raw: str, shape: tuple, cfg: ModelConfig) -> dict[str, tuple]:
+    """The shapes hf_tensor will give, from the stored shape alone (nothing read)."""
+    names = hf_names(raw, cfg)
+    if cfg.family == "gpt2" and _CONV1D.search(_canonical_hf(raw, cfg.family)):
+        shape = tuple(shape[::-1])
+    return {n: (shape[0] // len(names), *shape[1:]) for n in names}
 
 
 def tunelab_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of hf_to_tunelab: tunelab names back to a transformers checkpoint."""
+    """The inverse of hf_tensor: tunelab names back to a transformers checkpoint."""
     pairs, out, qkv = _COMPILED[cfg.family], {}, {}
     for name, tensor in state.items():
         if cfg.tie_embeddings and name in ("lm_head.weight", "mlm_head.decoder.weight"):

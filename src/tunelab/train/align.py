@@ -20,7 +20,7 @@ from tunelab.evaluate.preference import (
     preference_metrics,
     reward_sums,
 )
-from tunelab.train.config import RunConfig
+from tunelab.train.config import RunConfig, compute_precision
 from tunelab.train.objectives import PREFERENCE_LOSSES, preference_loss
 from tunelab.train.reference import (
     REFERENCE_FILE,
@@ -292,7 +292,7 @@ class AlignTask:
             return {}
         device = next(model.parameters()).device
         val_batches.set_epoch(val_batches.epoch)  # a capped evaluation may have stopped mid-epoch
-        with autocast(device, cfg.train.precision):
+        with autocast(device, compute_precision(cfg.train)):
             m = preference_metrics(model, val_batches, cfg.align.beta, self.reference)
         return {"preference_accuracy": m["reward_accuracy"], "reward_margin": m["reward_margin"],
                 "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}  # fmt: skip

@@ -67,7 +67,18 @@ class TrainConfig:
     clip: float | None = opt(1.0, "max gradient norm; null disables clipping")
     seq_len: int = opt(512, "max tokens per example (or per packed row)")
     seed: int = opt(0, "seed for init, data order and sampling")
-    precision: str = opt("fp32", "fp32, bf16 (autocast) or fp16 (CUDA, with a grad scaler)")
+    precision: str = opt(
+        "fp32",
+        "dtype the weights are stored in: fp32, bf16 or fp16 (frozen weights stay in it, "
+        "trainable ones get fp32 master copies, compute autocasts to it)",
+        choices=("fp32", "bf16", "fp16"),
+    )
+    autocast: str = opt(
+        "auto",
+        "compute dtype of matmuls: auto (follows precision), off, bf16 or fp16 (fp16 adds a "
+        "grad scaler); --precision fp32 --autocast bf16 keeps fp32 weights, computes in bf16",
+        choices=("auto", "off", "bf16", "fp16"),
+    )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dist: str = opt("auto", "distribution under torchrun: auto, ddp, fsdp or none")
     eval_every: int | None = opt(None, "evaluate every N steps; default: only at the end")
@@ -189,14 +200,35 @@ def _build(cls, data: dict, prefix: str):
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"unknown config key {prefix + key!r}{closest(key, fields)}")
-        fields[key]
         if key in SECTIONS and cls is RunConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of options")
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
         else:
             kwargs[key] = _convert(value, hints[key], prefix + key)
+            choices = fields[key].metadata.get("choices")
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(
+                    f"{prefix + key}: {kwargs[key]!r}{closest(str(kwargs[key]), choices)}; "
+                    f"expected one of {', '.join(choices)}"
+                )
     return cls(**kwargs)
+
+
+def compute_precision(train: TrainConfig) -> str:
+    """The dtype matmuls run in (fp32, bf16 or fp16): autocast's choice, else precision's."""
+    if train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision {train.precision!r}: expected fp32, bf16 or fp16")
+    if train.autocast == "auto":
+        return train.precision
+    if train.autocast == "off":
+        if train.precision != "fp32":
+            raise ConfigError(
+                f"train.autocast off needs precision fp32: {train.precision} weights sit beside "
+                "fp32 trainable ones, so compute must autocast"
+            )
+        return "fp32"
+    return train.autocast
 
 
 def set_dotted(tree: dict, dotted: str, value) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tunelab.errors import ConfigError, closest
+from tunelab.train.config import compute_precision
 
 log = logging.getLogger("tunelab")
 STRATEGIES = ("auto", "ddp", "fsdp", "none")
@@ -295,7 +296,8 @@ def launch(cfg):
 
     The error is logged with its rank and recorded for torchrun's summary, the group aborted,
     and the error re-raised so the process exits non-zero and torchrun stops the other ranks."""
-    d = setup(getattr(cfg, "dist", "auto"), cfg.device, cfg.precision)
+    # FSDP gathers weights in the compute dtype (its mixed-precision policy)
+    d = setup(getattr(cfg, "dist", "auto"), cfg.device, compute_precision(cfg))
     try:
         yield d
     except BaseException as e:

@@ -24,7 +24,7 @@ from tunelab.allocator import keep_freed_memory
 from tunelab.errors import TunelabError
 from tunelab.kernels import onednn_linears
 from tunelab.model.checkpoint import atomic_dir
-from tunelab.train.config import TrainConfig
+from tunelab.train.config import TrainConfig, compute_precision
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
 from tunelab.train.optim import make_optimizer, trainable_named
 from tunelab.train.progress import Progress
@@ -79,7 +79,8 @@ class Trainer:
             cb.on_start(self)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.compute = compute_precision(cfg)  # the autocast dtype: fp32 means none
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.compute == "fp16" else None
         self.metrics_file = self.run_dir / "metrics.jsonl"
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,7 @@ class Trainer:
             # Gradients are reduced across ranks once per step, after the last micro-batch.
             sync = i == self.cfg.grad_accum - 1
             with nullcontext() if sync else no_sync(model):
-                with autocast(self.device, self.cfg.precision):
+                with autocast(self.device, self.compute):
                     loss, n, metrics = self.objective(model, batch)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach().float()
@@ -240,7 +241,7 @@ class Trainer:
                 batch = {
                     k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()
                 }
-                with autocast(self.device, self.cfg.precision):
+                with autocast(self.device, self.compute):
                     loss, n, metrics = self.objective(self.model, batch)
                 loss_sum += loss.float()
                 count += n
@@ -278,7 +279,7 @@ class Trainer:
         progress = Progress(self.total_steps, enabled=self.is_main, start=self.step)
         stop_reason = "max_steps"
         # fp32 linears on oneDNN (kernels.py); FSDP's sharded parameters keep torch's own path
-        fast = cfg.precision == "fp32" and getattr(self.dist, "strategy", None) != "fsdp"
+        fast = self.compute == "fp32" and getattr(self.dist, "strategy", None) != "fsdp"
         with progress, onednn_linears(self.model, enabled=fast):
             while self.step < self.total_steps:
                 for cb in self.callbacks:

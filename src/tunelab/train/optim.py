@@ -12,6 +12,22 @@ def trainable_named(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def fp32_master_weights(model, callbacks=(), everything: bool = False) -> int:
+    """Trainable parameters (and those a callback will unfreeze later) kept in fp32, so AdamW's
+    small updates are not rounded away in bf16; frozen ones stay in the dtype they were loaded
+    in. Returns how many tensors were converted. everything: all floating-point parameters."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad or everything}
+    for cb in callbacks:
+        if hasattr(cb, "plan"):  # gradual unfreezing: its stages name what will train
+            names.update(n for stage, _ in cb.plan(model) for n in stage)
+    converted = 0
+    for name, p in model.named_parameters():
+        if name in names and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            converted += 1
+    return converted
+
+
 def param_groups(
     params: dict[str, torch.nn.Parameter], cfg: TrainConfig, lr_scale: float = 1.0
 ) -> list:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tunelab.evaluate.preference import collate_pairs, pair_logps, pair_tokens
-from tunelab.train.config import RunConfig
+from tunelab.train.config import RunConfig, compute_precision
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -89,7 +89,7 @@ def compute_reference(model, parts: dict[str, list[dict]], cfg: RunConfig, pad_i
                 idx = order[k : k + size]
                 batch = collate_pairs([examples[i] for i in idx], pad_id)
                 batch = {key: v.to(device) for key, v in batch.items()}
-                with autocast(device, cfg.train.precision):
+                with autocast(device, compute_precision(cfg.train)):
                     c, r = pair_logps(model, batch)
                 chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
             out[name] = (chosen, rejected)
@@ -100,7 +100,8 @@ def reference_key(parts: dict[str, list[dict]], cfg: RunConfig) -> str:
     """What the cached reference log-probs depend on: the pairs, the start model and precision."""
     h = hashlib.sha256()
     start = dict(model=cfg.model, arch=cfg.arch, tokenizer=cfg.tokenizer, method=cfg.method,
-                 seed=cfg.train.seed, precision=cfg.train.precision)  # fmt: skip
+                 seed=cfg.train.seed, precision=cfg.train.precision,
+                 compute=compute_precision(cfg.train))  # fmt: skip
     h.update(json.dumps(start, sort_keys=True, default=str).encode())
     for name, examples in parts.items():
         h.update(name.encode())

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError
-from tunelab.train.config import RunConfig, load_config
+from tunelab.train.config import RunConfig, compute_precision, load_config
 
 log = logging.getLogger("tunelab")
 
@@ -48,7 +48,12 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         model = build_model(mcfg)
         init_weights(model)
         return model.to(device), tokenizer
-    lm = tunelab.load(cfg.model, device=str(device))
+    quant = {}
+    if cfg.method.get("name") == "qlora":  # quantized as each weight is read: no float model
+        from tunelab.adapt.lora import quantization
+
+        quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
+    lm = tunelab.load(cfg.model, precision=cfg.train.precision, device=str(device), **quant)
     return lm.model, lm.tokenizer
 
 
@@ -253,6 +258,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
     from tunelab.adapt.estimate import format_report, param_report
     from tunelab.train.distributed import launch
     from tunelab.train.loop import Trainer, latest_checkpoint
+    from tunelab.train.optim import fp32_master_weights
 
     task = task or LMTask(kind)
     with launch(cfg.train) as dist:
@@ -268,6 +274,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         model, tokenizer = load_for_training(cfg, dist.device)
         model = task.prepare(model, tokenizer, cfg)
         callbacks = [*apply_method(model, cfg.method), *callbacks]
+        # FSDP shards each block as one flat group, which wants a single dtype: all fp32 there.
+        fp32_master_weights(model, callbacks, everything=dist.strategy == "fsdp")
         params = param_report(model)
         if dist.is_main:
             log.info(format_report(params))
@@ -290,6 +298,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
         summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
         summary["params"] = params
+        summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
+                                    compute=compute_precision(cfg.train))  # fmt: skip
         summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
                        method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
 

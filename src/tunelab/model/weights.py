@@ -1,0 +1,139 @@
+"""Weight files read one tensor at a time, so loading holds the weights plus one tensor, no more.
+
+A model is built on the meta device (no memory), then each tensor is read, converted to its
+target dtype (or handed to a hook that quantizes its layer) and put in place. safetensors'
+own `safe_open` maps a whole file, and every page it has read stays resident until the file is
+closed (a 5 GB shard counts 5 GB on top of the weights); reading each tensor's bytes straight
+into its own buffer does not. The format is a little-endian u64 header length, a JSON header
+of {name: {dtype, shape, data_offsets}}, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.errors import ModelError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies: its file, byte range, dtype and shape."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """The tensors of a safetensors file, from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= _MAX_HEADER:
+                raise ModelError(f"{path}: not a safetensors file (bad header length)")
+            meta = json.loads(f.read(n))
+        size = path.stat().st_size
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: cannot read safetensors header ({e})") from None
+    entries = {}
+    for name, info in meta.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise ModelError(f"{path}: {name} ends past the end of the file; it may be truncated")
+        if info["dtype"] not in DTYPES:
+            raise ModelError(f"{path}: {name} has dtype {info['dtype']}, which tunelab cannot read")
+        entries[name] = Entry(path, 8 + n + start, end - start, DTYPES[info["dtype"]],
+                              tuple(info["shape"]))  # fmt: skip
+    return entries
+
+
+def hf_entries(path: Path) -> dict[str, Entry]:
+    """Every tensor of a model directory: one model.safetensors or a sharded index."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelError(f"{index}: not a safetensors index ({e})") from None
+        entries = {}
+        for shard in shards:
+            if not (path / shard).exists():
+                raise ModelError(f"{index}: names {shard}, which is not in {path}")
+            entries.update(read_header(path / shard))
+        return entries
+    if (path / "model.safetensors").exists():
+        return read_header(path / "model.safetensors")
+    raise ModelError(f"{path}: no model.safetensors or sharded index")
+
+
+def read_tensors(entries: dict[str, Entry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in file order, each read into a buffer of its own."""
+    by_file: dict[Path, list[tuple[str, Entry]]] = {}
+    for name, e in entries.items():
+        by_file.setdefault(e.file, []).append((name, e))
+    for file, items in by_file.items():
+        with open(file, "rb", buffering=0) as f:
+            for name, e in sorted(items, key=lambda item: item[1].offset):
+                yield name, _read(f, e)
+
+
+def _read(f, e: Entry) -> torch.Tensor:
+    raw = torch.empty(e.nbytes, dtype=torch.uint8)
+    view, done = memoryview(raw.numpy()), 0
+    f.seek(e.offset)
+    while done < e.nbytes:  # one read() returns at most ~2 GiB on Linux
+        got = f.readinto(view[done:])
+        if not got:
+            raise ModelError(f"{e.file}: ends inside a tensor; the file may be truncated")
+        done += got
+    return raw.view(e.dtype).reshape(e.shape)
+
+
+def materialize(
+    model: nn.Module,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    on_linear: Callable[[str, nn.Linear], nn.Module] | None = None,
+) -> None:
+    """Fill a meta-device model with tensors as they come, each cast to dtype on device.
+
+    on_linear(name, linear) is called once a block's nn.Linear has all its tensors and may
+    return a replacement (e.g. its NF4-quantized form), so no float copy of all of them exists.
+    """
+    for name, tensor in tensors:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if tensor.is_floating_point():
+            tensor = tensor.to(device=device, dtype=dtype)
+        else:
+            tensor = tensor.to(device=device)
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            module._buffers[leaf] = tensor
+        del tensor
+        complete = not any(p.is_meta for p in module.parameters(recurse=False))
+        if on_linear and isinstance(module, nn.Linear) and complete and ".layers." in owner:
+            parent, _, child = owner.rpartition(".")
+            setattr(model.get_submodule(parent), child, on_linear(owner, module))

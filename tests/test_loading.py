@@ -1,0 +1,142 @@
+"""Loading one tensor at a time: sharded bf16 checkpoints, dtypes as read, NF4 on read, memory."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import tunelab
+from tunelab.adapt.quantize import NF4Linear, quantize
+from tunelab.errors import ModelError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tokenizer(path):
+    """Random checkpoints carry no tokenizer; a trivial one lets loading run end to end."""
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(str(path / "tokenizer.json"))
+
+
+def _sharded(tmp_path, family="llama", dtype=torch.bfloat16, **dims):
+    """A random HF checkpoint in several safetensors shards with an index, stored in dtype."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, tie_word_embeddings=False, **dims)  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to(dtype).eval()
+    model.save_pretrained(tmp_path / family, max_shard_size="40KB")
+    _tokenizer(tmp_path / family)
+    return model, tmp_path / family
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sharded_checkpoint_loads_with_equal_logits(tmp_path, family):
+    ref, path = _sharded(tmp_path, family, torch.float32)
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("*.safetensors"))) > 2
+    lm = tunelab.load(path)
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), ref(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_precision_is_the_dtype_weights_are_stored_in(tmp_path):
+    ref, path = _sharded(tmp_path)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model = tunelab.load(path, precision=precision).model
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    ours = tunelab.load(path, precision="bf16").model
+    w = ours.transformer.layers[1].mlp.down_proj.weight
+    assert torch.equal(w, ref.model.layers[1].mlp.down_proj.weight)  # bf16 as stored, untouched
+
+
+def test_nf4_on_read_equals_quantizing_after_loading(tmp_path):
+    _, path = _sharded(tmp_path)
+    on_read = tunelab.load(path, precision="bf16", quantize="nf4").model
+    after = quantize(tunelab.load(path, precision="bf16").model, "nf4")
+    blocks = on_read.transformer.layers
+    assert not any(type(m) is nn.Linear for m in blocks.modules())
+    pairs = [(a, b) for a, b in zip(blocks.modules(), after.transformer.layers.modules())
+             if isinstance(a, NF4Linear)]  # fmt: skip
+    assert len(pairs) == 3 * 7
+    for a, b in pairs:
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax_q, b.absmax_q)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(on_read(ids), after(ids))
+
+
+def test_truncated_shard_and_missing_tensor_are_one_line_errors(tmp_path):
+    _, path = _sharded(tmp_path)
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelError, match="truncated") as e:
+        tunelab.load(path)
+    assert str(shard) in str(e.value) and "\n" not in str(e.value)
+    shard.write_bytes(data)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="lacks"):
+        tunelab.load(path)
+
+
+_PEAK = """
+import resource, sys, torch, tunelab
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+lm = tunelab.load(sys.argv[1], precision=sys.argv[2], quantize=sys.argv[3] or None)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+held = sum(t.numel() * t.element_size() for t in list(lm.model.parameters()) + list(lm.model.buffers()))
+print(base * 1024, peak * 1024, held)
+"""
+
+
+def _peak(path, precision, quant=""):
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path), precision, quant],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return [int(v) for v in out.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """~100 MB of bf16 weights in 4 shards: big enough for memory to show above the noise."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096,
+                                   num_hidden_layers=4, num_attention_heads=8,
+                                   num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.02)
+    path = tmp_path_factory.mktemp("wide") / "wide"
+    model.save_pretrained(path, max_shard_size="30MB")
+    _tokenizer(path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def test_loading_peak_is_the_weights_plus_little(wide):
+    path, n = wide
+    for precision, size in (("bf16", 2), ("fp32", 4)):
+        base, peak, held = _peak(path, precision)
+        assert held == n * size
+        # the target is 1.15 x weights + 0.5 GB; at this size hold it to a far tighter bound
+        assert peak - base <= 1.15 * held + 40 * 2**20, (precision, peak - base, held)
+
+
+def test_nf4_on_read_never_holds_the_float_model(wide):
+    path, n = wide
+    base, peak, held = _peak(path, "bf16", "nf4")
+    assert held < 0.45 * 2 * n  # embeddings and head stay bf16, the blocks are 4-bit
+    assert peak - base < 0.75 * 2 * n, (peak - base, 2 * n)  # below the bf16 model alone
