@@ -134,10 +134,10 @@ def measure(method: str, batch: int) -> list[dict]:
 
     torch.manual_seed(0)
     model = tunelab.load("smollm2-135m-instruct").model
-    if method == "lora":
-        from tunelab.adapt.lora import apply_lora
+    if method in ("lora", "qlora"):
+        from tunelab.adapt.lora import lora_method
 
-        apply_lora(model, r=8, targets=("q_proj", "v_proj"))
+        lora_method(model, {"r": 8, "targets": ("q_proj", "v_proj")}, quantized=method == "qlora")
     elif method == "freeze":
         freeze(model, "top:2")  # the tied head trains, so the embeddings do too
     results = []
@@ -168,9 +168,9 @@ def measure(method: str, batch: int) -> list[dict]:
     not os.environ.get("TUNELAB_MEMORY_TESTS"),
     reason="trains SmolLM2 for minutes; set TUNELAB_MEMORY_TESTS=1 to run",
 )
-@pytest.mark.parametrize("method", ["full", "lora", "freeze"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze"])
 def test_estimate_within_20_percent_of_measured_peak_rss(method):
-    if method == "lora":
+    if method in ("lora", "qlora"):
         pytest.importorskip("tunelab.adapt.lora")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, __file__, method, "2"], env=env,
