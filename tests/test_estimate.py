@@ -102,6 +102,120 @@ def test_estimate_pieces_and_errors():
         estimate(cfg, precision="fp8")
 
 
+def test_precision_semantics_frozen_in_precision_trainable_fp32():
+    cfg = ModelConfig(**SMALL)
+    full = estimate(cfg, "full", 64, 2, precision="bf16")
+    n = full["model"]["params"]
+    assert full["autocast"] == "bf16" and full["memory"]["weights"] == 4 * n  # all trainable
+    lora = estimate(cfg, "lora", 64, 2, precision="bf16")
+    n, t = lora["model"]["params"], lora["model"]["trainable"]
+    assert lora["memory"]["weights"] == 4 * t + 2 * (n - t)
+    assert estimate(cfg, "lora", 64, 2, precision="fp16")["memory"]["weights"] == 4 * t + 2 * (
+        n - t
+    )
+    # fp32 weights computed in bf16 (the old meaning): the frozen weights' bf16 copies are saved
+    old = estimate(cfg, "lora", 64, 2, precision="fp32", autocast="bf16")
+    assert old["memory"]["weights"] == 4 * n
+    assert old["memory"]["autocast_copies"] > 2 * (n - t - 2 * cfg.vocab_size * cfg.d_model)
+    assert estimate(cfg, "lora", 64, 2)["autocast"] == "off"
+    q = estimate(cfg, "qlora", 64, 2, precision="bf16")
+    base = cfg.n_layer * cfg.d_model * (2 * cfg.d_model + 2 * cfg.n_kv_head * cfg.head_dim
+                                        + 3 * cfg.d_ff)  # fmt: skip
+    assert q["memory"]["weights"] == pytest.approx(
+        4 * t + 2 * (n - t - base) + base * (0.5 + 1 / 64 + 4 / (64 * 256))
+    )
+    with pytest.raises(ConfigError, match="autocast"):
+        estimate(cfg, autocast="fp8")
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_block():
+    cfg = ModelConfig(**SMALL)
+    plain, ckpt = (estimate(cfg, "full", 64, 2, activation_checkpointing=c) for c in (False, True))
+    block = CausalLM(cfg).transformer.layers[0]
+    fp32, low = _block_saved(cfg, block, grad_in=True, half=False)
+    per_block = 4 * (fp32 + low)
+    saved = 128 * ((cfg.n_layer - 1) * per_block - cfg.n_layer * 4 * cfg.d_model)
+    assert plain["memory"]["activations"] - ckpt["memory"]["activations"] == pytest.approx(saved)
+    assert ckpt["flops"]["total"] > plain["flops"]["total"]
+
+
+def test_total_is_the_largest_phase_and_qlora_loading_quantizes_one_linear():
+    cfg = ModelConfig(**SMALL)
+    q = estimate(cfg, "qlora", 8, 1, source_bytes=2)["memory"]
+    assert q["total"] == max(q["phases"].values())
+    assert q["loading"] == (2 + 17) * cfg.d_model * cfg.d_ff  # the largest block linear
+    assert q["phases"]["loading"] == q["weights"] + q["loading"]
+
+
+LLAMA_70B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16"}  # fmt: skip
+MEASURE_CLI = """
+import contextlib, io, json, resource, sys, time
+from tunelab.cli import main
+before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    for method in ("qlora", "full"):
+        main(["estimate", "--model", sys.argv[1], "--method", method, "--seq-len", "128",
+              "--precision", "bf16", "--json"])
+rows = [json.loads(line) for line in out.getvalue().splitlines()]
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps(dict(grew=grew, seconds=time.perf_counter() - start, rows=rows)))
+"""
+
+
+def test_70b_config_without_weights_is_estimated_in_seconds_and_little_memory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    out = subprocess.run([sys.executable, "-c", MEASURE_CLI, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["grew"] < 2**30 and result["seconds"] < 20, result
+    qlora, full = result["rows"]
+    assert qlora["model"]["params"] == pytest.approx(70.55e9, rel=0.01)
+    # NF4 block linears (~0.52 byte each) and bf16 embedding + head: ~37 GiB
+    assert 35 * 2**30 < qlora["memory"]["weights"] < 39 * 2**30
+    assert full["memory"]["total"] > 16 * full["model"]["params"] and not full["fits"]
+
+
+def test_check_memory_names_the_settings_that_fit(monkeypatch):
+    from tunelab.adapt import estimate as est_mod
+    from tunelab.errors import MemoryLimitError
+    from tunelab.train.config import TrainConfig
+
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 32000})
+    train = TrainConfig(seq_len=256, batch_size=8)
+    run = dict(seq_len=256, batch=8)
+    needs = {k: estimate(cfg, m, **{**run, **kw})["memory"]["total"] for k, m, kw in [
+        ("full", "full", {}), ("qlora", "qlora", {}), ("lora", "lora", {}),
+        ("bf16", "full", dict(precision="bf16")), ("ckpt", "full", dict(activation_checkpointing=True)),
+        ("batch", "full", dict(batch=1))]}  # fmt: skip
+    free = max(needs["qlora"], needs["lora"]) + 1
+    monkeypatch.setattr(est_mod, "free_memory", lambda device: (free, 64 * 2**30))
+    monkeypatch.delenv("TUNELAB_SKIP_MEMORY_CHECK", raising=False)
+    with pytest.raises(MemoryLimitError) as info:
+        est_mod.check_memory(cfg, "full", {}, train, "cpu")
+    message = str(info.value)
+    assert "\n" not in message and f"needs ~{needs['full'] / 2**30:.1f} GiB" in message
+    expected = ["--method qlora", "--method lora"] + [
+        flag for key, flag in [("bf16", "--precision bf16"), ("ckpt", "--activation-checkpointing"),
+                               ("batch", "--batch-size 1")] if needs[key] <= free]  # fmt: skip
+    assert f"try {' or '.join(expected)} (" in message
+    monkeypatch.setattr(est_mod, "free_memory", lambda device: (10, 64 * 2**30))
+    with pytest.raises(MemoryLimitError, match="even --method qlora --precision bf16"):
+        est_mod.check_memory(cfg, "full", {}, train, "cpu")
+    monkeypatch.setenv("TUNELAB_SKIP_MEMORY_CHECK", "1")
+    assert est_mod.check_memory(cfg, "full", {}, train, "cpu") == {}
+    monkeypatch.delenv("TUNELAB_SKIP_MEMORY_CHECK")
+    monkeypatch.setattr(est_mod, "free_memory", lambda device: (2**40, 2**40))
+    fine = est_mod.check_memory(cfg, "lora", {"r": "16", "targets": "all-linear"}, train, "cpu")
+    assert fine["fits"] and fine["options"] == {"r": "16", "targets": "all-linear"}
+    with pytest.raises(ConfigError, match="rank"):
+        est_mod.check_memory(cfg, "lora", {"rank": 16}, train, "cpu")
+
+
 SEQ_LENS = (64, 128)
 
 
@@ -134,10 +248,10 @@ def measure(method: str, batch: int) -> list[dict]:
 
     torch.manual_seed(0)
     model = tunelab.load("smollm2-135m-instruct").model
-    if method == "lora":
-        from tunelab.adapt.lora import apply_lora
+    if method in ("lora", "qlora"):
+        from tunelab.adapt.lora import lora_method
 
-        apply_lora(model, r=8, targets=("q_proj", "v_proj"))
+        lora_method(model, {"r": 8, "targets": ("q_proj", "v_proj")}, quantized=method == "qlora")
     elif method == "freeze":
         freeze(model, "top:2")  # the tied head trains, so the embeddings do too
     results = []
@@ -162,15 +276,20 @@ def measure(method: str, batch: int) -> list[dict]:
     return results
 
 
+# QLoRA measured 2026-12 (loaded machine): 366 MB vs 208 MB predicted at 64 tokens, 266 vs 405 MB
+# at 128 (the first length also holds the first step's one-off allocations); not yet explained.
+QLORA = pytest.param("qlora", marks=pytest.mark.xfail(reason="QLoRA peak RSS not yet within 20%"))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak RSS")
 @pytest.mark.skipif(
     not os.environ.get("TUNELAB_MEMORY_TESTS"),
     reason="trains SmolLM2 for minutes; set TUNELAB_MEMORY_TESTS=1 to run",
 )
-@pytest.mark.parametrize("method", ["full", "lora", "freeze"])
+@pytest.mark.parametrize("method", ["full", "lora", QLORA, "freeze"])
 def test_estimate_within_20_percent_of_measured_peak_rss(method):
-    if method == "lora":
+    if method in ("lora", "qlora"):
         pytest.importorskip("tunelab.adapt.lora")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, __file__, method, "2"], env=env,

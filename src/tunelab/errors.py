@@ -23,3 +23,7 @@ def closest(name: str, options) -> str:
     """' (did you mean X?)' for the closest option, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.4)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+class MemoryLimitError(TunelabError):
+    """A run that the memory estimate says will not fit; the message names what would."""

@@ -12,12 +12,21 @@ import os
 
 import torch
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, MemoryLimitError
 from tunelab.model.config import ModelConfig
 
 METHODS = ("full", "lora", "qlora", "freeze")
 LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its grads in backward)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
+NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quantization: int8 absmax, fp32 per 256
+QUANT_OPTIONS = ("bits", "double_quant")
+# Bytes per weight while one linear is quantized (NF4Linear): its float32 copy, the normalised
+# copy, bucketize's int64 codes and the uint8 codes; and while one is dequantized: the int64
+# index and float32 values, then the scaled values.
+QUANTIZE_TEMP = 17
+DEQUANT_TEMP = 8
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # the frozen weights' storage
+AUTOCASTS = ("off", "bf16", "fp16")
 
 
 def param_report(model) -> dict:
@@ -67,22 +76,47 @@ def _mib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _meta_model(cfg: ModelConfig, method: str, lora_r: int, lora_targets, trainable_layers,
-                train_head: bool):  # fmt: skip
+def _meta_model(cfg: ModelConfig, method: str, options: dict):
+    """The model on the meta device with the method applied by its own code (checks options too)."""
     from tunelab.model.heads import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
         if method == "freeze":
-            from tunelab.adapt.freeze import freeze
+            from tunelab.adapt.freeze import GRADUAL_OPTIONS, freeze, freeze_method
 
-            freeze(model, "top:2" if trainable_layers is None else trainable_layers,
-                   train_head=train_head)  # fmt: skip
+            if any(k in GRADUAL_OPTIONS for k in options):  # sized for its end: all unfrozen
+                freeze_method(model, options)
+                embeddings = str(options.get("embeddings", True)).lower() not in ("false", "0")
+                freeze(model, "all", train_embeddings=embeddings)
+            else:
+                freeze_method(model, options)
         elif method in ("lora", "qlora"):
-            from tunelab.adapt.lora import apply_lora
+            from tunelab.adapt.lora import lora_method
 
-            apply_lora(model, r=lora_r, targets=lora_targets)
+            lora_method(model, {k: v for k, v in options.items() if k not in QUANT_OPTIONS})
     return model
+
+
+def _options(method: str, options, lora_r, lora_targets, trainable_layers, train_head) -> dict:
+    """The method's options: as given, or from estimate's older keyword arguments."""
+    if options is not None:
+        return dict(options)
+    if method in ("lora", "qlora"):
+        return {"r": lora_r, "targets": lora_targets}
+    if method == "freeze":
+        return {"train_layers": "top:2" if trainable_layers is None else trainable_layers,
+                "train_head": train_head}  # fmt: skip
+    return {}
+
+
+def _quantized_bytes(shape: torch.Size, options: dict) -> float:
+    """Stored bytes of one block linear under QLoRA's bits / double_quant options."""
+    bits = {"4": "nf4", "8": "int8"}.get(str(options.get("bits", "nf4")), options.get("bits"))
+    if bits == "int8":
+        return shape.numel() + 4 * shape[0]  # one fp32 scale per output row
+    double = str(options.get("double_quant", True)).lower() not in ("false", "0", "no")
+    return shape.numel() * (NF4_DQ_BYTES if double else NF4_BYTES)
 
 
 def _block_saved(cfg: ModelConfig, block, grad_in: bool, half: bool) -> tuple[float, float]:
@@ -118,37 +152,74 @@ def _block_saved(cfg: ModelConfig, block, grad_in: bool, half: bool) -> tuple[fl
     return narrow + (0 if half else lin), wide + (lin if half else 0)
 
 
+def resolve_autocast(precision: str, autocast: str | None = None) -> str:
+    """The autocast dtype (off, bf16, fp16); by default it follows precision."""
+    if precision not in PRECISION_BYTES:
+        raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISION_BYTES)}")
+    if autocast in (None, "auto"):
+        return "off" if precision == "fp32" else precision
+    if autocast not in AUTOCASTS:
+        raise ConfigError(f"autocast {autocast!r}: expected one of {', '.join(AUTOCASTS)}")
+    return autocast
+
+
 def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: int = 1,
              precision: str = "fp32", lora_r: int = 8, lora_targets=("q_proj", "v_proj"),
-             trainable_layers=None, train_head: bool = True, device: str = "cpu") -> dict:  # fmt: skip
-    """Predicted peak memory (bytes, by piece) and FLOPs of one AdamW training step."""
+             trainable_layers=None, train_head: bool = True, device: str = "cpu",
+             autocast: str | None = None, activation_checkpointing: bool = False,
+             options: dict | None = None, source_bytes: float | None = None) -> dict:  # fmt: skip
+    """Predicted peak memory (bytes, by piece and phase) and FLOPs of loading and one AdamW step.
+
+    precision is the dtype frozen weights are stored in; trainable ones are fp32 (master
+    weights); autocast (default: follows precision) is the compute dtype. options are the
+    method's own (as in a recipe), else built from lora_r / lora_targets / trainable_layers /
+    train_head. source_bytes: bytes per element in the checkpoint file (default 4).
+    """
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: expected one of {', '.join(METHODS)}")
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision {precision!r}: expected fp32 or bf16")
-    model = _meta_model(cfg, method, lora_r, lora_targets, trainable_layers, train_head)
+    autocast = resolve_autocast(precision, autocast)
+    options = _options(method, options, lora_r, lora_targets, trainable_layers, train_head)
+    model = _meta_model(cfg, method, options)
     named = dict(model.named_parameters())
     n_total = sum(p.numel() for p in named.values())
     n_train = sum(p.numel() for p in named.values() if p.requires_grad)
-    half, tokens = precision == "bf16", batch * seq_len
-    act_bytes = 2 if half else 4
+    half, tokens = autocast != "off", batch * seq_len
+    store, act_bytes = PRECISION_BYTES[precision], 2 if half else 4
+    src = 4 if source_bytes is None else source_bytes
 
-    weights = 4 * n_total
-    if method == "qlora":  # block linears stored as NF4; embeddings, norms and adapters in fp32
-        base = sum(p.numel() for n, p in named.items()
-                   if ".layers." in n and p.dim() == 2 and "lora_" not in n)  # fmt: skip
-        weights -= base * (4 - NF4_BYTES)
+    # Weights: trainable in fp32, frozen in precision's dtype, QLoRA's block linears quantized.
+    base = {n: p for n, p in named.items() if ".layers." in n and p.dim() == 2
+            and "lora_" not in n and not p.requires_grad}  # fmt: skip
+    quantized = base if method == "qlora" else {}
+    weights = 4 * n_train + store * (n_total - n_train)
+    weights += sum(
+        _quantized_bytes(p.shape, options) - store * p.numel() for p in quantized.values()
+    )
     grads, adam = 4 * n_train, 8 * n_train
-    cast = 2 * n_train if half else 0  # autocast keeps bf16 copies of trainable weights
+    # Loading converts one tensor at a time: its stored copy, plus NF4's temporaries.
+    largest = max((p.numel() for n, p in named.items() if n not in quantized), default=0)
+    loading = src * largest
+    if quantized:
+        loading = max(loading, (src + QUANTIZE_TEMP) * max(p.numel() for p in quantized.values()))
 
     # Activations: walk up the stack; gradient flows into block i if anything below trains.
     grad_in = any(p.requires_grad for n, p in named.items() if n.startswith("transformer.") and
                   ".layers." not in n and not n.startswith("transformer.norm"))  # fmt: skip
-    acts = 0.0
+    embed_frozen = not any(p.requires_grad for n, p in named.items() if "embed" in n)
+    resid = 2 if half and store == 2 and embed_frozen else 4  # the residual stream's dtype
+    blocks, frozen_saved = [], 0
     for block in model.transformer.layers:
         fp32, low = _block_saved(cfg, block, grad_in, half)
-        acts += 4 * fp32 + act_bytes * low
+        blocks.append((resid if half else 4) * fp32 + act_bytes * low)
         grad_in = grad_in or any(p.requires_grad for p in block.parameters())
+        if grad_in:  # a frozen weight in another dtype than autocast's: its cast copy is saved
+            frozen_saved += sum(p.numel() for p in block.parameters()
+                                if p.dim() == 2 and not p.requires_grad)  # fmt: skip
+    if activation_checkpointing:  # block inputs kept; one block's activations at a time
+        acts = sum(resid * cfg.d_model for b in blocks if b) + max(blocks, default=0)
+        frozen_saved = 0  # recomputed block by block in backward, not kept
+    else:
+        acts = sum(blocks)
     aliases = dict(model.named_parameters(remove_duplicate=False))  # a tied head has its name
     head_trains = any(
         p.requires_grad for n, p in aliases.items() if not n.startswith("transformer.")
@@ -165,30 +236,45 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
     head_grad = 4 * cfg.vocab_size * cfg.d_model if head_trains else 0
     # At the head's backward: two logits-sized grads beside its weight grad.
     logits_phase = max(logits, 2 * logits / LOGIT_COPIES + head_grad)
+
+    # Autocast caches a half copy of each trainable matmul weight (an untied embedding table is
+    # only indexed); a frozen fp32 weight's copy is saved for backward where gradient flows.
+    cast = 0
+    if half:
+        cast = sum(p.numel() for n, p in named.items() if p.requires_grad and p.dim() == 2
+                   and ("embed" not in n or tied))  # fmt: skip
+        if store != 2 and method != "qlora":  # half-stored weights need no copy
+            head_frozen = "lm_head.weight" in named and not head_trains
+            cast += frozen_saved + (cfg.vocab_size * cfg.d_model if head_frozen else 0)
+        cast *= 2
     dequant = 0
-    if method == "qlora":  # one linear's weight dequantized at a time
-        dequant = 4 * max((p.numel() for n, p in named.items()
-                           if ".layers." in n and p.dim() == 2), default=0)  # fmt: skip
-    backward_phase = acts + logits_phase + dequant
+    if quantized:  # one linear's weight dequantized at a time (codes, values, scaled values)
+        dequant = DEQUANT_TEMP * max(p.numel() for p in quantized.values())
     # A trained tied embedding gets a second dense V x d grad from the lookup, added to the head's
     # out of place; measured on SmolLM2 (freeze), it sets the peak at short lengths.
-    end_phase = grads + (2 * head_grad if tied and head_trains else 0)
-    optimizer_phase = grads + 4 * n_train  # grads + AdamW's foreach sqrt temporary
-    phases = {"backward": backward_phase, "end of backward": end_phase,
-              "optimizer": optimizer_phase}  # fmt: skip
-    step = adam + cast + max(phases.values())
+    phases = {
+        "loading": weights + loading,
+        "backward": weights + adam + acts + logits_phase + dequant + cast,
+        "end of backward": weights + adam + grads + (2 * head_grad if tied and head_trains else 0),
+        "optimizer": weights + adam + grads + 4 * n_train,  # AdamW's foreach sqrt temporary
+    }
+    total = max(phases.values())
     memory = dict(weights=weights, gradients=grads, optimizer=adam, activations=acts,
-                  logits=logits, autocast_copies=cast, dequantize=dequant,
-                  peak_phase=max(phases, key=phases.get),
-                  step_peak=step, total=weights + step)  # fmt: skip
-    return dict(model=dict(params=n_total, trainable=n_train), method=method, seq_len=seq_len,
-                batch=batch, precision=precision, memory=memory,
-                flops=_flops(cfg, named, tokens, seq_len, method),
-                **fits(weights + step, device))  # fmt: skip
+                  logits=logits, autocast_copies=cast, dequantize=dequant, loading=loading,
+                  phases=phases, peak_phase=max(phases, key=phases.get),
+                  step_peak=max(v for k, v in phases.items() if k != "loading") - weights,
+                  total=total)  # fmt: skip
+    return dict(model=dict(params=n_total, trainable=n_train), method=method, options=options,
+                seq_len=seq_len, batch=batch, precision=precision, autocast=autocast,
+                activation_checkpointing=activation_checkpointing, memory=memory,
+                flops=_flops(cfg, named, tokens, seq_len, method, activation_checkpointing),
+                **fits(total, device))  # fmt: skip
 
 
-def _flops(cfg: ModelConfig, named: dict, tokens: int, seq_len: int, method: str) -> dict:
-    """Matmul FLOPs: 2N forward, 2N for input grads where grad flows, 2N for trainable weights."""
+def _flops(cfg: ModelConfig, named: dict, tokens: int, seq_len: int, method: str,
+           recompute: bool = False) -> dict:  # fmt: skip
+    """Matmul FLOPs: 2N forward, 2N for input grads where grad flows, 2N for trainable weights;
+    with activation checkpointing, the forward of those blocks once more."""
     linear = sum(p.numel() for n, p in named.items() if ".layers." in n and p.dim() == 2)
     head = cfg.vocab_size * cfg.d_model
     trainable = sum(p.numel() for n, p in named.items() if p.requires_grad and p.dim() == 2
@@ -201,33 +287,95 @@ def _flops(cfg: ModelConfig, named: dict, tokens: int, seq_len: int, method: str
         lowest = 0
     flow = 0.0 if lowest is None else (cfg.n_layer - lowest) / cfg.n_layer
     backward = flow * (2 * linear + 2 * attn) + 2 * head + 2 * trainable
+    backward += flow * (2 * linear + attn) if recompute else 0
     return dict(forward=forward * tokens, backward=backward * tokens,
                 total=(forward + backward) * tokens, per_token=forward + backward)  # fmt: skip
 
 
-def fits(needed: float, device: str = "cpu") -> dict:
-    """Whether `needed` bytes fit the device: CUDA memory, or the machine's RAM."""
+def free_memory(device: str = "cpu") -> tuple[int, int]:
+    """(free, total) bytes of the device: CUDA memory, or the machine's available RAM."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-    else:
-        try:
-            import psutil
+        return torch.cuda.mem_get_info(torch.device(device))
+    try:
+        import psutil
 
-            vm = psutil.virtual_memory()
-            free, total = vm.available, vm.total
-        except ImportError:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        vm = psutil.virtual_memory()
+        return vm.available, vm.total
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return page * os.sysconf("SC_AVPHYS_PAGES"), page * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits(needed: float, device: str = "cpu") -> dict:
+    """Whether `needed` bytes fit the device's free memory."""
+    free, total = free_memory(device)
     return dict(device=str(device), device_total=total, device_free=free, fits=needed <= free)
+
+
+def check_memory(model_cfg: ModelConfig, method: str, method_options: dict, train_cfg,
+                 device="cpu") -> dict:  # fmt: skip
+    """Estimate the run before loading; raise MemoryLimitError, naming what would fit, if it won't.
+
+    train_cfg is a TrainConfig (seq_len, batch_size, precision, autocast,
+    activation_checkpointing). TUNELAB_SKIP_MEMORY_CHECK=1 skips the check (returns {}).
+    """
+    if os.environ.get("TUNELAB_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+        return {}
+    options = {k: v for k, v in (method_options or {}).items() if k != "name"}
+    run = dict(method=method, options=options, seq_len=train_cfg.seq_len,
+               batch=train_cfg.batch_size, precision=getattr(train_cfg, "precision", "fp32"),
+               autocast=getattr(train_cfg, "autocast", None),
+               activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
+               device=str(device))  # fmt: skip
+    est = estimate(model_cfg, **run)
+    if est["fits"]:
+        return est
+    lora = options if method in ("lora", "qlora") else {}
+    tries = []  # (flag, changes): each alternative alone, then all of them together
+    if method != "qlora":
+        tries.append(("--method qlora", dict(method="qlora", options=lora)))
+    if method in ("full", "freeze"):
+        tries.append(("--method lora", dict(method="lora", options={})))
+    if run["precision"] == "fp32":
+        tries.append(("--precision bf16", dict(precision="bf16", autocast=None)))
+    if not run["activation_checkpointing"]:
+        tries.append(("--activation-checkpointing", dict(activation_checkpointing=True)))
+    if run["batch"] > 1:
+        tries.append(("--batch-size 1", dict(batch=1)))
+    fitting = [flag for flag, change in tries if estimate(model_cfg, **{**run, **change})["fits"]]
+    needs = f"needs ~{est['memory']['total'] / 2**30:.1f} GiB, {est['device_free'] / 2**30:.1f} GiB free"
+    where = f" on {device}" if str(device) != "cpu" else ""
+    if fitting:
+        advice = f"try {' or '.join(fitting)}"
+    else:  # none alone: all of them together (qlora, the smallest method, over lora)
+        together = [(f, c) for f, c in tries if f != "--method lora"]
+        flags = " ".join(f for f, _ in together)
+        least = estimate(model_cfg, **{**run, **{k: v for _, c in together for k, v in c.items()}})
+        if not together:
+            advice = (
+                "no smaller setting to try: use a shorter --seq-len, a smaller model or more memory"
+            )
+        elif least["fits"]:
+            advice = f"try {flags} together"
+        else:
+            advice = (f"even {flags} together needs ~{least['memory']['total'] / 2**30:.1f} GiB: "
+                      "use a shorter --seq-len, a smaller model or more memory")  # fmt: skip
+    raise MemoryLimitError(
+        f"this run {needs}{where}: {advice} (TUNELAB_SKIP_MEMORY_CHECK=1 skips this check)"
+    )
 
 
 def format_estimate(est: dict) -> str:
     """A small table of the estimate for the terminal."""
     m, f = est["memory"], est["flops"]
-    rows = [(k, _mib(m[k])) for k in ("weights", "gradients", "optimizer", "activations",
-                                      "logits", "autocast_copies", "dequantize") if m[k]]  # fmt: skip
+    rows = [("setting", f"{est['method']}, precision {est['precision']}, autocast "
+                        f"{est['autocast']}, activation checkpointing "
+                        f"{'on' if est['activation_checkpointing'] else 'off'}")]  # fmt: skip
+    rows += [(k, _mib(m[k])) for k in ("weights", "gradients", "optimizer", "activations",
+                                       "logits", "autocast_copies", "dequantize") if m[k]]  # fmt: skip
+    rows += [(f"{phase} phase", _mib(v)) for phase, v in m["phases"].items()]
     rows += [("peak (total)", f"{_mib(m['total'])}  ({m['peak_phase']} phase)"),
              ("FLOPs / step", f"{f['total']:.3g}  ({f['per_token']:.3g} per token)"),
              ("fits", f"{'yes' if est['fits'] else 'NO'}: {_mib(est['device_free'])} free of "
                       f"{_mib(est['device_total'])} on {est['device']}")]  # fmt: skip
-    return "\n".join(f"{k:<16}{v}" for k, v in rows)
+    return "\n".join(f"{k:<22}{v}" for k, v in rows)

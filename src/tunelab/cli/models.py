@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -112,13 +113,40 @@ def cmd_merge(a) -> None:
 
 def cmd_estimate(a) -> None:
     from tunelab.adapt.estimate import estimate, format_estimate
+    from tunelab.errors import ModelError
+    from tunelab.model.inspect import bytes_per_param, read_config, weight_bytes
 
-    cfg = load_model(a).config
+    cfg = read_config(a.model)  # the config alone: no weight is loaded
+    try:
+        stored = weight_bytes(a.model)
+    except ModelError:  # a config without weights (or a hub id): assume fp32 files
+        stored = None
     targets = tuple(t.strip() for t in a.lora_targets.split(","))
     est = estimate(cfg, a.method, a.seq_len, a.batch, a.precision, lora_r=a.lora_r,
                    lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
-                   trainable_layers=a.train_layers, device=a.device)  # fmt: skip
-    emit(a, est, format_estimate(est))
+                   trainable_layers=a.train_layers, device=a.device, autocast=a.autocast,
+                   activation_checkpointing=a.activation_checkpointing,
+                   source_bytes=bytes_per_param(stored) if stored else None)  # fmt: skip
+    est["stored_weights"] = stored
+    text = format_estimate(est)
+    if stored:
+        text += f"\n{'stored weights':<22}{stored['total_bytes'] / 2**30:.2f} GiB ({', '.join(stored['by_dtype'])})"
+    emit(a, est, text)
+
+
+ESTIMATE_HELP = """\
+Sizes the model from its config alone (config.json, tunelab.json or a GGUF header), so it
+answers for a 70B model in seconds without loading a weight.
+
+--precision is the dtype the frozen weights are stored in (fp32, bf16, fp16). Trainable
+parameters are always fp32 (master weights, with fp32 gradients and AdamW states).
+--autocast is the compute dtype of the forward pass (off, bf16, fp16); by default it follows
+--precision (fp32: off). --precision fp32 --autocast bf16 keeps fp32 weights and computes in
+bf16. QLoRA stores the block linears in NF4 and the other frozen weights in --precision.
+--activation-checkpointing keeps only each block's input and recomputes one block at a time
+in backward: less activation memory for about one more forward pass.
+The peak is the largest of the phases: loading, backward, end of backward, optimizer step.
+"""
 
 
 def register(sub) -> None:
@@ -179,8 +207,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
-        "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG
-    )
+        "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG,
+        description=ESTIMATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     model_args(p)
     p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
     p.add_argument("--seq-len", type=int, default=512)
@@ -188,4 +217,8 @@ def register(sub) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
     p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
+    p.add_argument("--autocast", default=None, choices=["off", "bf16", "fp16"],
+                   help="compute dtype of the forward pass; default: follows --precision")  # fmt: skip
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep block inputs only and recompute in backward")  # fmt: skip
     p.set_defaults(func=cmd_estimate)

@@ -85,14 +85,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
     path = Path(path).expanduser()
     reader = _open(path)
     meta = {name: _field_value(field) for name, field in reader.fields.items()}
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ModelError(
-            f"{path}: architecture {arch!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHS)} (convert the original HF checkpoint instead)"
-        )
-    shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
-    config = _hf_config(meta, arch, shapes, path)
+    config = _checked_config(reader, meta, path)
     tensors = {}
     for tensor in reader.tensors:
         if tensor.name.endswith(_DERIVED):
@@ -102,6 +95,31 @@ def read_gguf(path: str | os.PathLike) -> GGUFContents:
     _check_complete(tensors, config, path)
     tokenizer, tokenizer_config = _tokenizer(meta, path)
     return GGUFContents(config, tensors, tokenizer, tokenizer_config)
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The transformers config.json dict of a GGUF file, from its header alone (no tensor data)."""
+    path = Path(path).expanduser()
+    reader = _open(path)  # memory-maps the file: only the header and tensor table are read
+    # Array fields (the vocabulary, merges) are large and not needed for the config.
+    meta = {
+        name: _field_value(field)
+        for name, field in reader.fields.items()
+        if not (field.types and field.types[0] == GGUFValueType.ARRAY)
+    }
+    return _checked_config(reader, meta, path)
+
+
+def _checked_config(reader: GGUFReader, meta: dict, path: Path) -> dict[str, Any]:
+    """The config dict for a supported architecture; a one-line ModelError for any other."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(
+            f"{path}: architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)} (convert the original HF checkpoint instead)"
+        )
+    shapes = {t.name: tuple(reversed(t.shape.tolist())) for t in reader.tensors}
+    return _hf_config(meta, arch, shapes, path)
 
 
 def gguf_to_hf_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
