@@ -122,8 +122,8 @@ def _checked_config(reader: GGUFReader, meta: dict, path: Path) -> dict[str, Any
     return _hf_config(meta, arch, shapes, path)
 
 
-def gguf_to_hf_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
-    """Convert a GGUF file once into a cached HF-layout directory and return that directory."""
+def cache_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
+    """Where gguf_to_hf_dir keeps (or will keep) the conversion of this GGUF file."""
     source = Path(path).expanduser().resolve()
     try:
         stat = source.stat()
@@ -134,7 +134,12 @@ def gguf_to_hf_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None
     root = Path(cache_root or os.environ.get("TUNELAB_CACHE") or "~/.cache/tunelab").expanduser()
     # Path, size and mtime identify the file well enough without hashing hundreds of megabytes.
     key = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CACHE_FORMAT}"
-    target = root / "gguf" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return root / "gguf" / f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def gguf_to_hf_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> Path:
+    """Convert a GGUF file once into a cached HF-layout directory and return that directory."""
+    source, target = Path(path).expanduser().resolve(), cache_dir(path, cache_root)
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ def read_config(source: str | Path) -> ModelConfig:
     """The ModelConfig of a source, read from config.json, tunelab.json or a GGUF header."""
     path = _local_or_config(source)
     if path.suffix == ".gguf" and path.is_file():
-        from tunelab.model.gguf import read_gguf_config
+        from tunelab.model.gguf import cache_dir, read_gguf_config
 
+        if (cache_dir(path) / "config.json").exists():  # converted before: skip the slow header
+            return read_config(cache_dir(path))
         return _mapped(read_gguf_config(path), path)
     if path.is_file():  # a config.json fetched alone for a hub id
         return _mapped(_read_json(path), path)

@@ -23,6 +23,7 @@ log = logging.getLogger("tunelab")
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
     import tunelab
+    from tunelab.adapt.estimate import check_memory
     from tunelab.model.config import preset
     from tunelab.model.heads import build_model
     from tunelab.tokenizer.tokenizer import Tokenizer
@@ -44,10 +45,17 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         mcfg = preset(
             cfg.arch, vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.train.seq_len, 64), **ids
         )
+        check_memory(mcfg, cfg.method.get("name", "full"), cfg.method, cfg.train, device)
         torch.manual_seed(cfg.train.seed)
         model = build_model(mcfg)
         init_weights(model)
         return model.to(device), tokenizer
+    from tunelab.model.inspect import read_config
+
+    # stop with what would fit, before the OS kills a load that cannot
+    check_memory(
+        read_config(cfg.model), cfg.method.get("name", "full"), cfg.method, cfg.train, device
+    )
     quant = {}
     if cfg.method.get("name") == "qlora":  # quantized as each weight is read: no float model
         from tunelab.adapt.lora import quantization
