@@ -268,6 +268,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         model, tokenizer = load_for_training(cfg, dist.device)
         model = task.prepare(model, tokenizer, cfg)
         callbacks = [*apply_method(model, cfg.method), *callbacks]
+        model.transformer.checkpoint_blocks = cfg.train.activation_checkpointing
         params = param_report(model)
         if dist.is_main:
             log.info(format_report(params))
