@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.model.config import ModelConfig
-from tunelab.model.varlen import varlen_attention
+from tunelab.model.varlen import nested_offsets, varlen_attention
 
 _ACTS = {
     "silu": F.silu,
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v, extra = self._shared_kv(k, v)
-        y = varlen_attention(q, k, v, packed.lengths, cfg.causal, **extra)
+        y = varlen_attention(q, k, v, packed.lengths, cfg.causal, offsets=packed.offsets, **extra)
         return self.o_proj(y.reshape(n, cfg.n_head * cfg.head_dim))
 
 
@@ -156,6 +156,7 @@ class Packed:
         self.b, self.t = attention_mask.shape
         self.index = attention_mask.flatten().nonzero().squeeze(1)
         self.lengths = attention_mask.sum(1).tolist()  # real tokens per row, in packed order
+        self.offsets = nested_offsets(self.lengths, attention_mask.device)  # made once: varlen.py
 
     @staticmethod
     def fits(attention_mask: torch.Tensor, window: int | None) -> bool:

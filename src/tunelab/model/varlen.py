@@ -11,7 +11,7 @@ Each row attends within itself (causally or not). Three ways to compute it, one 
 `backend_for` picks, in this one place: `rows` on the CPU and other devices; on CUDA `nested`
 where this torch runs it for the dtype and head size (checked once, see nested_works), else
 `mask`. The environment variable TUNELAB_VARLEN=rows|mask|nested overrides the choice;
-`nested` still falls back to `mask` where it cannot run (on the CPU, causal rows).
+`nested` still falls back to `mask` where no fused kernel runs it (on the CPU, always).
 """
 
 from __future__ import annotations
@@ -30,13 +30,22 @@ BACKENDS = ("rows", "mask", "nested")
 
 
 def varlen_attention(q, k, v, lengths: list[int], causal: bool, enable_gqa: bool = False,
-                     backend: str | None = None) -> torch.Tensor:  # fmt: skip
+                     offsets: torch.Tensor | None = None, backend: str | None = None):  # fmt: skip
     """q (N, H, D) and k, v (N, Hkv, D) hold rows of `lengths` tokens one after another;
-    returns (N, H, D), each row attending within itself. enable_gqa: H is a multiple of Hkv."""
+    returns (N, H, D), each row attending within itself. enable_gqa: H is a multiple of Hkv.
+
+    offsets: `nested_offsets(lengths)`, made once per forward and given to every layer: a
+    nested tensor's ragged size takes its identity from that tensor, and activation
+    checkpointing's recompute must meet the same one."""
     backend = backend or backend_for(q.device, q.dtype, q.shape[-1], causal)
-    return {"rows": _rows, "mask": _mask, "nested": _nested}[backend](
-        q, k, v, lengths, causal, enable_gqa
-    )
+    if backend == "nested":
+        return _nested(q, k, v, lengths, causal, enable_gqa, offsets)
+    return (_rows if backend == "rows" else _mask)(q, k, v, lengths, causal, enable_gqa)
+
+
+def nested_offsets(lengths: list[int], device) -> torch.Tensor:
+    """Where each non-empty row starts in the packed order, then the end."""
+    return torch.tensor([0, *itertools.accumulate(n for n in lengths if n)], device=device)
 
 
 def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> str:
@@ -78,14 +87,13 @@ def _mask(q, k, v, lengths, causal, enable_gqa) -> torch.Tensor:
     return y[0].transpose(0, 1)
 
 
-def _nested(q, k, v, lengths, causal, enable_gqa) -> torch.Tensor:
+def _nested(q, k, v, lengths, causal, enable_gqa, offsets=None) -> torch.Tensor:
     if enable_gqa:  # the jagged kernels want as many K/V heads as query heads
         n = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-    lengths = [n for n in lengths if n]  # an empty row adds nothing
-    offsets = torch.tensor([0, *itertools.accumulate(lengths)], device=q.device)
-    # the lengths are known here: no device sync to find them
-    jagged = dict(offsets=offsets, min_seqlen=min(lengths), max_seqlen=max(lengths))
+    offsets = nested_offsets(lengths, q.device) if offsets is None else offsets
+    real = [n for n in lengths if n]  # known here: no device sync to find the extremes
+    jagged = dict(offsets=offsets, min_seqlen=min(real), max_seqlen=max(real))
     nested = [
         torch.nested.nested_tensor_from_jagged(t, **jagged).transpose(1, 2) for t in (q, k, v)
     ]
@@ -95,10 +103,14 @@ def _nested(q, k, v, lengths, causal, enable_gqa) -> torch.Tensor:
 
 @functools.cache
 def nested_works(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> bool:
-    """SDPA runs on jagged nested tensors here and agrees with the rows backend (a tiny case,
-    forward only, drawn from its own generator so training's random stream is untouched)."""
+    """SDPA runs jagged nested tensors here with a fused (flash or memory-efficient) kernel and
+    agrees with the rows backend: a tiny case, forward only, drawn from its own generator so
+    training's random stream is untouched. torch's math fallback for nested tensors (the CPU's)
+    does not count: it has no causal mode, and activation checkpointing cannot save its tensors."""
     if not hasattr(torch.nested, "nested_tensor_from_jagged"):
         return False
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, head_dim, generator=gen).to(device, dtype) for _ in range(3))
     quiet = logging.getLogger("torch.nested._internal.sdpa")  # it logs why each kernel declined
@@ -106,11 +118,10 @@ def nested_works(device: torch.device, dtype: torch.dtype, head_dim: int, causal
     quiet.setLevel(logging.ERROR)
     try:
         with torch.no_grad():
-            got, want = (
-                _nested(q, k, v, [2, 1], causal, False),
-                _rows(q, k, v, [2, 1], causal, False),
-            )
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                got = _nested(q, k, v, [2, 1], causal, False)
+            want = _rows(q, k, v, [2, 1], causal, False)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, ImportError):
         return False
     finally:
         quiet.setLevel(level)
