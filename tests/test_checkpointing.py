@@ -16,6 +16,7 @@ from tiny import make_models, review
 from tunelab.adapt.freeze import freeze
 from tunelab.adapt.lora import apply_lora, lora_method
 from tunelab.cli import main
+from tunelab.model import transformer
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM, SequenceClassifier
 from tunelab.train.objectives import causal_lm
@@ -144,16 +145,19 @@ def test_run_records_the_option_and_trains_as_without_it(tmp_path, monkeypatch):
     common = ["pretrain", "--model", str(paths["decoder"]), "--data", str(tmp_path / "corpus.txt"),
               "--seq-len", "32", "--batch-size", "2", "--max-steps", "4", "--save-every", "2",
               "--train.dropout", "0.1", "--data.pack", "true", "--lr", "1e-3"]  # fmt: skip
+    calls = []  # blocks run through torch.utils.checkpoint, counted
+    real = transformer.checkpoint
+    monkeypatch.setattr(transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert not calls
     assert main([*common, "--out", str(tmp_path / "ckpt"), "--activation-checkpointing"]) == 0
-    config = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
-    assert config["train"]["activation_checkpointing"] is True
-    assert (
-        yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())["train"][
-            "activation_checkpointing"
-        ]
-        is False
-    )
+    assert len(calls) == 4 * 2  # steps x blocks (no evaluation in between)
+
+    def recorded(run: str):
+        config = yaml.safe_load((tmp_path / run / "config.yaml").read_text())
+        return config["train"]["activation_checkpointing"]
+
+    assert recorded("ckpt") is True and recorded("plain") is False
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "ckpt" / "config.yaml", resumed / "config.yaml")
@@ -161,6 +165,7 @@ def test_run_records_the_option_and_trains_as_without_it(tmp_path, monkeypatch):
         tmp_path / "ckpt" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2"
     )
     assert main(["pretrain", "--resume", str(resumed)]) == 0
+    assert len(calls) == 6 * 2 and recorded("resumed") is True
     want = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
     for run in ("ckpt", "resumed"):
         got = load_file(str(tmp_path / run / "final" / "model.safetensors"))
