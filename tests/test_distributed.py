@@ -117,6 +117,10 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [[*two, "--out", str(root / f"two-{n}"), *extra] for n, extra in methods.items()]
     jobs.append([*two, "--out", str(root / "two-fsdp"), "--dist", "fsdp"])
+    # activation checkpointing changes no number: the same runs with blocks recomputed
+    ckpt = "--activation-checkpointing"
+    jobs.append([*two, "--out", str(root / "two-fsdp-ckpt"), "--dist", "fsdp", ckpt])
+    jobs.append([*two, "--out", str(root / "two-gradual-ckpt"), *methods["gradual"], ckpt])
     for name, extra in (("one-to-two", []), ("one-to-fsdp", ["--dist", "fsdp"])):
         resumed = resumable(root / "one-full", root / name)
         jobs.append(["pretrain", "--resume", str(resumed), "--batch-size", "2", *extra])
@@ -168,14 +172,17 @@ def test_checkpoints_resume_across_world_sizes(runs):
 def test_fsdp_on_gloo_matches_and_resumes_across_world_sizes(runs):
     root = runs
     assert_same_run(root / "one-full", root / "two-fsdp")
+    assert_same_run(root / "one-full", root / "two-fsdp-ckpt")  # blocks recomputed in backward
     assert_same_run(root / "one-full", root / "two-fsdp-to-one")  # shards gathered when saved
     assert_same_run(root / "one-full", root / "one-to-fsdp")  # whole tensors cut when loaded
 
 
-@pytest.mark.parametrize("method", ["lora", "gradual"])
-def test_lora_and_gradual_unfreezing_match_under_ddp(runs, method):
+@pytest.mark.parametrize("method, run", [("lora", "two-lora"), ("gradual", "two-gradual"),
+                                         ("gradual", "two-gradual-ckpt")])  # fmt: skip
+def test_lora_and_gradual_unfreezing_match_under_ddp(runs, method, run):
+    """two-gradual-ckpt: with activation checkpointing, as the DDP wrapper is rebuilt."""
     root = runs
-    assert_same_run(root / f"one-{method}", root / f"two-{method}")
+    assert_same_run(root / f"one-{method}", root / run)
     if method == "lora":
         a = load_file(str(root / "one-lora" / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(root / "two-lora" / "adapter" / "adapter_model.safetensors"))

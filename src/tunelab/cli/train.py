@@ -20,6 +20,8 @@ ALIASES = {
     "--text-field": "data.text_field", "--label-field": "classify.label_field",
     "--labels": "classify.labels", "--template": "classify.template", "--folds": "classify.folds",
 }  # fmt: skip
+# Switches: the flag alone turns a boolean option on (--train.KEY false turns it off again).
+SWITCHES = {"--activation-checkpointing": "train.activation_checkpointing"}
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     for flag, key in ALIASES.items():
         default, doc = docs[key]
         short.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
+    for flag, key in SWITCHES.items():
+        short.add_argument(flag, dest=key, action="store_const", const=True,
+                           default=argparse.SUPPRESS, help=f"{docs[key][1]} [off]")  # fmt: skip
     every = p.add_argument_group("every option, as --section.key VALUE")
     for key, (default, doc) in docs.items():
         if f"--{key}" in ALIASES or key in ("resume", "task"):

@@ -11,8 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tunelab.model.config import ModelConfig
+from tunelab.model.varlen import nested_offsets, varlen_attention
 
 _ACTS = {
     "silu": F.silu,
@@ -132,8 +134,8 @@ class Attention(nn.Module):
         return k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1), {}
 
     def forward_packed(self, x, rope, packed: Packed) -> torch.Tensor:
-        """Each sequence attends within itself: one SDPA call per row on its real tokens, with
-        no mask and no padding. rope: cos and sin (N, 1, head_dim) of the packed tokens."""
+        """Each sequence attends within itself, on its real tokens alone, with no padding
+        (model/varlen.py picks how for the device). rope: cos and sin (N, 1, head_dim)."""
         cfg, n = self.cfg, x.shape[0]
         q = self.q_proj(x).view(n, cfg.n_head, cfg.head_dim)
         k = self.k_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
@@ -141,14 +143,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v, extra = self._shared_kv(k, v)
-        # split, not slices: its backward concatenates the rows' gradients in one copy
-        rows = [
-            F.scaled_dot_product_attention(
-                *(t.transpose(0, 1)[None] for t in row), is_causal=cfg.causal, **extra
-            )[0].transpose(0, 1)
-            for row in zip(*(t.split(packed.lengths) for t in (q, k, v)))
-        ]  # fmt: skip
-        return self.o_proj(torch.cat(rows).reshape(n, cfg.n_head * cfg.head_dim))
+        y = varlen_attention(q, k, v, packed.lengths, cfg.causal, offsets=packed.offsets, **extra)
+        return self.o_proj(y.reshape(n, cfg.n_head * cfg.head_dim))
 
 
 class Packed:
@@ -160,6 +156,7 @@ class Packed:
         self.b, self.t = attention_mask.shape
         self.index = attention_mask.flatten().nonzero().squeeze(1)
         self.lengths = attention_mask.sum(1).tolist()  # real tokens per row, in packed order
+        self.offsets = nested_offsets(self.lengths, attention_mask.device)  # made once: varlen.py
 
     @staticmethod
     def fits(attention_mask: torch.Tensor, window: int | None) -> bool:
@@ -263,6 +260,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         if not cfg.post_norm:
             self.norm = make_norm(cfg)
+        # Activation checkpointing, set by a training run (train.activation_checkpointing):
+        # training keeps each block's input alone and recomputes the block in backward.
+        self.checkpoint_blocks = False
 
     def forward(
         self,
@@ -312,12 +312,15 @@ class Transformer(nn.Module):
         if packed is None:
             mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
         last = len(self.layers) - 1
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if i == last and keep is not None and packed is not None:
                 # the last block computes the `keep` rows alone, at their (B, T) places
                 x, packed, layer_rope = packed.unpack(x), None, rope
                 mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
-            x = layer(x, mask, layer_rope, cache, i, keep if i == last else None, packed)
+            args = (x, mask, layer_rope, cache, i, keep if i == last else None, packed)
+            # checkpointed: backward runs the block again (same dropout: RNG state restored)
+            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         if packed is not None:
             x = packed.unpack(x)
         if cache is not None:

@@ -90,6 +90,9 @@ class TrainConfig:
     )
     log_every: int = opt(1, "write metrics every N steps")
     dropout: float = opt(0.0, "residual dropout during training")
+    activation_checkpointing: bool = opt(
+        False, "recompute each block in backward: less activation memory, ~1/3 more compute"
+    )
     samples: list = opt([], "prompts to generate from at each evaluation (generative runs)")
     sample_tokens: int = opt(40, "new tokens per sample")
 

@@ -284,6 +284,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         callbacks = [*apply_method(model, cfg.method), *callbacks]
         # FSDP shards each block as one flat group, which wants a single dtype: all fp32 there.
         fp32_master_weights(model, callbacks, everything=dist.strategy == "fsdp")
+        model.transformer.checkpoint_blocks = cfg.train.activation_checkpointing
         params = param_report(model)
         if dist.is_main:
             log.info(format_report(params))
