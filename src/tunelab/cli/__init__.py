@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from tunelab import allocator
@@ -32,10 +33,19 @@ def entry() -> int:
     return main()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python is, so it stops a run as Ctrl-C does (exit 143)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if rest:  # unknown dotted options go to the config, which names the closest valid key
             if (
@@ -52,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a command adds how to resume to the exception's args
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        hint = [str(a) for a in e.args if str(a) != "terminated"]
+        print("; ".join([what, *hint]), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -79,6 +79,9 @@ def cmd_chat(a) -> None:
 
 
 def cmd_export(a) -> None:
+    from tunelab.model.checkpoint import check_model_out
+
+    check_model_out(a.out, a.force)  # before loading: never remove what tunelab did not write
     lm = load_model(a)
     lm.export(a.out)
     emit(a, {"out": str(a.out)}, f"wrote an HF-format model to {a.out}")
@@ -102,7 +105,9 @@ def cmd_merge(a) -> None:
     """Load a PEFT adapter onto its base model, merge it, and save the merged model."""
     from tunelab.adapt.lora import merge_lora
     from tunelab.adapt.peft_format import load_adapter
+    from tunelab.model.checkpoint import check_model_out
 
+    check_model_out(a.out, a.force)
     lm = load_model(a)
     load_adapter(lm.model, a.adapter)
     merge_lora(lm.model)
@@ -154,6 +159,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write the model as an HF-format directory", epilog=EPILOG)
     model_args(p)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools: train our byte-level BPE")
@@ -176,6 +182,7 @@ def register(sub) -> None:
         "--adapter", required=True, type=Path, help="adapter directory (adapter_config.json)"
     )
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
