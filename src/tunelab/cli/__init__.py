@@ -8,14 +8,14 @@ import signal
 import sys
 
 from tunelab import allocator
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tunelab.cli import align, evaluate, models, study, train
-    from tunelab.cli.common import EPILOG
+    from tunelab.cli.common import EPILOG, Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tunelab",
         description="Adapt language models and measure what each technique costs and gains.",
         epilog=EPILOG,
@@ -33,6 +33,16 @@ def entry() -> int:
     return main()
 
 
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the subcommand (and sub-subcommand) that args chose."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name in ("command", "metric", "action"):
+            choice = action.choices.get(getattr(args, name, None) or "")
+            if choice is not None:
+                return _subparser(choice, args) if choice._subparsers else choice
+    return parser
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Python is, so it stops a run as Ctrl-C does (exit 143)."""
 
@@ -48,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if rest:  # unknown dotted options go to the config, which names the closest valid key
+            flags = rest[::2] if len(rest) % 2 == 0 else rest
             if (
                 not getattr(args, "overrides", False)
                 or len(rest) % 2
-                or not rest[0].startswith("--")
+                or any(not f.startswith("--") or "." not in f for f in flags)
             ):
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+                unknown = next((f for f in rest if f.startswith("-")), rest[0])
+                sub = _subparser(parser, args)
+                options = [o for o in sub._option_string_actions if o.startswith("--")]
+                sub.error(f"unrecognized arguments: {' '.join(rest)}{closest(unknown, options)}")
             for flag, value in zip(rest[::2], rest[1::2]):
                 setattr(args, flag.lstrip("-"), value)
         args.func(args)

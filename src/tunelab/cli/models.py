@@ -6,7 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from tunelab.cli.common import EPILOG, emit, load_model, model_args, sampling, sampling_args
+from tunelab.cli.common import (
+    EPILOG,
+    at_least,
+    emit,
+    load_model,
+    model_args,
+    sampling,
+    sampling_args,
+)
 
 
 def cmd_models(a) -> None:
@@ -166,7 +174,7 @@ def register(sub) -> None:
     tk = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = tk.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     q.add_argument("--data", nargs="+", required=True, help="text files or folders")
-    q.add_argument("--vocab-size", type=int, default=8000)
+    q.add_argument("--vocab-size", type=at_least(1), default=8000)
     q.add_argument(
         "--special", nargs="+", default=["<|endoftext|>"], help="special tokens; the first is EOS"
     )
@@ -190,9 +198,9 @@ def register(sub) -> None:
     )
     model_args(p)
     p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--seq-len", type=at_least(1), default=512)
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--lora-r", type=at_least(1), default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
     p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
     p.set_defaults(func=cmd_estimate)

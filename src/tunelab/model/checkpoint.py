@@ -57,7 +57,7 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ModelError(f"--out {path}: cannot write in {parent} (permission denied)")
 
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError
-from tunelab.train.config import RunConfig, load_config
+from tunelab.train.config import RunConfig, check_options, load_config
 
 log = logging.getLogger("tunelab")
 
@@ -94,6 +94,15 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         )
     cfg.out = str(out)
     return out
+
+
+def check_context(cfg: RunConfig, model) -> None:
+    """--seq-len within the model's context (positions beyond it do not exist)."""
+    context = model.cfg.max_seq_len
+    if cfg.train.seq_len > context:
+        raise ConfigError(
+            f"--seq-len {cfg.train.seq_len}: beyond the model's context of {context} tokens"
+        )
 
 
 def open_run_dir(cfg: RunConfig, out: Path, owned: ExitStack) -> None:
@@ -291,6 +300,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
     from tunelab.train.distributed import launch
     from tunelab.train.loop import Trainer, latest_checkpoint
 
+    check_options(cfg)  # every option before any loading or writing
     task = task or LMTask(kind)
     with launch(cfg.train) as dist, ExitStack() as owned:
         # Rank 0 names and checks the run directory (a default name holds the time); it is
@@ -306,6 +316,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         model, tokenizer = load_for_training(cfg, dist.device)
         model = task.prepare(model, tokenizer, cfg)
         callbacks = [*apply_method(model, cfg.method), *callbacks]
+        check_context(cfg, model)
         params = param_report(model)
         if dist.is_main:
             log.info(format_report(params))

@@ -50,7 +50,7 @@ def check_run_dir(out: Path) -> None:
     parent = out
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
     lock = out / LOCK
     if lock.exists():  # probe: take and drop the lock
