@@ -97,9 +97,15 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 
 
 def check_context(cfg: RunConfig, model) -> None:
-    """--seq-len within the model's context (positions beyond it do not exist)."""
+    """--seq-len within the model's context (positions beyond it do not exist); the default
+    seq_len is lowered to a shorter context, a chosen one is refused."""
+    from tunelab.train.config import TrainConfig
+
     context = model.cfg.max_seq_len
-    if cfg.train.seq_len > context:
+    if cfg.train.seq_len > context and cfg.train.seq_len == TrainConfig.seq_len:
+        log.info("seq_len: %d, the model's context (default %d)", context, cfg.train.seq_len)
+        cfg.train.seq_len = context
+    elif cfg.train.seq_len > context:
         raise ConfigError(
             f"--seq-len {cfg.train.seq_len}: beyond the model's context of {context} tokens"
         )
