@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from tunelab import allocator
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, closest
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tunelab.cli import align, evaluate, models, study, train
-    from tunelab.cli.common import EPILOG
+    from tunelab.cli.common import EPILOG, Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tunelab",
         description="Adapt language models and measure what each technique costs and gains.",
         epilog=EPILOG,
@@ -32,18 +33,41 @@ def entry() -> int:
     return main()
 
 
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the subcommand (and sub-subcommand) that args chose."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name in ("command", "metric", "action"):
+            choice = action.choices.get(getattr(args, name, None) or "")
+            if choice is not None:
+                return _subparser(choice, args) if choice._subparsers else choice
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python is, so it stops a run as Ctrl-C does (exit 143)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if rest:  # unknown dotted options go to the config, which names the closest valid key
+            flags = rest[::2] if len(rest) % 2 == 0 else rest
             if (
                 not getattr(args, "overrides", False)
                 or len(rest) % 2
-                or not rest[0].startswith("--")
+                or any(not f.startswith("--") or "." not in f for f in flags)
             ):
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+                unknown = next((f for f in rest if f.startswith("-")), rest[0])
+                sub = _subparser(parser, args)
+                options = [o for o in sub._option_string_actions if o.startswith("--")]
+                sub.error(f"unrecognized arguments: {' '.join(rest)}{closest(unknown, options)}")
             for flag, value in zip(rest[::2], rest[1::2]):
                 setattr(args, flag.lstrip("-"), value)
         args.func(args)
@@ -52,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a command adds how to resume to the exception's args
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        hint = [str(a) for a in e.args if str(a) != "terminated"]
+        print("; ".join([what, *hint]), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

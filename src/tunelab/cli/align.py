@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tunelab.cli.common import EPILOG
-from tunelab.cli.train import _train_args
+from tunelab.cli.train import _train_args, resumable
 
 ALIGN_ALIASES = {"--loss": "align.loss", "--beta": "align.beta",
                  "--label-smoothing": "align.label_smoothing"}  # fmt: skip
@@ -24,7 +24,7 @@ def cmd_align(a) -> None:
         cfg = config_for_resume(a.resume, overrides)
     else:
         cfg = load_config(a.config, {**overrides, "task": "align"})
-    summary = run_training(cfg, task=AlignTask())
+    summary = resumable(lambda: run_training(cfg, task=AlignTask()), cfg)
     if a.json:
         return print(json.dumps(summary))
     print(f"run: {cfg.out}")

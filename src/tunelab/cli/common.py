@@ -4,10 +4,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 EPILOG = (
     "Models: a known name (see `tunelab models`), a model directory, a .gguf file, or a hub id."
 )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, the usage left to --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(low: int):
+    """An argparse type: an integer no smaller than low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def shot_counts(text: str) -> list[int]:
+    """--shots: comma-separated counts of demonstrations, each 0 or more."""
+    counts = [at_least(0)(part.strip()) for part in str(text).split(",")]
+    return counts
+
+
+def writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output path that cannot be written."""
+    from tunelab.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    target = path if path.exists() else parent
+    if not parent.is_dir() or not os.access(target, os.W_OK):
+        raise ConfigError(f"{flag} {path}: cannot write there (permission denied or not a folder)")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from tunelab.cli.common import EPILOG, emit, load_model, model_args
+from tunelab.cli.common import EPILOG, at_least, emit, load_model, model_args, shot_counts, writable
 
 
 def cmd_perplexity(a) -> None:
@@ -54,6 +54,8 @@ def cmd_classification(a) -> None:
     from tunelab.errors import ModelError
     from tunelab.evaluate.classification import metrics, predict, write_predictions
 
+    if a.predictions:
+        writable(a.predictions, "--predictions")  # before the evaluation, not after it
     lm = load_model(a)
     labels = list(lm.model.cfg.labels)
     if not labels:
@@ -78,7 +80,7 @@ def cmd_icl(a) -> None:
     from tunelab.train.progress import Progress
 
     records, gold, labels = _labeled(a, None)
-    shots = [int(k) for k in str(a.shots).split(",")]
+    shots = a.shots
     order = list(range(len(records)))
     random.Random(a.seed).shuffle(order)
     if a.demos:  # demonstrations from their own file
@@ -119,12 +121,19 @@ def register(sub) -> None:
     model_args(q)
     q.add_argument("--data", nargs="+", required=True, help="text files or folders")
     q.add_argument(
-        "--window", type=int, default=None, help="tokens per window (default min(1024, context))"
+        "--window",
+        type=at_least(2),
+        default=None,
+        help="tokens per window (default min(1024, context))",
     )
     q.add_argument(
-        "--stride", type=int, default=None, help="new tokens scored per window (default window/2)"
+        "--stride",
+        type=at_least(1),
+        default=None,
+        help="new tokens scored per window (default window/2)",
     )
-    q.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    q.add_argument("--max-tokens", type=at_least(1), default=None,
+                   help="score only the first N tokens")  # fmt: skip
     q.set_defaults(func=cmd_perplexity)
 
     q = ev.add_parser("classification", help="accuracy and macro-F1 of a trained classifier",
@@ -132,8 +141,8 @@ def register(sub) -> None:
     model_args(q)
     _labeled_args(q)
     q.add_argument("--labels", default=None, help=argparse.SUPPRESS)
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--seq-len", type=int, default=512, help="max tokens per example")
+    q.add_argument("--batch-size", type=at_least(1), default=16)
+    q.add_argument("--seq-len", type=at_least(1), default=512, help="max tokens per example")
     q.add_argument("--predictions", type=Path, help="write per-example predictions (JSONL) here")
     q.set_defaults(func=cmd_classification)
 
@@ -141,8 +150,9 @@ def register(sub) -> None:
     model_args(q)
     _labeled_args(q)
     q.add_argument("--labels", default=None, help="label names in index order, comma-separated")
-    q.add_argument("--shots", default="0", help="comma-separated shot counts, e.g. 0,1,4")
+    q.add_argument("--shots", type=shot_counts, default=[0],
+                   help="comma-separated shot counts, e.g. 0,1,4")  # fmt: skip
     q.add_argument("--demos", default=None, help="demonstration pool file; default: part of --data")
-    q.add_argument("--limit", type=int, default=None, help="score at most N examples")
+    q.add_argument("--limit", type=at_least(1), default=None, help="score at most N examples")
     q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
     q.set_defaults(func=cmd_icl)

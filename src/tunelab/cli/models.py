@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from tunelab.cli.common import EPILOG, emit, load_model, model_args, sampling, sampling_args
+from tunelab.cli.common import (
+    EPILOG,
+    at_least,
+    emit,
+    load_model,
+    model_args,
+    sampling,
+    sampling_args,
+)
 
 
 def cmd_models(a) -> None:
@@ -80,6 +88,9 @@ def cmd_chat(a) -> None:
 
 
 def cmd_export(a) -> None:
+    from tunelab.model.checkpoint import check_model_out
+
+    check_model_out(a.out, a.force)  # before loading: never remove what tunelab did not write
     lm = load_model(a)
     lm.export(a.out)
     emit(a, {"out": str(a.out)}, f"wrote an HF-format model to {a.out}")
@@ -103,7 +114,9 @@ def cmd_merge(a) -> None:
     """Load a PEFT adapter onto its base model, merge it, and save the merged model."""
     from tunelab.adapt.lora import merge_lora
     from tunelab.adapt.peft_format import load_adapter
+    from tunelab.model.checkpoint import check_model_out
 
+    check_model_out(a.out, a.force)
     lm = load_model(a)
     load_adapter(lm.model, a.adapter)
     merge_lora(lm.model)
@@ -182,13 +195,14 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write the model as an HF-format directory", epilog=EPILOG)
     model_args(p)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools: train our byte-level BPE")
     tk = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = tk.add_parser("train", help="train a byte-level BPE tokenizer on text files")
     q.add_argument("--data", nargs="+", required=True, help="text files or folders")
-    q.add_argument("--vocab-size", type=int, default=8000)
+    q.add_argument("--vocab-size", type=at_least(1), default=8000)
     q.add_argument(
         "--special", nargs="+", default=["<|endoftext|>"], help="special tokens; the first is EOS"
     )
@@ -204,6 +218,7 @@ def register(sub) -> None:
         "--adapter", required=True, type=Path, help="adapter directory (adapter_config.json)"
     )
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -212,9 +227,9 @@ def register(sub) -> None:
     )  # fmt: skip
     model_args(p)
     p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--seq-len", type=at_least(1), default=512)
+    p.add_argument("--batch", type=at_least(1), default=1)
+    p.add_argument("--lora-r", type=at_least(1), default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
     p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
     p.add_argument("--autocast", default=None, choices=["off", "bf16", "fp16"],

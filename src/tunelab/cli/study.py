@@ -34,16 +34,21 @@ def print_table(results: dict) -> None:
 
 
 def _finish(a, study_dir: Path, results: dict) -> None:
+    from tunelab.errors import TunelabError
     from tunelab.study.report import write_report
 
     html, md = write_report(study_dir)
-    if a.json:
-        return print(json.dumps({**results, "report": str(html), "report_md": str(md)}))
-    print_table(results)
     failed = [r for r in results["rows"] if r["status"] == "failed"]
-    for r in failed:
-        print(f"failed: {r['run']}: {r['error']}")
-    print(f"report: {html}")
+    if a.json:
+        print(json.dumps({**results, "report": str(html), "report_md": str(md)}))
+    else:
+        print_table(results)
+        for r in failed:
+            print(f"failed: {r['run']}: {r['error']}")
+        print(f"report: {html}")
+    if failed and len(failed) == len(results["rows"]):
+        raise TunelabError(f"every run of the study failed ({len(failed)}); the first: "
+                           f"{failed[0]['run']}: {failed[0]['error']}")  # fmt: skip
 
 
 def cmd_study(a) -> None:

@@ -68,6 +68,16 @@ def run_task(cfg) -> dict:
     return run_training(cfg)
 
 
+def resumable(fn, cfg):
+    """fn(); an interruption (Ctrl-C, SIGTERM) is re-raised with how to resume the run."""
+    try:
+        return fn()
+    except KeyboardInterrupt as e:
+        if cfg.out and (Path(cfg.out) / "config.yaml").exists():
+            e.args = (*e.args, f"resume with: tunelab {cfg.task} --resume {cfg.out}")
+        raise
+
+
 def cmd_train(a) -> None:
     from tunelab.train.config import load_config
     from tunelab.train.run import config_for_resume
@@ -78,7 +88,7 @@ def cmd_train(a) -> None:
         cfg = config_for_resume(a.resume, overrides)
     else:
         cfg = load_config(a.config, {**overrides, "task": a.task})
-    summary = run_task(cfg)
+    summary = resumable(lambda: run_task(cfg), cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return
     if a.json:

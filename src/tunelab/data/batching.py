@@ -244,6 +244,9 @@ def cached_encode(key_parts: dict, fn: Callable[[], list[dict]]) -> list[dict]:
     # Written to a temp file and renamed, so a kill never leaves a half entry to be read.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
     try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; the cache reads like any file
         with os.fdopen(fd, "w") as f:
             json.dump(
                 {"key": key_parts, "examples": examples}, f, separators=(",", ":"), default=str

@@ -27,6 +27,48 @@ from tunelab.tokenizer.tokenizer import Tokenizer
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_model_dir(path: Path) -> bool:
+    """A folder tunelab or Hugging Face wrote a model (or a PEFT adapter) into."""
+    if (path / CONFIG_FILE).exists() or (path / "adapter_config.json").exists():
+        return True
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return (path / "config.json").exists() and any((path / w).exists() for w in weights)
+
+
+def check_model_out(path: str | Path, force: bool = False) -> None:
+    """Refuse an output folder whose replacement would remove what tunelab did not write:
+    a file, a non-empty folder that is not a model, a model folder unless force."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"--out {path} is a file; give a folder for the model")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_model_dir(path):
+            raise ModelError(
+                f"--out {path} holds files that are not a model; choose a new or empty folder"
+            )
+        if not force:
+            raise ModelError(f"--out {path} already holds a model; pass --force to replace it")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ModelError(f"--out {path}: cannot write in {parent} (permission denied)")
+
+
+def _readable(folder: Path) -> None:
+    """The user's umask on a folder and its files: mkdtemp (and safetensors) make them private."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(target: str | Path):
     """Yield a temporary directory beside target; on success it replaces target in one rename."""
@@ -35,6 +77,7 @@ def atomic_dir(target: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _readable(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -120,6 +163,7 @@ def save_model_dir(
     model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, extra: dict | None = None
 ) -> None:
     """Write a tunelab checkpoint directory atomically: weights, config, tokenizer."""
+    check_model_out(path, force=True)
     with atomic_dir(path) as tmp:
         state = {
             k: v.detach().contiguous() for k, v in model.state_dict().items() if not _tied(model, k)
@@ -133,6 +177,7 @@ def save_model_dir(
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path) -> None:
     """Write an HF directory that transformers' AutoModel*.from_pretrained loads with equal logits."""
+    check_model_out(path, force=True)
     with atomic_dir(path) as tmp:
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
         save_file(

@@ -84,10 +84,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", Path(str(text)).name if "/" in str(text) else str(text)).strip("-")  # fmt: skip
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_name(name, what: str) -> str:
+    """A recipe name that becomes a folder: a slug, no separators, no `..`."""
+    text = str(name)
+    if not NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{what} {text!r}: use letters, digits, '.', '_', '-' and '+' only "
+                          "(it names a folder; no '/' or '..')")  # fmt: skip
+    return text
+
+
 def cells(recipe: dict) -> list[dict]:
     """Every (experiment, cell, seed) of the recipe, in order."""
     out = []
     for e in recipe["experiments"]:
+        check_name(e["name"], "experiment name")
         methods = e.get("methods") or {"full": {}}
         runs = e.get("runs") or [
             {"model": m, "method": label} for m in e.get("models") or [None] for label in methods
@@ -102,6 +115,7 @@ def cells(recipe: dict) -> list[dict]:
             name = run.get("name") or "-".join(
                 x for x in (slug(run["model"]) if run.get("model") else "", str(label)) if x
             )
+            check_name(name, f"experiment {e['name']}: run name")
             for seed in e.get("seeds") or recipe.get("seeds") or [0]:
                 data = merge(e.get("config") or {}, run_config).get("data") or {}
                 out.append({"experiment": e["name"], "task": e["task"], "cell": name,

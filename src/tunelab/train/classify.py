@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
 from tunelab.train.config import RunConfig
 
 log = logging.getLogger("tunelab")
@@ -59,6 +59,10 @@ def load_labeled(cfg: RunConfig):
     else:
         train, val = split_records(records, d.val_fraction, cfg.train.seed)
     labels = label_names(records, cfg.classify.label_field, cfg.classify.labels)
+    seen = {str(r.get(cfg.classify.label_field)) for r in train}
+    if len(seen) == 1:
+        raise DataError(f"{d.path}: every training record has the label {seen.pop()!r} in "
+                        f"{cfg.classify.label_field!r}; a classifier needs at least two classes")  # fmt: skip
     return train, val, labels
 
 
@@ -133,8 +137,10 @@ class ClassifyTask:
 
 def run_classify(cfg: RunConfig) -> dict:
     """One classification run, or k of them (cross-validation) with mean and std over folds."""
+    from tunelab.train.config import check_options
     from tunelab.train.run import run_training, write_summary
 
+    check_options(cfg)
     if cfg.classify.folds < 2:
         return run_training(cfg, task=ClassifyTask())
     from tunelab.evaluate.classification import summarize_folds

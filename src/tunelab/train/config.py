@@ -279,3 +279,38 @@ def option_docs() -> list[tuple[str, Any, str, type]]:
         elif f.name != "method":
             rows.append((f.name, f.default, f.metadata.get("doc", ""), f.type))
     return rows
+
+
+# (dotted key, flag, smallest value, whether the smallest is excluded) checked before any work.
+LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, False),
+          ("train.seq_len", "--seq-len", 1, False), ("train.batch_size", "--batch-size", 1, False),
+          ("train.grad_accum", "--grad-accum", 1, False), ("train.epochs", "--epochs", 0, True),
+          ("train.max_tokens", "--train.max_tokens", 1, False),
+          ("train.eval_every", "--eval-every", 1, False), ("train.save_every", "--save-every", 1, False),
+          ("train.log_every", "--train.log_every", 1, False),
+          ("eval.window", "--eval.window", 2, False), ("eval.stride", "--eval.stride", 1, False),
+          ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
+CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16")),
+           "train.schedule": ("--train.schedule", ("cosine", "linear", "constant"))}  # fmt: skip
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Values no run can use, named by their flag, before anything is loaded or written."""
+
+    def value(dotted: str):
+        section, key = dotted.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    for dotted, flag, low, strict in LIMITS:
+        v = value(dotted)
+        if v is not None and (v <= low if strict else v < low):
+            bound = f"greater than {low}" if strict else f"at least {low}"
+            raise ConfigError(f"{flag} {v}: must be {bound} ({dotted})")
+    for dotted, (flag, allowed) in CHOICES.items():
+        if value(dotted) not in allowed:
+            raise ConfigError(
+                f"{flag} {value(dotted)!r}: expected one of {', '.join(allowed)}"
+                f"{closest(str(value(dotted)), allowed)}"
+            )
+    if cfg.classify.folds == 1 or cfg.classify.folds < 0:
+        raise ConfigError(f"--folds {cfg.classify.folds}: use 0 (off) or at least 2 folds")

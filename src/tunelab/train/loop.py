@@ -122,7 +122,7 @@ class Trainer:
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             state = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed,
-                         best_val=self.best_val, bad_evals=self.bad_evals,
+                         best_val=self.best_val, bad_evals=self.bad_evals, last_val=self.last_val,
                          scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
                          python_rng=random.getstate()[1], trainable=sorted(weights))  # fmt: skip
             (tmp / "state.json").write_text(json.dumps(state))
@@ -146,6 +146,7 @@ class Trainer:
             raise TrainingError(f"{path}: unusable checkpoint ({e})") from None
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        self.last_val = state.get("last_val")  # a kill after the last checkpoint keeps it
         for cb in self.callbacks:  # e.g. re-unfreeze the blocks that were trainable at this step
             cb.on_resume(self, self.step)
         params = dict(self.model.named_parameters())

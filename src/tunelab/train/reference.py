@@ -125,6 +125,7 @@ def cached_reference(model, parts: dict, cfg: RunConfig, pad_id: int, path: Path
     tensors = {f"{n}.{side}": t.contiguous() for n, (c, r) in ref.items()
                for side, t in (("chosen", c), ("rejected", r))}  # fmt: skip
     tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # before the run directory is opened
     save_file(tensors, str(tmp), metadata={"key": key})
     tmp.replace(path)  # renamed into place, so a kill never leaves a half-written cache
     return ref

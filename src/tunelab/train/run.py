@@ -9,13 +9,14 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import yaml
 
 from tunelab.errors import ConfigError
-from tunelab.train.config import RunConfig, compute_precision, load_config
+from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 
 log = logging.getLogger("tunelab")
 
@@ -86,16 +87,52 @@ def set_dropout(model, p: float) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """The run directory with config.yaml written; an existing finished run is not overwritten."""
+    """The run directory's path, checked before any work: writable, not a finished run, not a
+    folder of other files, not owned by a running run. Nothing is written yet (open_run_dir)."""
+    from tunelab.train.rundir import check_run_dir
+
     out = Path(cfg.out or f"runs/{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run_dir(out)
     if not cfg.resume and (out / "summary.json").exists():
         raise ConfigError(
             f"{out} holds a finished run; choose another --out or pass --resume {out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and (out / "config.yaml").exists():
+        raise ConfigError(
+            f"{out} holds an interrupted run; continue it with --resume {out} or choose another --out"
+        )
+    if not cfg.resume and out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        raise ConfigError(
+            f"--out {out} holds files that are not a tunelab run; choose a new or empty folder"
+        )
     cfg.out = str(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out
+
+
+def check_context(cfg: RunConfig, model) -> None:
+    """--seq-len within the model's context (positions beyond it do not exist); the default
+    seq_len is lowered to a shorter context, a chosen one is refused."""
+    from tunelab.train.config import TrainConfig
+
+    context = model.cfg.max_seq_len
+    if cfg.train.seq_len > context and cfg.train.seq_len == TrainConfig.seq_len:
+        log.info("seq_len: %d, the model's context (default %d)", context, cfg.train.seq_len)
+        cfg.train.seq_len = context
+    elif cfg.train.seq_len > context:
+        raise ConfigError(
+            f"--seq-len {cfg.train.seq_len}: beyond the model's context of {context} tokens"
+        )
+
+
+def open_run_dir(cfg: RunConfig, out: Path, owned: ExitStack) -> None:
+    """Create the run directory, own it until `owned` closes, clean what an interrupted start
+    left behind, and write config.yaml: the first write of a run, after every check passed."""
+    from tunelab.train.rundir import clean_temporaries, own_run_dir
+
+    owned.enter_context(own_run_dir(out))
+    for path in clean_temporaries(out):
+        log.info("removed %s (left by an interrupted write)", path)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_for_resume(run_dir: str | Path, overrides: dict) -> RunConfig:
@@ -106,6 +143,21 @@ def config_for_resume(run_dir: str | Path, overrides: dict) -> RunConfig:
     cfg = load_config(path, {k: v for k, v in overrides.items() if k not in ("resume", "out")})
     cfg.out, cfg.resume = str(run_dir), True
     return cfg
+
+
+def resume_notes(run_dir: Path, checkpoint: Path | None, step: int) -> None:
+    """Say where a resumed run continues from; forget the metrics it will replay."""
+    from tunelab.train.rundir import truncate_metrics
+
+    if checkpoint is None:
+        log.info("resuming %s: no checkpoint yet, starting from step 0", run_dir)
+    else:
+        log.info("resuming %s from %s (step %d)", run_dir, checkpoint, step)
+    dropped = truncate_metrics(run_dir, step)
+    if dropped:
+        log.info(
+            "metrics.jsonl: %d records after step %d dropped (they are replayed)", dropped, step
+        )
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -268,9 +320,11 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
     from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.optim import fp32_master_weights
 
+    check_options(cfg)  # every option before any loading or writing
     task = task or LMTask(kind)
-    with launch(cfg.train) as dist:
-        # Rank 0 names the run directory (a default name holds the time) and writes its config.
+    with launch(cfg.train) as dist, ExitStack() as owned:
+        # Rank 0 names and checks the run directory (a default name holds the time); it is
+        # created, locked and given its config only once the model and data have loaded.
         run_dir = Path(dist.broadcast(str(prepare_run_dir(cfg)) if dist.is_main else None))
         cfg.out = str(run_dir)
         summary_file = run_dir / "summary.json"
@@ -282,6 +336,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         model, tokenizer = load_for_training(cfg, dist.device)
         model = task.prepare(model, tokenizer, cfg)
         callbacks = [*apply_method(model, cfg.method), *callbacks]
+        check_context(cfg, model)
         # FSDP shards each block as one flat group, which wants a single dtype: all fp32 there.
         fp32_master_weights(model, callbacks, everything=dist.strategy == "fsdp")
         model.transformer.checkpoint_blocks = cfg.train.activation_checkpointing
@@ -289,6 +344,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         if dist.is_main:
             log.info(format_report(params))
         train_b, val_b, data_stats = task.data(cfg, tokenizer, dist.rank, dist.world)
+        if dist.is_main:
+            open_run_dir(cfg, run_dir, owned)
         model.eval()
         before = task.measure(model, tokenizer, cfg, val_b)
         set_dropout(model, cfg.train.dropout)
@@ -301,6 +358,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         checkpoint = dist.broadcast(checkpoint)  # rank 0's choice; other nodes need a shared disk
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
+        if cfg.resume and dist.is_main:
+            resume_notes(run_dir, checkpoint, trainer.step)
         summary = trainer.fit()
         set_dropout(model, 0.0)
         model.eval()
