@@ -66,11 +66,11 @@ CONFIGS: dict[str, dict] = {
 # --scale: the same families with tiny dimensions (head_dim apart from hidden/heads for Gemma,
 # grouped-query attention for both, a sliding window shorter than the test sequences).
 SCALED: dict[str, dict] = {
-    "gpt2-large": dict(n_embd=64, n_head=4, n_layer=3, n_positions=128, n_ctx=128, vocab_size=512),
+    "gpt2-large": dict(n_embd=64, n_head=4, n_layer=3, n_positions=256, n_ctx=256, vocab_size=512),
     "gemma-2b": dict(hidden_size=64, head_dim=32, intermediate_size=256, num_attention_heads=4,
                      num_key_value_heads=1, num_hidden_layers=3, max_position_embeddings=256,
                      vocab_size=512),
-    "mistral-7b": dict(hidden_size=64, intermediate_size=224, num_attention_heads=8,
+    "mistral-7b": dict(hidden_size=128, intermediate_size=448, num_attention_heads=8,
                        num_key_value_heads=2, num_hidden_layers=3, max_position_embeddings=256,
                        sliding_window=16, vocab_size=512),
 }  # fmt: skip
