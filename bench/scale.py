@@ -14,14 +14,15 @@ inside the processes is in bench/scale_workers.py):
   dtype=bfloat16, low_cpu_mem_usage=True[, bitsandbytes NF4 with double quantization]). Each
   worker reads its own RSS before and after and its high-water mark (VmHWM) after loading.
 - full / lora / qlora: tunelab through its command (`python -m tunelab finetune ... --precision
-  bf16`), against a worker that loads the same directory with transformers, wraps it with
-  peft's LoraConfig (r 16, alpha 32, dropout 0, all linear layers of the blocks) and trains on
-  the batches tunelab's own data pipeline makes from the same file and seed (checked: the same
+  bf16 --autocast bf16`: frozen weights stored in bf16, trainable ones with fp32 master copies),
+  against a worker that loads the same directory with transformers, wraps it with peft's
+  LoraConfig (r 16, alpha 32, dropout 0, all linear layers of the blocks) and trains on the
+  batches tunelab's own data pipeline makes from the same file and seed (checked: the same
   tokens per step). Both: sequence length 256, batch 1, AdamW (fused, no weight decay) at a
   constant learning rate, clipping at 1.0, no evaluation, no gradient checkpointing, bf16
-  autocast; full trains fp32 weights (the reference loads the checkpoint as fp32), LoRA keeps a
-  bf16 base with fp32 adapters, QLoRA an NF4 base (the reference: bitsandbytes 4-bit, double
-  quantization; without bitsandbytes the reference row is LoRA on a bf16 base, and says so).
+  autocast. The reference's full run loads the checkpoint as fp32 (its weights are the fp32
+  masters), its LoRA a bf16 base with peft's fp32 adapters, its QLoRA a bitsandbytes NF4 base
+  (double quantization); without bitsandbytes that row is LoRA on a bf16 base, and says so.
   This script polls each child's /proc status every 5 ms: the load-phase peak is its VmHWM
   when the model is ready (tunelab: the parameter report its command logs; the reference: its
   'ready' line), the training peak its VmHWM when the last step is recorded, the command peak
@@ -120,7 +121,8 @@ def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -
         run = logs / "run"
         opts = {"name": method, **({"targets": "all-linear", **LORA} if method != "full" else {})}
         cmd = [sys.executable, "-m", "tunelab", "finetune", "--model", job["model"],
-               "--data", job["data"], "--precision", "bf16", "--seq-len", str(job["seq_len"]),
+               "--data", job["data"], "--precision", "bf16", "--autocast", "bf16",
+               "--seq-len", str(job["seq_len"]),
                "--batch-size", str(job["batch"]), "--max-steps", str(job["steps"]),
                "--lr", str(job["lr"]), "--seed", str(job["seed"]), "--out", str(run),
                "--data.val_fraction", "0", "--train.schedule", "constant",
@@ -173,9 +175,10 @@ def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -
     return out
 
 
-def fits_full(name: str, scale: bool, limit_mb: float) -> bool:
-    """Full fine-tuning holds fp32 weights, gradients and two AdamW moments: 16 bytes/param."""
-    return shapes.n_params(name, scale) * 16 / 2**20 + 1024 < limit_mb
+def full_mb(name: str, scale: bool) -> float:
+    """Full fine-tuning's state: bf16 weights with fp32 master copies, fp32 gradients and two
+    AdamW moments, 18 bytes a parameter (the reference's fp32 weights: 16), and 1 GiB besides."""
+    return shapes.n_params(name, scale) * 18 / 2**20 + 1024
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def load_table(rows: list[dict]) -> str:
                          f"| {_agg(_gib(r['rss_before_mb'] for r in ok), '{:.2f}')} "
                          f"| {_agg(_gib(r['peak_mb'] for r in ok), '{:.2f}')} "
                          f"| {_agg(_gib(r['rss_after_mb'] for r in ok), '{:.2f}')} "
-                         f"| {_agg(_gib(grow), '{:.2f}')} | {row['weights_gib']:.2f} | {target} |")  # fmt: skip
+                         f"| {_agg(_gib(grow), '{:.2f}')} | {row['weights_gib']:.3g} | {target} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -315,6 +318,7 @@ def main() -> None:
                     "(default 90%% of the memory available at the start)")  # fmt: skip
     ap.add_argument("--doc", default=None, help=f"page to update (default {DOC}; not in --smoke)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--json", help="also write every measurement, raw, to this file")
     a = ap.parse_args()
     if a.smoke:
         a.steps, a.warmup, a.runs = 2, 1, 1
@@ -335,8 +339,8 @@ def main() -> None:
             row = dict(shape=shape, method=method, weights_gib=weights,
                        sides={names["tunelab"]: [], names["reference"]: []})  # fmt: skip
             (load_rows if method in LOAD_METHODS else train_rows).append(row)
-            if method == "full" and not fits_full(shape, a.smoke, limit):
-                row["skipped"] = f"not run: needs ~{shapes.n_params(shape) * 16 / 2**30:.0f} GiB"
+            if method == "full" and full_mb(shape, a.smoke) > limit:
+                row["skipped"] = f"not run: needs ~{full_mb(shape, a.smoke) / 1024:.0f} GiB"
                 continue
             for run in range(a.runs):  # alternate who goes first, so drift in load evens out
                 for side in ("tunelab", "reference")[:: 1 if run % 2 == 0 else -1]:
@@ -374,7 +378,10 @@ def main() -> None:
                   f"Training: {a.steps} steps on {Path(a.data).name}, sequence length "
                   f"{TRAIN['seq_len']}, batch {TRAIN['batch']}, AdamW lr {TRAIN['lr']:g} constant, "
                   f"clip 1.0, bf16 autocast on both sides, no gradient checkpointing, no "
-                  f"evaluation; s/step is the median of steps {a.warmup + 1}–{a.steps}. LoRA r "
+                  f"evaluation; s/step is the median of steps {a.warmup + 1}–{a.steps}. tunelab: "
+                  "`--precision bf16 --autocast bf16` (frozen weights in bf16, trainable ones "
+                  "with fp32 master copies); the reference: full loads fp32 weights, LoRA a bf16 "
+                  "base with fp32 adapters, QLoRA a bitsandbytes NF4 base. LoRA r "
                   f"{LORA['r']}, alpha {LORA['alpha']}, dropout 0 on every linear layer of the "
                   "blocks (peft's `all-linear`; GPT-2's fused c_attn takes one adapter in peft, "
                   "three in tunelab, hence the trainable counts). Both sides trained on "
@@ -388,6 +395,8 @@ def main() -> None:
                   + ("" if have_bnb else " QLoRA's reference row is peft LoRA on a bf16 base: "
                      "bitsandbytes is not installed here.")]  # fmt: skip
     body = "\n".join(parts)
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(load=load_rows, train=train_rows), indent=1))
     print("\n" + body)
     if doc and not a.no_write:
         write_section(body, doc)

@@ -1,8 +1,8 @@
 """Random-weight checkpoints shaped exactly like GPT-2 large, Gemma-2B and Mistral-7B; nothing
 is downloaded.
 
-    python bench/shapes.py [gpt2-large gemma-2b mistral-7b] [--scale] [--out DIR] [--seed 0]
-                           [--shard-gb 4] [--force]
+    python bench/shapes.py [gpt2-large gemma-2b mistral-7b] [--scale] [--cache DIR | --out DIR]
+                           [--seed 0] [--shard-gb 4] [--force]
 
 Each is an HF directory as the hub has it: config.json with the real model_type, architectures
 and dimensions (torch_dtype bfloat16), bf16 safetensors shards with model.safetensors.index.json
@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", default=list(CONFIGS), help=", ".join(CONFIGS))
     ap.add_argument("--scale", action="store_true", help="tiny dimensions, several shards")
-    ap.add_argument("--out", help="output folder (one name only); default " + str(CACHE / "NAME"))
+    ap.add_argument("--out", help="output folder (one name only); default CACHE/NAME")
+    ap.add_argument("--cache", default=str(CACHE), help="parent of the shape folders [%(default)s]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=SHARD_GB, help="max shard size (full size)")
     ap.add_argument("--force", action="store_true", help="rewrite even if already written")
@@ -282,11 +283,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--out takes one shape name")
     for name in a.names:
         t = time.perf_counter()
-        path = write_shape(name, a.out, scale=a.scale, seed=a.seed, shard_gb=a.shard_gb,
+        out = a.out or Path(a.cache).expanduser() / default_dir(name, a.scale).name
+        path = write_shape(name, out, scale=a.scale, seed=a.seed, shard_gb=a.shard_gb,
                            force=a.force)  # fmt: skip
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
         print(f"{name}{' (scaled)' if a.scale else ''}: {n_params(name, a.scale) / 1e6:,.1f}M "
-              f"parameters, {size:.2f} GiB bf16 in {path} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+              f"parameters, {size:,.1f} MiB bf16 in {path} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":
