@@ -326,6 +326,8 @@ def main() -> None:
     if not Path(a.data).is_file():
         raise SystemExit(f"{a.data}: instruction data not found (pass --data PATH)")
     limit = a.max_rss_gb * 1024 if a.max_rss_gb else 0.9 * available_mb()
+    if a.work:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
     cache = Path(a.cache).expanduser() if a.cache else shapes.CACHE
     dirs = {n: shapes.write_shape(n, cache / (f"{n}-scaled" if a.smoke else n), scale=a.smoke)
             for n in a.shapes}  # fmt: skip
@@ -345,6 +347,7 @@ def main() -> None:
             for run in range(a.runs):  # alternate who goes first, so drift in load evens out
                 for side in ("tunelab", "reference")[:: 1 if run % 2 == 0 else -1]:
                     if side == "reference" and method == "nf4" and not have_bnb:
+                        row["sides"][names[side]].append({"failed": "no bitsandbytes here"})
                         continue
                     with tempfile.TemporaryDirectory(prefix="scale-", dir=a.work) as tmp:
                         fn = measure_load if method in LOAD_METHODS else measure_train
