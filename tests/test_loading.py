@@ -94,24 +94,28 @@ def test_truncated_shard_and_missing_tensor_are_one_line_errors(tmp_path):
 
 _PEAK = """
 import resource, sys, torch, tunelab
+big, small, precision, quant = sys.argv[1:5]
+tunelab.load(small, precision=precision, quantize=quant or None)  # code paths and libraries paged in
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-lm = tunelab.load(sys.argv[1], precision=sys.argv[2], quantize=sys.argv[3] or None)
+lm = tunelab.load(big, precision=precision, quantize=quant or None)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 held = sum(t.numel() * t.element_size() for t in list(lm.model.parameters()) + list(lm.model.buffers()))
 print(base * 1024, peak * 1024, held)
 """
 
 
-def _peak(path, precision, quant=""):
-    out = subprocess.run([sys.executable, "-c", _PEAK, str(path), precision, quant],
+def _peak(paths, precision, quant=""):
+    out = subprocess.run([sys.executable, "-c", _PEAK, *map(str, paths), precision, quant],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return [int(v) for v in out.stdout.split()]
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """~100 MB of bf16 weights in 4 shards: big enough for memory to show above the noise."""
+    """~130 MB of bf16 weights in 6 shards (big enough for memory to show above the noise),
+    and a tiny model of the same family that each measurement loads first."""
     torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("wide")
     cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096,
                                    num_hidden_layers=4, num_attention_heads=8,
                                    num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
@@ -120,10 +124,10 @@ def wide(tmp_path_factory):
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     for p in model.parameters():
         nn.init.normal_(p, std=0.02)
-    path = tmp_path_factory.mktemp("wide") / "wide"
-    model.save_pretrained(path, max_shard_size="30MB")
-    _tokenizer(path)
-    return path, sum(p.numel() for p in model.parameters())
+    model.save_pretrained(root / "wide", max_shard_size="30MB")
+    _tokenizer(root / "wide")
+    _, small = _sharded(root)
+    return (root / "wide", small), sum(p.numel() for p in model.parameters())
 
 
 def test_loading_peak_is_the_weights_plus_little(wide):
@@ -138,5 +142,6 @@ def test_loading_peak_is_the_weights_plus_little(wide):
 def test_nf4_on_read_never_holds_the_float_model(wide):
     path, n = wide
     base, peak, held = _peak(path, "bf16", "nf4")
-    assert held < 0.45 * 2 * n  # embeddings and head stay bf16, the blocks are 4-bit
-    assert peak - base < 0.75 * 2 * n, (peak - base, 2 * n)  # below the bf16 model alone
+    assert held < 0.3 * 2 * n  # embeddings and head stay bf16, the blocks are 4-bit
+    # measured 55 MB over the 37 MB kept, for 132 MB of bf16 weights: never the float model
+    assert peak - base < 0.6 * 2 * n, (peak - base, 2 * n)

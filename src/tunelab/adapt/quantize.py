@@ -26,6 +26,14 @@ NF4_CODE = (
 )  # fmt: skip
 BLOCK = 64  # weights per absmax
 BLOCK2 = 256  # absmax values per second-level scale (double quantization)
+# Weights quantized / dequantized at a time (multiples of BLOCK): small enough that a 7B
+# model's 58M-weight layers need a few MB of temporaries, not a GB that fragments the heap.
+CHUNK, DEQUANT_CHUNK = 1 << 18, 1 << 20
+
+
+def _blocks(values: torch.Tensor) -> torch.Tensor:
+    """float32 (n / BLOCK, BLOCK) rows of values, the last one zero-padded."""
+    return F.pad(values.float(), (0, (-values.numel()) % BLOCK)).view(-1, BLOCK)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -106,11 +114,10 @@ class NF4Linear(QuantLinear):
 
     def __init__(self, linear: nn.Linear, double_quant: bool = True):
         super().__init__(linear)
-        w = linear.weight.detach().float().flatten()
-        self.numel, self.double_quant = w.numel(), double_quant
-        self.register_buffer("code", torch.tensor(NF4_CODE, device=w.device), persistent=False)
-        w = F.pad(w, (0, (-w.numel()) % BLOCK)).view(-1, BLOCK)
-        absmax = w.abs().amax(1).clamp(min=1e-12)
+        flat = linear.weight.detach().flatten()
+        self.numel, self.double_quant = flat.numel(), double_quant
+        self.register_buffer("code", torch.tensor(NF4_CODE, device=flat.device), persistent=False)
+        absmax = torch.cat([_blocks(c).abs().amax(1) for c in flat.split(CHUNK)]).clamp(min=1e-12)
         if double_quant:
             self.register_buffer("absmax_offset", absmax.mean().reshape(1))
             q, scale = _absmax_int8(absmax - self.absmax_offset, BLOCK2)
@@ -119,11 +126,16 @@ class NF4Linear(QuantLinear):
             absmax = self._absmax()  # pick codes against the scale forward will use
         else:
             self.register_buffer("absmax", absmax)
-        normed = (w / absmax[:, None]).clamp(-1, 1).flatten()
         mids = (self.code[1:] + self.code[:-1]) / 2
-        idx = torch.bucketize(normed, mids).to(torch.uint8)  # nearest code
-        # bitsandbytes' order: the first weight of each pair in the high nibble
-        self.register_buffer("packed", (idx[0::2] << 4) | idx[1::2])
+        packed = torch.empty(absmax.numel() * BLOCK // 2, dtype=torch.uint8, device=flat.device)
+        for start, chunk in zip(range(0, self.numel, CHUNK), flat.split(CHUNK)):
+            blocks = _blocks(chunk)
+            first = start // BLOCK
+            normed = (blocks / absmax[first : first + len(blocks), None]).clamp(-1, 1).flatten()
+            idx = torch.bucketize(normed, mids, out_int32=True).to(torch.uint8)  # nearest code
+            # bitsandbytes' order: the first weight of each pair in the high nibble
+            packed[start // 2 : start // 2 + idx.numel() // 2] = (idx[0::2] << 4) | idx[1::2]
+        self.register_buffer("packed", packed)
 
     def _absmax(self) -> torch.Tensor:
         if not self.double_quant:
@@ -138,10 +150,17 @@ class NF4Linear(QuantLinear):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # a byte -> (high, low) value table: one index_select per byte (tensor indexing is
-        # ~10x slower on CPU)
+        # ~10x slower on CPU); computed in float32 a chunk at a time, stored in dtype
         pairs = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), -1)
-        values = pairs.index_select(0, self.packed.long()).view(-1, BLOCK) * self._absmax()[:, None]
-        return values.flatten()[: self.numel].view(self.out_features, self.in_features).to(dtype)
+        absmax = self._absmax()
+        out = torch.empty(self.packed.numel() * 2, dtype=dtype, device=self.packed.device)
+        for start in range(0, out.numel(), DEQUANT_CHUNK):
+            codes = self.packed[start // 2 : (start + DEQUANT_CHUNK) // 2].long()
+            values = pairs.index_select(0, codes).view(-1, BLOCK)
+            first = start // BLOCK
+            values = values * absmax[first : first + len(values), None]
+            out[start : start + values.numel()] = values.flatten()
+        return out[: self.numel].view(self.out_features, self.in_features)
 
 
 class Int8Linear(QuantLinear):

@@ -21,7 +21,7 @@ from tunelab.errors import ModelError
 from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
-from tunelab.model.weights import hf_entries, materialize, read_header, read_tensors
+from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
@@ -102,7 +102,7 @@ def _sources(path: Path):
     """(config, {tunelab name: shape}, tensors) of a model directory, tensors read lazily."""
     if (path / CONFIG_FILE).exists():
         cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
-        entries = read_header(path / "model.safetensors")
+        entries = hf_entries(path)
         return cfg, {n: e.shape for n, e in entries.items()}, read_tensors(entries)
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: neither {CONFIG_FILE} nor config.json; not a model directory")
@@ -159,16 +159,16 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device=
     return model.eval(), Tokenizer.from_dir(path)
 
 
-def save_model_dir(
-    model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, extra: dict | None = None
-) -> None:
-    """Write a tunelab checkpoint directory atomically: weights, config, tokenizer."""
+def save_model_dir(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path,
+                   extra: dict | None = None, tensors=None) -> None:  # fmt: skip
+    """Write a tunelab checkpoint directory atomically: weights (sharded past 2 GiB), config,
+    tokenizer. tensors: (name, tensor) pairs to write instead of the model's state dict, e.g.
+    a LoRA model's merged weights made one at a time."""
     check_model_out(path, force=True)
+    if tensors is None:
+        tensors = ((k, v) for k, v in model.state_dict().items() if not _tied(model, k))
     with atomic_dir(path) as tmp:
-        state = {
-            k: v.detach().contiguous() for k, v in model.state_dict().items() if not _tied(model, k)
-        }
-        save_file(state, str(tmp / "model.safetensors"))
+        write_shards(tensors, tmp)
         meta = {"format": 1, "model": model.cfg.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:

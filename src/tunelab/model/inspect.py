@@ -8,17 +8,13 @@ tunelab directory, a .gguf file, or a hub id (for which only config.json is fetc
 from __future__ import annotations
 
 import json
-import struct
+import math
 from pathlib import Path
 
 from tunelab.errors import ModelError, TunelabError
 from tunelab.model.checkpoint import CONFIG_FILE
 from tunelab.model.config import ModelConfig, from_hf_config
-
-# safetensors dtype names -> bytes per element
-ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
-MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is a damaged file
+from tunelab.model.weights import DTYPE_NAMES, hf_entries
 
 
 def read_config(source: str | Path) -> ModelConfig:
@@ -54,23 +50,14 @@ def weight_bytes(source: str | Path) -> dict:
     path = _local_or_config(source)
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_weights(path)
-    files = _weight_files(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no weight files beside this config (only the config was read)")
+    entries = hf_entries(path, whole=False)
     by_dtype: dict[str, dict] = {}
     largest = dict(name=None, params=0, bytes=0)
-    for file in files:
-        for name, info in _safetensors_header(file).items():
-            if name == "__metadata__":
-                continue
-            try:
-                n = 1
-                for size in info["shape"]:
-                    n *= int(size)
-                begin, end = info["data_offsets"]
-                dtype = str(info["dtype"])
-            except (KeyError, TypeError, ValueError):
-                raise ModelError(f"{file}: tensor {name!r} has a malformed header entry") from None
-            _add(by_dtype, largest, name, dtype, n, end - begin)
-    return _summary(by_dtype, largest, files)
+    for name, e in entries.items():
+        _add(by_dtype, largest, name, DTYPE_NAMES[e.dtype], math.prod(e.shape), e.nbytes)
+    return _summary(by_dtype, largest, sorted({e.file for e in entries.values()}))
 
 
 def _local_or_config(source: str | Path) -> Path:
@@ -131,51 +118,6 @@ def _mapped(hf: dict, path: Path) -> ModelConfig:
         raise ModelError(f"{path}: unusable value ({e})") from None
     except TunelabError as e:
         raise ModelError(f"{path}: {e}") from None
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a directory: a sharded index's shards, or model.safetensors."""
-    if not path.is_dir():
-        raise ModelError(f"{path}: no weight files beside this config (only the config was read)")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"{index}: no 'weight_map'; the index is damaged")
-        files = [path / shard for shard in sorted(set(weight_map.values()))]
-        missing = [f for f in files if not f.exists()]
-        if missing:
-            raise ModelError(f"{missing[0]}: listed in {index.name} but missing")
-        return files
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    raise ModelError(f"{path}: no model.safetensors or sharded index (weights not present)")
-
-
-def _safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: 8 bytes little-endian length, then JSON."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelError(
-                    f"{path}: shorter than a safetensors header; the file is truncated"
-                )
-            (length,) = struct.unpack("<Q", head)
-            if length > MAX_HEADER:
-                raise ModelError(f"{path}: header length {length} is implausible; not safetensors")
-            text = f.read(length)
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModelError(
-            f"{path}: the safetensors header is not valid JSON; damaged file"
-        ) from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{path}: the safetensors header is not a JSON object; damaged file")
-    return header
 
 
 def _gguf_weights(path: Path) -> dict:

@@ -10,6 +10,9 @@ of {name: {dtype, shape, data_offsets}}, then the data.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -40,8 +44,9 @@ class Entry:
     shape: tuple[int, ...]
 
 
-def read_header(path: Path) -> dict[str, Entry]:
-    """The tensors of a safetensors file, from its header alone."""
+def read_header(path: Path, whole: bool = True) -> dict[str, Entry]:
+    """The tensors of a safetensors file, from its header alone; whole=True also checks that
+    the file holds all their bytes (a truncated download fails here, not mid-load)."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -57,7 +62,7 @@ def read_header(path: Path) -> dict[str, Entry]:
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        if 8 + n + end > size:
+        if whole and 8 + n + end > size:
             raise ModelError(f"{path}: {name} ends past the end of the file; it may be truncated")
         if info["dtype"] not in DTYPES:
             raise ModelError(f"{path}: {name} has dtype {info['dtype']}, which tunelab cannot read")
@@ -66,7 +71,7 @@ def read_header(path: Path) -> dict[str, Entry]:
     return entries
 
 
-def hf_entries(path: Path) -> dict[str, Entry]:
+def hf_entries(path: Path, whole: bool = True) -> dict[str, Entry]:
     """Every tensor of a model directory: one model.safetensors or a sharded index."""
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -78,11 +83,11 @@ def hf_entries(path: Path) -> dict[str, Entry]:
         for shard in shards:
             if not (path / shard).exists():
                 raise ModelError(f"{index}: names {shard}, which is not in {path}")
-            entries.update(read_header(path / shard))
+            entries.update(read_header(path / shard, whole))
         return entries
     if (path / "model.safetensors").exists():
-        return read_header(path / "model.safetensors")
-    raise ModelError(f"{path}: no model.safetensors or sharded index")
+        return read_header(path / "model.safetensors", whole)
+    raise ModelError(f"{path}: no model.safetensors or sharded index (weights not present)")
 
 
 def read_tensors(entries: dict[str, Entry]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -137,3 +142,63 @@ def materialize(
         if on_linear and isinstance(module, nn.Linear) and complete and ".layers." in owner:
             parent, _, child = owner.rpartition(".")
             setattr(model.get_submodule(parent), child, on_linear(owner, module))
+            del module
+            _release_freed()
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _release_freed() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim).
+
+    Quantizing on read frees each layer's float weight while keeping its small 4-bit form, so
+    the heap becomes a sieve of free holes that glibc keeps: measured 320 MB retained for 37 MB
+    kept on a 130 MB model. Trimming after each layer keeps the peak at the weights."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+SHARD_BYTES = 2 * 2**30
+
+
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
+                 max_bytes: int = SHARD_BYTES, metadata: dict | None = None) -> None:  # fmt: skip
+    """Write tensors as they come into safetensors shards of at most max_bytes, with HF's
+    index when there is more than one, so saving holds one shard at most, never the model."""
+    from safetensors.torch import save_file
+
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map = 0, [], {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            files.append(directory / f"model-{len(files) + 1:05d}.safetensors")
+            save_file(shard, str(files[-1]), metadata=metadata)
+            weight_map.update(dict.fromkeys(shard, files[-1].name))
+        shard, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes:
+            flush()
+        shard[name] = tensor.detach().contiguous()
+        size += nbytes
+    flush()
+    if len(files) <= 1:
+        if files:
+            files[0].rename(directory / "model.safetensors")
+        else:
+            save_file({}, str(directory / "model.safetensors"), metadata=metadata)
+        return
+    total = sum(f.stat().st_size for f in files)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
