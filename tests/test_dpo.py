@@ -449,8 +449,9 @@ def test_cli_align_on_a_tiny_model_dir(setup, capsys, loss):
     assert main(["align", "--resume", str(out), "--json"]) == 0  # finished: returns the summary
 
 
-def test_recipe_is_a_valid_align_config():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "dpo.yaml")
+@pytest.mark.parametrize("recipe", ["dpo.yaml", "dpo-hh.yaml"])
+def test_recipe_is_a_valid_align_config(recipe):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / recipe)
     assert cfg.task == "align" and cfg.align.loss in ("dpo", "ipo", "hinge")
 
 
