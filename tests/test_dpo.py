@@ -20,9 +20,10 @@ from tunelab.model.config import ModelConfig, preset
 from tunelab.model.heads import build_model
 from tunelab.tokenizer.bpe import BPETokenizer
 from tunelab.tokenizer.tokenizer import Tokenizer
-from tunelab.train.align import AlignTask, encode_pairs, split_prompt
+from tunelab.train.align import AlignTask
 from tunelab.train.config import load_config
 from tunelab.train.objectives import preference_loss
+from tunelab.train.pairs import encode_pairs, split_prompt
 from tunelab.train.reference import REFERENCE_FILE, cached_reference, live_reference
 from tunelab.train.run import init_weights, run_training
 
@@ -200,7 +201,7 @@ def test_encoding_plain_chat_and_split(setup):
 
 @pytest.mark.parametrize("line,what", [('{"prompt": "a", "chosen": "b"}', "rejected"),
                                        ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
-                                       ('{"prompt": "a", "chosen": "", "rejected": "c"}', "chosen")])  # fmt: skip
+                                       ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}', "chosen")])  # fmt: skip
 def test_malformed_pair_is_a_one_line_error(setup, capsys, line, what):
     bad = setup / "bad.jsonl"
     bad.write_text('{"prompt": "the", "chosen": " a", "rejected": " b"}\n' + line + "\n")
@@ -211,6 +212,102 @@ def test_malformed_pair_is_a_one_line_error(setup, capsys, line, what):
     assert "bad.jsonl:2" in err and what in err and len(err.splitlines()) == 1
     with pytest.raises(DataError, match="bad.jsonl:2"):
         encode_pairs(load_records(bad), Tokenizer.from_dir(setup / "tok"), load_config())
+
+
+# ---- HH-RLHF dialogues and skipped pairs ------------------------------------------------------
+
+
+def _hh(*turns: str) -> str:
+    """An HH-RLHF transcript from alternating human/assistant turns."""
+    return "".join(
+        f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns)
+    )
+
+
+HH_ODD = [  # (record, why it is skipped or None)
+    ({"chosen": _hh("the film?", "a hero.", "and then?", "the king ship."),
+      "rejected": _hh("the film?", "a hero.", "and then?", "storm war night.")}, None),
+    ({"chosen": _hh("thanks.", "You're welcome.  I'd be happy to help again."),
+      "rejected": _hh("thanks.", "You're welcome.")}, None),  # rejected a strict prefix of chosen
+    ({"chosen": _hh("the city?", "a river."), "rejected": _hh("the city?", "a river.")},
+     "identical"),
+    ({"chosen": _hh("the war?", "no.", "why?", "the storm."),
+      "rejected": _hh("the war?", "yes.", "why?", "the night.")}, "prompt_mismatch"),
+    ({"chosen": _hh("the love?", ""), "rejected": _hh("the love?", "a king.")}, "empty_response"),
+    ({"prompt": "the", "chosen": " ", "rejected": " a"}, "empty_response"),
+]  # fmt: skip
+
+
+def _records(rows, source="hh.jsonl"):
+    return [{**r, "_source": source, "_line": i} for i, r in enumerate(rows, 1)]
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_hh_dialogues_split_at_the_last_assistant_turn(setup, template):
+    from tunelab.tokenizer.chat import CHATML
+
+    tok = Tokenizer.from_dir(setup / "tok")
+    tok.chat_template = CHATML if template else None
+    skipped = {}
+    recs = _records([r for r, _ in HH_ODD])
+    multi, prefix = encode_pairs(recs, tok, load_config(None, {"train.seq_len": 256}), skipped)
+    assert skipped == {"identical": ["hh.jsonl:3"], "prompt_mismatch": ["hh.jsonl:4"],
+                       "empty_response": ["hh.jsonl:5", "hh.jsonl:6"]}  # fmt: skip
+    text = lambda ids: tok.decode(ids, False)  # noqa: E731
+    if template:  # the turns as messages: user/assistant, the last assistant turn the response
+        assert text(multi["prompt"]).count("<|im_start|>user\n") == 2
+        assert text(multi["prompt"]).endswith("a hero.<|im_end|>\n<|im_start|>user\nand then?"
+                                              "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+        assert text(prefix["chosen"]).startswith("You're welcome.  I'd be happy")
+        assert text(prefix["rejected"]).startswith("You're welcome.<|im_end|>")
+    else:  # plain text as published: the prompt ends with the last "\n\nAssistant:"
+        assert text(multi["prompt"]) == _hh("the film?", "a hero.", "and then?") + "\n\nAssistant:"
+        assert text(multi["chosen"][:-1]) == " the king ship."
+        assert text(prefix["chosen"][:-1]) == " You're welcome.  I'd be happy to help again."
+        assert text(prefix["rejected"][:-1]) == " You're welcome."
+        assert prefix["rejected"][-1] == tok.eos_id
+
+
+def test_transcript_messages_join_turns_of_one_role():
+    from tunelab.data.dialogue import is_transcript, split_transcript, transcript_messages
+
+    text = "\n\nHuman: hi\n\nAssistant: hello\n\nAssistant: again\n\nHuman: ok\n\nAssistant: x"
+    assert is_transcript(text) and not is_transcript("Human: hi") and not is_transcript("a")
+    prompt, response = split_transcript(text)
+    assert prompt.endswith("\n\nAssistant:") and response == " x"
+    assert transcript_messages(prompt) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello\n\nagain"},
+        {"role": "user", "content": "ok"}]  # fmt: skip
+
+
+def test_unusable_pairs_are_skipped_and_counted_or_stop_a_strict_run(setup, caplog, capsys):
+    rng = random.Random(1)
+    rows = [r for r, _ in HH_ODD]
+    for _ in range(20):
+        q, a = _words(rng, 3), _words(rng, 2)
+        rows.append({"chosen": _hh(q, a, "and?", GOOD), "rejected": _hh(q, a, "and?", BAD)})
+    path = setup / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = {"data.path": str(path), "train.max_steps": 1, "data.val_fraction": 0.25}
+    with caplog.at_level("WARNING", logger="tunelab"):
+        summary = run_training(align_cfg(setup, setup / "hh-run", **over), task=AlignTask())
+    data = json.loads((setup / "hh-run" / "summary.json").read_text())["data"]
+    assert data == summary["data"]
+    assert data["skipped_pairs"] == 4 and data["train_examples"] + data["val_examples"] == 22
+    assert data["skipped_reasons"] == {"identical": 1, "prompt_mismatch": 1, "empty_response": 2}
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(lines) == 1 and "4 of 26 pairs skipped" in lines[0]
+    assert "first at hh.jsonl:3, hh.jsonl:4, hh.jsonl:5, hh.jsonl:6" in lines[0]
+    args = ["align", "--model", str(setup / "base"), "--data", str(path), "--out",
+            str(setup / "hh-strict"), "--max-steps", "1", "--train.device", "cpu", "--strict"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "hh.jsonl:3" in err and "same" in err and len(err.splitlines()) == 1
+    cfg = load_config(None, {"align.strict": True})
+    with pytest.raises(DataError, match="hh.jsonl:1: the dialogues differ"):
+        encode_pairs(_records(rows[3:]), Tokenizer.from_dir(setup / "tok"), cfg)
+    with pytest.raises(DataError, match="no usable preference pair left: 1 of 1 pairs skipped"):
+        encode_pairs(_records(rows[2:3]), Tokenizer.from_dir(setup / "tok"), load_config())
 
 
 # ---- the reference model ----------------------------------------------------------------------
@@ -352,20 +449,27 @@ def test_cli_align_on_a_tiny_model_dir(setup, capsys, loss):
     assert main(["align", "--resume", str(out), "--json"]) == 0  # finished: returns the summary
 
 
-def test_recipe_is_a_valid_align_config():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "dpo.yaml")
+@pytest.mark.parametrize("recipe", ["dpo.yaml", "dpo-hh.yaml"])
+def test_recipe_is_a_valid_align_config(recipe):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / recipe)
     assert cfg.task == "align" and cfg.align.loss in ("dpo", "ipo", "hinge")
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data/preferences")
 def test_shared_preference_files_encode(setup):
+    from tunelab.tokenizer.chat import CHATML
+
     tok = Tokenizer.from_dir(setup / "tok")
     cfg = load_config(None, {"train.seq_len": 4096})
     rasbt = load_records(SHARED / "instruction-data-with-preference.json")
     assert len(encode_pairs(rasbt, tok, cfg)) == len(rasbt) - 6  # 6 have chosen == rejected
-    hh = load_records(SHARED / "hh_rlhf_harmless_test_part_a.jsonl")[:200]
-    pairs = encode_pairs(hh, tok, cfg)
-    assert len(pairs) == 200
-    # the split is at the first difference: after "Assistant:" unless both answers start alike
-    ends = [tok.decode(p["prompt"]).endswith("\n\nAssistant:") for p in pairs]
-    assert sum(ends) > 0.8 * len(pairs)
+    hh = load_records(SHARED / "hh_rlhf_harmless_test_part_a.jsonl")
+    for template in (None, CHATML):  # plain text as published; messages through a template
+        tok.chat_template, skipped = template, {}
+        pairs = encode_pairs(hh, tok, cfg, skipped)
+        # PROVENANCE_hh_rlhf.md: 4 rows end on an empty Assistant turn, 4 differ earlier on
+        assert {k: len(v) for k, v in skipped.items()} == {"empty_response": 4,
+                                                           "prompt_mismatch": 4}  # fmt: skip
+        assert len(pairs) == len(hh) - 8 == 1804
+        tail = "<|im_start|>assistant\n" if template else "\n\nAssistant:"
+        assert all(tok.decode(p["prompt"], False).endswith(tail) for p in pairs)

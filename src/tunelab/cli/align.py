@@ -47,8 +47,8 @@ def register(sub) -> None:
     for flag, key in ALIGN_ALIASES.items():
         default, doc = docs[key]
         group.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
-    default, doc = docs["align.precompute_ref"]
-    group.add_argument("--precompute-ref", dest="align.precompute_ref", nargs="?", const="true",
-                       default=argparse.SUPPRESS, metavar="BOOL",
-                       help=f"{doc} [{default}]")  # fmt: skip
+    for flag, key in (("--precompute-ref", "align.precompute_ref"), ("--strict", "align.strict")):
+        default, doc = docs[key]
+        group.add_argument(flag, dest=key, nargs="?", const="true", default=argparse.SUPPRESS,
+                           metavar="BOOL", help=f"{doc} [{default}]")  # fmt: skip
     p.set_defaults(func=cmd_align, task="align", overrides=True)

@@ -129,6 +129,8 @@ class AlignConfig:
     prompt_field: str = opt("prompt", "column holding the prompt (text or chat messages)")
     chosen_field: str = opt("chosen", "column holding the preferred response")
     rejected_field: str = opt("rejected", "column holding the dispreferred response")
+    strict: bool = opt(False, "stop at the first unusable pair (identical, empty, prompts differ) "
+                       "instead of skipping and counting it")  # fmt: skip
 
 
 @dataclass
