@@ -306,7 +306,7 @@ def run(a, argv, tmp: Path) -> None:
     data = Path(a.data)
     if a.smoke:
         a.steps, a.warmup, a.runs, a.batch = 1, 1, 1, 2
-        a.variants = [v for v in a.variants if v != "tunelab-pre-glibc"]  # in-process: same code
+        a.variants = [v for v in a.variants if v not in ("tunelab-pre-glibc", "trl-live")]
         model_dir = str(common.tiny_causal_dir(tmp))
         pairs = [{"instruction": f"Say hello to person {i}.", "input": "",
                   "chosen": f"Hello, dear person {i}! How are you?", "rejected": f"Hi {i}."}

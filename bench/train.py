@@ -399,6 +399,7 @@ def run(a, argv, tmp: Path) -> None:
     if a.smoke:
         a.steps, a.warmup, a.runs, a.seq_len, a.batch = 1, 1, 1, 64, 2
         a.variants = [v for v in a.variants if v != "tunelab-glibc"]  # in-process: same code
+        a.precisions = a.precisions[:1]  # TRL's defaults row runs bf16 anyway
         a.data, model_dir = str(make_data(tmp)), str(common.tiny_causal_dir(tmp))
     else:
         model_dir = str(common.smollm2_dir())
