@@ -361,6 +361,7 @@ def run(a, argv, tmp: Path) -> None:
     ])  # fmt: skip
     print("\n" + table(runs) + "\n\n" + ratios(runs))
     if a.smoke:
+        print("\n" + body)
         common.write_section(TITLE, body, tmp / "BENCHMARKS.md")
     elif not a.no_write:
         common.write_section(TITLE, body)

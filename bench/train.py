@@ -487,6 +487,7 @@ def run(a, argv, tmp: Path) -> None:
     ])  # fmt: skip
     print("\n" + table(rows, peak))
     if a.smoke:
+        print("\n" + body)
         common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
     elif not a.no_write:
         common.write_section(TITLE, body)
