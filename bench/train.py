@@ -413,11 +413,11 @@ def run(a, argv, tmp: Path) -> None:
                warmup=a.warmup, lr=a.lr, seq_len=a.seq_len, batch=a.batch, seed=0,
                plan=batch_plan(n_records, a.batch, 0, a.warmup + a.steps))  # fmt: skip
     if a.profile:
-        m = run_one("tunelab", dict(job, method="full", precision=a.precisions[0], profile=True),
-                    in_process=a.smoke)  # fmt: skip
+        profiled = dict(job, method="full", precision=a.precisions[0], profile=True, steps=1)
+        m = run_one("tunelab", profiled, in_process=a.smoke)
         print(f"tunelab full {a.precisions[0]}, one step after {a.warmup} (of "
-              f"{m['real_per_batch']:.0f} real tokens; {m['tokens_per_s']:.1f} tok/s over the "
-              f"timed steps, profiler on):\n{m['profile']}")  # fmt: skip
+              f"{m['real_per_batch']:.0f} real tokens a batch; {m['tokens_per_s']:.1f} tok/s with "
+              f"the profiler on), through Trainer.fit:\n{m['profile']}")  # fmt: skip
         if not a.smoke:
             return
     peak = matmul_peak(256 if a.smoke else 2048, 2 if a.smoke else 10)
