@@ -13,8 +13,9 @@ the range. A failed section is reported and the others still run; the exit statu
 all succeeded. Start it on a quiet machine: the load average before each section is printed
 and written into the section, and a busy machine is named as such there.
 
-On a quiet 2-core machine the whole sitting takes about 3 hours (training ~75 min, DPO ~30,
-classification ~35, from scratch ~15, the rest ~15). --smoke takes well under a minute.
+On a quiet 2-core machine the whole sitting takes about 2 to 2.5 hours (training ~60 min,
+classification ~30, DPO ~15-30, from scratch ~12, the rest ~10). --smoke takes about a minute
+(~35 CPU-seconds).
 """
 
 from __future__ import annotations
