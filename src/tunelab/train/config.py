@@ -71,13 +71,11 @@ class TrainConfig:
         "fp32",
         "dtype the weights are stored in: fp32, bf16 or fp16 (frozen weights stay in it, "
         "trainable ones get fp32 master copies, compute autocasts to it)",
-        choices=("fp32", "bf16", "fp16"),
     )
     autocast: str = opt(
         "auto",
         "compute dtype of matmuls: auto (follows precision), off, bf16 or fp16 (fp16 adds a "
         "grad scaler); --precision fp32 --autocast bf16 keeps fp32 weights, computes in bf16",
-        choices=("auto", "off", "bf16", "fp16"),
     )
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
     dist: str = opt("auto", "distribution under torchrun: auto, ddp, fsdp or none")
@@ -209,12 +207,6 @@ def _build(cls, data: dict, prefix: str):
             kwargs[key] = _build(SECTIONS[key], value, f"{key}.")
         else:
             kwargs[key] = _convert(value, hints[key], prefix + key)
-            choices = fields[key].metadata.get("choices")
-            if choices and kwargs[key] not in choices:
-                raise ConfigError(
-                    f"{prefix + key}: {kwargs[key]!r}{closest(str(kwargs[key]), choices)}; "
-                    f"expected one of {', '.join(choices)}"
-                )
     return cls(**kwargs)
 
 
@@ -291,6 +283,7 @@ LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, F
           ("eval.window", "--eval.window", 2, False), ("eval.stride", "--eval.stride", 1, False),
           ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
 CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16")),
+           "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
            "train.schedule": ("--train.schedule", ("cosine", "linear", "constant"))}  # fmt: skip
 
 
