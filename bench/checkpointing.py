@@ -18,24 +18,19 @@ docs/ left alone; its figures mean nothing, it keeps the script from rotting.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import workers  # bench/, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 MODEL = "smollm2-135m-instruct"
-TITLE = "## Activation checkpointing"
+TITLE = "Activation checkpointing"
 
 
 class RandomRows:
@@ -58,13 +53,6 @@ class RandomRows:
         return {}
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def worker(job: dict) -> dict:
     import torch
 
@@ -82,7 +70,7 @@ def worker(job: dict) -> dict:
     else:
         model = tunelab.load(MODEL).model
     model.transformer.checkpoint_blocks = job["checkpointing"]  # as run_training sets it
-    loaded = rss_mb()
+    loaded = common.rss_mb()
     cfg = TrainConfig(batch_size=job["batch"], lr=1e-5, schedule="constant", warmup_steps=0)
     data = RandomRows(model.cfg.vocab_size, job["batch"], job["seq_len"])
     times, losses = [], []
@@ -98,26 +86,6 @@ def worker(job: dict) -> dict:
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 s_per_step=round(statistics.median(times[job["warmup"] :]), 3), losses=losses,
                 torch=torch.__version__, threads=torch.get_num_threads())  # fmt: skip
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return re.search(r"^Model name:\s*(.+)$", out, re.M).group(1).strip()
-    except (OSError, AttributeError):
-        return "unknown CPU"
-
-
-def write_section(body: str) -> None:
-    """Replace (or add) this benchmark's section of docs/BENCHMARKS.md, keeping the others."""
-    text = DOC.read_text()
-    section = f"{TITLE}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{TITLE}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     job = dict(smoke=a.smoke, steps=a.steps, warmup=a.warmup, seq_len=a.seq_len, batch=a.batch)
     if a.smoke:
         job.update(steps=1, warmup=1, seq_len=32, batch=2)
-    load = os.getloadavg()[0]
+    sitting = common.Sitting(common.command_line("checkpointing.py", argv))
     rows = []
     for on in (False, True):
         variant = dict(job, checkpointing=on)
-        rows.append(worker(variant) if a.smoke else workers.spawn(__file__, "tunelab", variant))
+        rows.append(worker(variant) if a.smoke else common.spawn(__file__, "tunelab", variant))
         print(f"checkpointing {'on' if on else 'off'}: {rows[-1]}", file=sys.stderr, flush=True)
     off, on = rows
     table = "\n".join([
@@ -154,14 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         f"| **{on['s_per_step'] / off['s_per_step']:.2f}x** | |",
     ])  # fmt: skip
     body = "\n".join([
-        f"`python bench/checkpointing.py --steps {a.steps} --warmup {a.warmup}` on "
-        f"{datetime.date.today()}: {MODEL}, full fine-tuning, fp32, seq len {a.seq_len}, batch "
-        f"{a.batch} (full rows of random tokens), AdamW, clip 1.0, dropout 0; each variant in its "
-        f"own process; {a.steps} timed steps after {a.warmup} untimed, median s/step.",
+        sitting.preamble(),
         "",
-        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), {off['threads']} torch threads; torch "
-        f"{off['torch']}. The host was shared with other jobs (load average {load:.2f} before, "
-        f"{os.getloadavg()[0]:.2f} after), so s/step moves from run to run.",
+        f"Work: {MODEL}, full fine-tuning, fp32, seq len {a.seq_len}, batch {a.batch} (full rows "
+        f"of random tokens), AdamW, clip 1.0, dropout 0; each variant in its own process (the "
+        f"`tunelab` command's glibc settings); {a.steps} timed steps after {a.warmup} untimed, "
+        "median s/step; one run of each variant (peak memory does not depend on the load).",
         "",
         table,
         "",
@@ -171,9 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         "are the same either way.",
     ])  # fmt: skip
     print("\n" + table)
-    if not (a.smoke or a.no_write):
-        write_section(body)
-        print(f"\nwritten to {DOC}")
+    if a.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            common.write_section(TITLE, body, Path(tmp) / "BENCHMARKS.md")
+    elif not a.no_write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}", file=sys.stderr)
     print(json.dumps(rows))
 
 

@@ -2,6 +2,7 @@
 SmolLM2-135M LoRA, and SmolLM2 0/1/k-shot prompting, measured on held-out reviews.
 
     python bench/classify.py [--examples 0] [--lr 1e-4] [--speed-steps 20] [--runs 3] [--write]
+    python bench/classify.py --smoke    # tiny random models, 2 steps: keeps the script working
 
 MiniLM (all-MiniLM-L6-v2, the embedded HF directory, BERT encoder + its [CLS] pooler + a new
 2-way linear head) is fully fine-tuned by both frameworks on identical work: the first
@@ -14,7 +15,18 @@ fp32, no evaluation during training, no dropout in the encoder and 0.1 before th
 the order tunelab's seeded batch plan takes them (sequential sampler), so both see the same
 examples in the same batches (checked: identical real tokens per batch). Each framework runs in
 its own subprocess. Speed: --runs short runs of --speed-steps timed steps after --warmup untimed
-ones, alternating who goes first; samples/s = 16 x timed steps / their wall time (median run).
+ones, alternating who goes first; samples/s = 16 x timed steps / their wall time (median run,
+range in brackets). Memory, in the same speed runs: the training peak RSS (high-water mark reset
+at the first step, read at the end of the last timed step) and the process peak, for tunelab as
+shipped, tunelab with glibc's defaults (TUNELAB_MALLOC=0, without the allocator settings the
+`tunelab` command starts with) and HF Trainer.
+
+tunelab runs `run_training` with the classification task, the path `tunelab classify` runs
+(`Trainer.fit`, oneDNN linear layers for fp32 compute); a loop callback only reads the clock,
+CPU time and RSS at the start of each step. HF Trainer's settings that change the work are set
+explicitly: gradient_checkpointing=False (its default too), bf16=False, fp16=False, fused AdamW
+(its default on torch >= 2.8), weight_decay 0, max_grad_norm 1.0, no torch.compile, sequential
+sampler, no evaluation, no checkpoints, no progress bar.
 Accuracy: one full run each (--epochs over the examples), then the 2,000 held-out reviews of
 imdb_test_00 (tunelab's model reloaded from the run's final/ directory).
 
@@ -28,25 +40,21 @@ docs/BENCHMARKS.md (added at the end when missing), leaving the other sections a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import workers  # bench/, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
+from train import Meter  # noqa: E402  (bench/train.py: the same step meter)
 
-ROOT = Path(__file__).resolve().parents[1]
-IMDB = ROOT.parent / "shared" / "data" / "imdb"
+IMDB = common.SHARED / "imdb"
 TRAIN = [IMDB / f"imdb_train_0{i}.jsonl" for i in range(3)]
 TEST = IMDB / "imdb_test_00.jsonl"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-SECTION = "## Classification (IMDB)"
+TITLE = "Classification (IMDB)"
 ENCODER, DECODER = "minilm-l6", "smollm2-135m-instruct"
 LABELS = ["negative", "positive"]
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -88,54 +96,67 @@ def tunelab_config(a: dict, out: str) -> dict:
     return {
         "task": "classify", "model": a["model"], "data.path": a["train_file"],
         "data.val_fraction": 0.0, "train.seq_len": SEQ_LEN, "train.batch_size": a["batch"],
-        "train.grad_accum": 1, "train.max_steps": a["steps"], "train.lr": a["lr"],
+        "train.grad_accum": 1, "train.max_steps": a["steps"] + bool(a.get("speed")),
+        "train.lr": a["lr"],
         "train.warmup_steps": a["warmup_lr"], "train.schedule": a["schedule"],
         "train.min_lr_ratio": 0.0, "train.weight_decay": 0.0, "train.clip": 1.0,
-        "train.precision": "fp32", "train.device": "cpu", "train.seed": 0, "out": out,
+        "train.precision": "fp32", "train.autocast": "off", "train.dropout": 0.0,
+        "train.activation_checkpointing": False, "train.eval_every": None,
+        "train.save_every": None, "train.log_every": 1,
+        "train.device": "cpu", "train.seed": 0, "out": out,
         "classify.labels": LABELS, "classify.template": a.get("template", "{text}"),
         "classify.pooling": a.get("pooling"), "method": a.get("method", {}),
     }  # fmt: skip
 
 
+class CpuMeter(Meter):
+    """The step meter, with the process CPU time (all threads) at the start of each step."""
+
+    def __init__(self, end: int):
+        super().__init__(end)
+        self.cpu: list[float] = []
+
+    def on_step(self, trainer, step: int) -> None:
+        super().on_step(trainer, step)
+        self.cpu.append(time.process_time())
+
+
 def worker_tunelab(a: dict) -> dict:
-    """A `tunelab classify` run (run_classify, as the command runs it); then, when asked, the
-    reloaded final model scored on the test reviews as `tunelab evaluate classification` does."""
+    """A `tunelab classify` run (run_training with its task, as the command runs it; one step
+    more than asked, so the end of the last timed step is marked before the final checkpoint);
+    then, when asked, the reloaded final model scored on the test reviews as `tunelab evaluate
+    classification` does."""
     import torch
 
     import tunelab
     from tunelab.data import Batches
     from tunelab.data.templates import encode_classification
     from tunelab.evaluate.classification import metrics, predict
-    from tunelab.train import loop
-    from tunelab.train.classify import run_classify
+    from tunelab.train.classify import ClassifyTask
     from tunelab.train.config import load_config
+    from tunelab.train.run import run_training
 
-    cpu: list[float] = []  # process CPU seconds (all threads) at the start and after each step
-    fit, train_step = loop.Trainer.fit, loop.Trainer.train_step
-
-    def clocked_fit(self, *args, **kw):
-        cpu.append(time.process_time())
-        return fit(self, *args, **kw)
-
-    def clocked_step(self, *args, **kw):
-        out = train_step(self, *args, **kw)
-        cpu.append(time.process_time())
-        return out
-
-    loop.Trainer.fit, loop.Trainer.train_step = clocked_fit, clocked_step
     with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
         cfg = load_config(None, tunelab_config(a, str(Path(tmp) / "run")))
-        start = time.perf_counter()
-        summary = run_classify(cfg)
-        process_s = time.perf_counter() - start
+        start, meter = time.perf_counter(), CpuMeter(a["steps"])
+        summary = run_training(cfg, task=ClassifyTask(), callbacks=[meter])
+        process_s, cpu_end = time.perf_counter() - start, time.process_time()
+        n = a["steps"]
         rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "loss" in r and r.get("split") != "val"]
-        marks = [r["time"] for r in steps]
-        out = dict(marks=marks, batch_tokens=[r["tokens_step"] for r in steps],
-                   losses=[r["loss"] for r in steps], wall_s=summary["wall_time_s"],
-                   process_s=process_s, cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu,
-                   peak_rss_mb=summary["peak_memory_mb"],
-                   trainable=summary["trainable_params"], params=summary["total_params"])  # fmt: skip
+        steps = [r for r in rows if "loss" in r and r.get("split") != "val"][:n]
+        if a.get("speed"):  # one more step ran: the start of step n is the end of step n - 1
+            ends = [m - meter.marks[0] for m in meter.marks[1 : n + 1]]
+            cpu_marks = meter.cpu[: n + 1]
+            peaks = meter.peaks
+        else:  # the run as asked: step ends from its metrics, CPU to the end of run_training
+            ends = [r["time"] for r in steps]
+            cpu_marks = [*meter.cpu[:n], cpu_end]
+            peaks = (summary["peak_memory_mb"], summary["peak_memory_mb"])
+        out = dict(marks=ends, batch_tokens=[r["tokens_step"] for r in steps],
+                   losses=[r["loss"] for r in steps], wall_s=ends[-1], process_s=process_s,
+                   cpu_s=cpu_marks[-1] - cpu_marks[0], cpu_marks=cpu_marks,
+                   peak_rss_mb=peaks[0], train_peak_mb=peaks[1],
+                   trainable=meter.params["trainable"], params=meter.params["base"])  # fmt: skip
         if a.get("eval_file"):
             t = time.perf_counter()
             lm = tunelab.load(str(Path(cfg.out) / "final"))
@@ -182,15 +203,18 @@ def worker_hf(a: dict) -> dict:
     marks: list[float] = []
     begin: list[float] = []
     cpu: list[float] = []
+    rss: list[tuple] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            common.reset_peak()
             begin.append(time.perf_counter())
             cpu.append(time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.perf_counter())
             cpu.append(time.process_time())
+            rss.append((common.peak_rss_mb(), common.train_peak_mb()))
 
     real: list[int] = []
     collator = DataCollatorWithPadding(tok)
@@ -205,7 +229,9 @@ def worker_hf(a: dict) -> dict:
             output_dir=tmp, per_device_train_batch_size=a["batch"], per_device_eval_batch_size=BATCH,
             gradient_accumulation_steps=1, max_steps=a["steps"], learning_rate=a["lr"],
             lr_scheduler_type=a["schedule"], warmup_steps=a["warmup_lr"], weight_decay=0.0,
-            max_grad_norm=1.0, use_cpu=True, report_to="none", logging_steps=10,
+            max_grad_norm=1.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999,
+            adam_epsilon=1e-8, gradient_checkpointing=False, bf16=False, fp16=False,
+            torch_compile=False, use_cpu=True, report_to="none", logging_steps=10,
             save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=0,
             train_sampling_strategy="sequential", disable_tqdm=True,
         )  # fmt: skip
@@ -217,7 +243,8 @@ def worker_hf(a: dict) -> dict:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         out = dict(marks=[m - begin[0] for m in marks], batch_tokens=real[: a["steps"]],
                    losses=losses, wall_s=marks[-1] - begin[0], process_s=process_s,
-                   cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu,
+                   cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu, peak_rss_mb=rss[-1][0],
+                   train_peak_mb=rss[-1][1],
                    params=sum(p.numel() for p in model.parameters()))  # fmt: skip
         out["trainable"] = out["params"]
         if a.get("eval_file"):
@@ -245,51 +272,36 @@ def run_icl(a: dict) -> dict:
 
 
 # -- the parent ---------------------------------------------------------------------------------
-def machine() -> str:
-    import peft
-    import torch
-    import transformers
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpus} CPUs ({model}), {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"peft {peft.__version__}")  # fmt: skip
+HANDLERS = {"tunelab": worker_tunelab, "hf": worker_hf}
+SPEED = {"tunelab": ("tunelab", "shipped", "tunelab (as shipped)"),
+         "tunelab-glibc": ("tunelab", "glibc", "tunelab, glibc defaults"),
+         "hf": ("hf", "reference", "HF Trainer")}  # fmt: skip
 
 
-def spawn(name: str, a: dict) -> dict:
-    return workers.spawn(__file__, name, a)
+def spawn(name: str, a: dict, environment: str | None = None) -> dict:
+    if SMOKE:  # in this process: starting torch again per run would take longer than the work
+        return dict(HANDLERS[name](a), environment=environment)
+    return common.spawn(__file__, name, a, environment)
 
 
-def write_section(body: str) -> None:
-    """Replace (or append at the end) this section of docs/BENCHMARKS.md, keeping the others.
-    The file is read right before writing: other benchmarks edit their own sections."""
-    text = DOC.read_text()
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.write_text(text)
-
-
+SMOKE = False
 SEEN: list[float] = []  # the 1-minute load averages read during the run
 
 
 def loads() -> str:
-    SEEN.append(os.getloadavg()[0])
+    SEEN.append(common.load())
     return f"{SEEN[-1]:.2f}"
 
 
-def main() -> None:
+def smoke_data(tmp: Path) -> tuple[list[dict], list[dict]]:
+    """A few short labelled reviews (no shared data needed)."""
+    good, bad = "great wonderful superb moving".split(), "awful boring dreadful dull".split()
+    rows = [{"text": f"the film was {(good if i % 2 else bad)[i % 4]} and the story too",
+             "label": i % 2} for i in range(64)]  # fmt: skip
+    return rows[:48], rows[48:]
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["speed", "minilm", "lora", "icl"],
                     choices=["speed", "minilm", "lora", "icl"])  # fmt: skip
@@ -321,29 +333,44 @@ def main() -> None:
     ap.add_argument("--icl-limit", type=int, default=200, help="test reviews scored (prompting)")
     ap.add_argument("--shots", default="0,1,4")
     ap.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    ap.add_argument("--worker", choices=["tunelab", "hf"], help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny random models and data, 2 steps, speed/minilm/lora parts, no docs")  # fmt: skip
+    ap.add_argument("--worker", choices=list(HANDLERS), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
     if a.worker:
-        job = json.loads(sys.stdin.read())
-        out = (worker_tunelab if a.worker == "tunelab" else worker_hf)(job)
-        print("RESULT " + json.dumps(out), flush=True)
-        return
-    missing = [p for p in [*TRAIN, TEST] if not p.is_file()]
-    if missing:
-        raise SystemExit(f"{missing[0]}: IMDB not found; this benchmark reads ../shared/data/imdb")
+        return common.worker_main(HANDLERS, a.worker)
+    global SMOKE, DECODER
+    SMOKE = a.smoke
+    with tempfile.TemporaryDirectory(prefix="bench-classify-smoke-") as tmp:
+        if a.smoke:
+            a.parts = [p for p in a.parts if p != "icl"]  # the CLI in a subprocess: real model
+            a.speed_steps, a.warmup, a.runs, a.examples, a.eval = 1, 1, 1, 32, 16
+            a.lora_examples, a.lora_batch, a.lora_eval = 8, 4, 8
+            encoder_dir = str(common.tiny_encoder_dir(Path(tmp)))
+            DECODER = str(common.tiny_causal_dir(Path(tmp)))
+            train_all, test_all = smoke_data(Path(tmp))
+        else:
+            missing = [p for p in [*TRAIN, TEST] if not p.is_file()]
+            if missing:
+                raise SystemExit(f"{missing[0]}: IMDB not found; this benchmark reads "
+                                 "../shared/data/imdb")  # fmt: skip
+            from tunelab.hub import resolve
 
-    from tunelab.hub import resolve
+            encoder_dir = str(resolve(ENCODER))
+            train_all = [r for p in TRAIN for r in read_jsonl(p)]
+            test_all = read_jsonl(TEST)
+        run(a, argv, encoder_dir, train_all, test_all, Path(tmp))
 
-    encoder_dir = str(resolve(ENCODER))
-    train_all = [r for p in TRAIN for r in read_jsonl(p)]
-    test_all = read_jsonl(TEST)
+
+def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -> None:
+    sitting = common.Sitting(common.command_line("classify.py", argv), ("transformers", "peft"))
     if a.examples == 0 and "speed" not in a.parts:
         raise SystemExit("--examples 0 (fit the budget) needs the speed part to measure first")
     if a.examples and not BATCH <= a.examples <= len(train_all):
         raise SystemExit(f"--examples must be between {BATCH} and {len(train_all)}")
-    load_before, started = loads(), time.time()
+    loads()
     res: dict = {}
-    with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
+    if True:  # the parts share the temporary folder
         all_file = write_jsonl(Path(tmp) / "train_all.jsonl", train_all)
         test_file = write_jsonl(Path(tmp) / "test.jsonl", test_all[: a.eval])
         base = dict(model=encoder_dir, batch=BATCH, lr=a.lr)
@@ -352,20 +379,23 @@ def main() -> None:
             steps = a.warmup + a.speed_steps
             job = dict(base, train_file=str(all_file), steps=steps, warmup_lr=0,
                        schedule="constant", plan=batch_plan(len(train_all), steps))  # fmt: skip
-            runs: dict[str, list] = {"tunelab": [], "hf": []}
-            for r in range(a.runs):  # alternate who goes first, so drift in load evens out
-                for name in ("tunelab", "hf") if r % 2 == 0 else ("hf", "tunelab"):
-                    m = spawn(name, job)
-                    m["samples_s"], m["timed_s"] = timed(m["marks"], a.warmup, steps)
-                    w = max(a.warmup, 1)
-                    m["timed_cpu_s"] = m["cpu_marks"][steps] - m["cpu_marks"][w]
-                    m["samples_cpu_s"] = BATCH * (steps - w) / m["timed_cpu_s"]
-                    runs[name].append(m)
-                    print(f"speed {name}: {m['samples_s']:.1f} samples/s, "
-                          f"{m['samples_cpu_s']:.1f} per CPU-s (load {loads()})",
-                          flush=True)  # fmt: skip
+            job["speed"] = True
+            names = [x for x in SPEED if not (SMOKE and x == "tunelab-glibc")]
+            runs: dict[str, list] = {x: [] for x in names}
+            for variant in common.alternating(names, a.runs):  # drift in load touches all alike
+                worker, environment, _ = SPEED[variant]
+                m = spawn(worker, job, environment)
+                m["samples_s"], m["timed_s"] = timed(m["marks"], a.warmup, steps)
+                w = max(a.warmup, 1)
+                m["timed_cpu_s"] = m["cpu_marks"][steps] - m["cpu_marks"][w]
+                m["samples_cpu_s"] = BATCH * (steps - w) / m["timed_cpu_s"]
+                runs[variant].append(m)
+                print(f"speed {variant}: {m['samples_s']:.1f} samples/s, "
+                      f"{m['samples_cpu_s']:.1f} per CPU-s, training peak RSS "
+                      f"{m['train_peak_mb']:.0f} MiB (load {loads()})", flush=True)  # fmt: skip
             res["speed"] = {k: sorted(v, key=lambda m: m["samples_s"])[len(v) // 2]
                             for k, v in runs.items()}  # fmt: skip
+            res["speed_runs"] = runs
             res["speed_all"] = {k: [m["samples_s"] for m in v] for k, v in runs.items()}
             res["speed_same"] = all(
                 x["batch_tokens"] == runs["hf"][0]["batch_tokens"] for x in runs["tunelab"]
@@ -420,21 +450,32 @@ def main() -> None:
             )
             print(f"icl: {shots} in {res['icl']['seconds']:.0f} s (load {loads()})", flush=True)
 
-    body = report(a, n, res, load_before, loads(), time.time() - started)
+    body = report(a, n, res, sitting)
     print("\n" + body)
-    if a.write:
-        write_section(body)
-        print(f"\nwritten to {DOC}")
+    if SMOKE:
+        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
+    elif a.write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}")
 
 
-def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: float) -> str:
-    cmd = " ".join(sys.argv[1:])
+def memory_table(runs: dict) -> str:
+    """Training-time memory of the MiniLM speed runs, per framework and process environment."""
+    lines = ["| MiniLM-L6 full fine-tuning, batch 16 x 256 | samples/s, median (range) "
+             "| training peak RSS (MiB) | process peak RSS (MiB) |", "|:---|---:|---:|---:|"]  # fmt: skip
+    for variant, ms in runs.items():
+        lines.append(f"| {SPEED[variant][2]} | {common.spread([m['samples_s'] for m in ms])} "
+                     f"| {common.spread([m['train_peak_mb'] for m in ms], '{:.0f}')} "
+                     f"| {common.spread([m['peak_rss_mb'] for m in ms], '{:.0f}')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def report(a, n: int, res: dict, sitting) -> str:
     lines = [
-        f"`python bench/classify.py{' ' + cmd if cmd else ''}` on {datetime.date.today()}; "
-        f"data: ../shared/data/imdb (train shards imdb_train_00..02, held-out imdb_test_00, "
-        f"1,000 positive / 1,000 negative each). Whole script {total_s / 60:.0f} min.",
+        sitting.preamble(),
         "",
-        f"Machine: {machine()}. Load average {load_before} before, {load_after} after.",
+        "Data: ../shared/data/imdb (train shards imdb_train_00..02, held-out imdb_test_00, "
+        "1,000 positive / 1,000 negative each).",
         "",
         "| model | method | framework | training | train wall time | train CPU time "
         "| samples/s | samples/CPU-s | held-out accuracy |",
@@ -442,7 +483,7 @@ def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: flo
     ]
     if "speed" in res:
         s = res["speed"]
-        for name, label in (("tunelab", "tunelab"), ("hf", "HF Trainer")):
+        for name, label in ((k, SPEED[k][2]) for k in s):
             all_runs = ", ".join(f"{x:.1f}" for x in res["speed_all"][name])
             lines.append(f"| MiniLM-L6 | full | {label} | speed: {a.speed_steps} steps x 16 "
                          f"(runs: {all_runs}) | {s[name]['timed_s']:.1f} s "
@@ -517,11 +558,22 @@ def report(a, n: int, res: dict, load_before: str, load_after: str, total_s: flo
             "reviews, label-balanced demonstrations from imdb_train_00, texts cut at 256 "
             f"tokens; {res['icl']['seconds']:.0f} s for all shot counts)."
         )
-    notes.append(targets(a, res, load_before, load_after))
+    if "speed_runs" in res:
+        notes.append(
+            "Memory, MiniLM training (the speed runs above, each in its own process):\n\n"
+            + memory_table(res["speed_runs"])
+            + "\n\nTraining peak RSS: the high-water mark from the first step (model loaded, "
+            "optimizer built) to the end of the last timed step; process peak: the whole process, "
+            'model loading and libraries included. "Glibc defaults" runs tunelab with '
+            "TUNELAB_MALLOC=0, without the settings the `tunelab` command restarts with "
+            "(src/tunelab/allocator.py keeps freed memory for reuse, so the process holds its "
+            "step's peak): the difference of the two tunelab rows is the allocator's share."
+        )
+    notes.append(targets(a, res))
     return "\n".join([*lines, *(x + "\n" for x in notes)])
 
 
-def targets(a, res: dict, load_before: str, load_after: str) -> str:
+def targets(a, res: dict) -> str:
     """The issue's targets, met or not, from the figures above."""
     out = ["Targets (issue 5):"]
     if "full" in res:

@@ -1,60 +1,82 @@
 """DPO speed: tunelab's align task against TRL's DPOTrainer + peft on the same pairs.
 
-    python bench/dpo.py [--steps 8] [--warmup 2] [--runs 1] [--no-write]
+    python bench/dpo.py [--steps 8] [--warmup 2] [--runs 3] [--no-write]
+    python bench/dpo.py --smoke     # a tiny random model, 2 steps: keeps the script working
 
-Both train LoRA (r 16, alpha 32, q_proj and v_proj, no dropout) on SmolLM2-135M-Instruct (the
-HF directory gguf_to_hf_dir makes from the embedded GGUF; tunelab loads that directory too)
-with the sigmoid DPO loss, beta 0.1, max length 256, batch 4 pairs, fp32, AdamW at a constant
-learning rate, clipping at 1.0, no evaluation. The pairs are the polite/impolite answers of
-../shared/data/preferences/instruction-data-with-preference.json rendered once here with the
-chat template into plain prompt/chosen/rejected text (each response ends at <|im_end|>, the
-EOS), so both tokenize the same text into the same ids; both take the first (warmup + steps) x
-batch usable pairs in file order. Each framework runs each reference setting in its own
-subprocess: the reference recomputed every step (TRL's default) and precomputed once over
-those pairs. Tokens/s counts what TRL counts, the tokens of prompt + chosen and prompt +
-rejected of every pair (its attention-mask sum), for both. The section goes to '## DPO' in
-docs/BENCHMARKS.md.
+The work, the same on both sides: LoRA (r 16, alpha 32, q_proj and v_proj, no dropout) on
+SmolLM2-135M-Instruct (the HF directory gguf_to_hf_dir makes from the embedded GGUF; tunelab
+loads that directory too), the sigmoid DPO loss, beta 0.1, no label smoothing, max length 256,
+batch 4 pairs, fp32 (no autocast), fused AdamW at a constant learning rate, clipping at 1.0, no
+gradient checkpointing, no dropout, no evaluation, no checkpoints, no progress bar. The pairs are
+the polite/impolite answers of ../shared/data/preferences/instruction-data-with-preference.json
+rendered once here with the chat template into plain prompt/chosen/rejected text (each response
+ends at <|im_end|>, the EOS), so both tokenize the same text into the same ids. TRL takes them
+in the order of tunelab's seeded batch plan (sequential sampler): the same pairs per batch.
+
+The reference log-probs, compared both ways on both sides: precomputed once over the training
+pairs (TRL `precompute_ref_log_probs=True`, tunelab `align.precompute_ref: true`, its default)
+and live, computed every step (TRL's default; tunelab with the LoRA layers switched off).
+
+tunelab runs `run_training` with its align task, the path `tunelab align` runs (`Trainer.fit`,
+oneDNN linear layers for fp32 compute), with a callback that only reads the clock and the RSS.
+
+TRL 1.16's defaults that change the work, and what this benchmark sets (like for like):
+  gradient_checkpointing True (base config)  -> False
+  bf16 None -> True unless fp16 (base config) -> bf16=False, fp16=False (fp32 on both sides)
+  precompute_ref_log_probs False             -> both ways, one row each
+  learning_rate 1e-6, logging_steps 10       -> the bench's lr, constant; logging every step
+  disable_dropout True, loss_type ["sigmoid"], beta 0.1, label_smoothing 0, use_weighting False,
+  padding_free False, pad_to_multiple_of "auto" (no padding off Neuron), max_length 1024,
+  truncation keep_start, sync_ref_model False, optim adamw_torch_fused, seed 42, random sampler
+                                             -> all set explicitly (max length 256, sequential)
+The row "TRL as its defaults ship" leaves gradient_checkpointing, bf16/fp16 and
+precompute_ref_log_probs at TRL's defaults (on, on, off), the rest as above.
+
+Process environment: tunelab as shipped (the glibc settings the `tunelab` command restarts
+with, src/tunelab/allocator.py) and, for the precomputed setting, with glibc's defaults
+(TUNELAB_MALLOC=0); TRL with glibc's defaults. Tokens/s counts what TRL counts, the tokens of
+prompt + chosen and prompt + rejected of every pair, for both. Each row: the median of --runs
+runs in alternating order, range in brackets. The section goes to '## DPO' in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import re
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import workers  # bench/, beside this script
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import hf_dir, machine  # noqa: E402  (bench/train.py: the same model and machine line)
+import common  # noqa: E402  (bench/common.py)
+from train import Meter, batch_plan  # noqa: E402  (bench/train.py: the same step meter)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "preferences" / "instruction-data-with-preference.json"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+DATA = common.SHARED / "preferences" / "instruction-data-with-preference.json"
 MODEL = "smollm2-135m-instruct"
+TITLE = "DPO"
 LORA = dict(r=16, alpha=32, targets=["q_proj", "v_proj"])
+# variant -> (worker, environment, precompute, label)
+VARIANTS = {
+    "trl-live": ("trl", "reference", False, "TRL DPOTrainer, reference each step"),
+    "trl-pre": ("trl", "reference", True, "TRL DPOTrainer, precompute_ref_log_probs=True"),
+    "tunelab-live": ("tunelab", "shipped", False, "tunelab align, reference each step (LoRA off)"),
+    "tunelab-pre": ("tunelab", "shipped", True, "tunelab align, precomputed reference (default)"),
+    "tunelab-pre-glibc": ("tunelab", "glibc", True, "tunelab align, precomputed, glibc defaults"),
+    "trl-defaults": ("trl", "reference", False, "TRL DPOTrainer as its defaults ship"),
+}
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def render_pairs(model_dir: str, n: int) -> list[dict]:
+def render_pairs(model_dir: str, n: int, data: Path) -> list[dict]:
     """The first n usable pairs as plain text: chat-rendered prompt, responses up to <|im_end|>."""
     from tunelab.data.templates import instruction_messages
     from tunelab.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)
     rows = []
-    for r in json.loads(DATA.read_text()):
+    for r in json.loads(data.read_text()):
         if r["chosen"] == r["rejected"]:
-            continue  # no preference signal (6 rows); both frameworks would skip or waste them
+            continue  # no preference signal; both frameworks would skip or waste them
         user = instruction_messages(r["instruction"], r.get("input") or "", "")[:-1]
         prompt = tok.render_chat(user, add_generation_prompt=True)
         row = {"prompt": prompt}
@@ -65,19 +87,34 @@ def render_pairs(model_dir: str, n: int) -> list[dict]:
         rows.append(row)
         if len(rows) == n:
             return rows
-    raise SystemExit(f"{DATA}: fewer than {n} usable pairs")
+    raise SystemExit(f"{data}: fewer than {n} usable pairs")
+
+
+class PairMeter(Meter):
+    """The step meter, counting tokens as TRL does (prompt twice, both responses)."""
+
+    def __init__(self, end: int):
+        super().__init__(end)
+        self.pair_tokens: list[int] = []
+
+    def on_start(self, trainer) -> None:
+        from tunelab.evaluate.preference import pair_tokens
+
+        super().on_start(trainer)
+        collate = trainer.batches.collate_fn
+
+        def counting(examples):
+            self.pair_tokens.append(sum(map(pair_tokens, examples)))
+            return collate(examples)
+
+        trainer.batches.collate_fn = counting  # observes the batch, changes nothing in it
 
 
 # -- workers: one framework and reference setting per process ------------------------------------
 def worker_tunelab(a: dict) -> dict:
-    import torch
-
-    from tunelab.adapt import apply_method
-    from tunelab.evaluate.preference import pair_tokens
     from tunelab.train.align import AlignTask
     from tunelab.train.config import load_config
-    from tunelab.train.loop import Trainer
-    from tunelab.train.run import load_for_training, prepare_run_dir
+    from tunelab.train.run import run_training
 
     total = a["warmup"] + a["steps"]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
@@ -86,37 +123,31 @@ def worker_tunelab(a: dict) -> dict:
         cfg = load_config(None, {
             "task": "align", "model": a["model"], "data.path": str(data),
             "data.val_fraction": 0.0, "train.seq_len": a["seq_len"], "train.batch_size": a["batch"],
-            "train.grad_accum": 1, "train.max_steps": total, "train.lr": a["lr"],
+            "train.grad_accum": 1, "train.max_steps": total + 1, "train.lr": a["lr"],
             "train.warmup_steps": 0, "train.schedule": "constant", "train.weight_decay": 0.0,
-            "train.clip": 1.0, "train.precision": "fp32", "train.device": "cpu",
-            "train.seed": a["seed"], "out": str(Path(tmp) / "run"), "align.beta": a["beta"],
+            "train.clip": 1.0, "train.precision": "fp32", "train.autocast": "off",
+            "train.dropout": 0.0, "train.activation_checkpointing": False,
+            "train.eval_every": None, "train.save_every": None, "train.log_every": 1,
+            "train.device": "cpu", "train.seed": a["seed"], "out": str(Path(tmp) / "run"),
+            "align.loss": "dpo", "align.beta": a["beta"], "align.label_smoothing": 0.0,
             "align.precompute_ref": a["precompute"], "method.name": "lora",
-            "method.r": LORA["r"], "method.alpha": LORA["alpha"], "method.targets": LORA["targets"],
+            "method.r": LORA["r"], "method.alpha": LORA["alpha"], "method.dropout": 0.0,
+            "method.targets": LORA["targets"],
         })  # fmt: skip
-        run_dir = prepare_run_dir(cfg)
-        torch.manual_seed(cfg.train.seed)
-        model, tokenizer = load_for_training(cfg, torch.device("cpu"))
-        task = AlignTask()
-        model = task.prepare(model, tokenizer, cfg)
-        callbacks = apply_method(model, cfg.method)
-        train_b, _, stats = task.data(cfg, tokenizer)
-        if stats["train_examples"] != len(a["rows"]):
-            raise SystemExit(f"tunelab kept {stats['train_examples']} of {len(a['rows'])} pairs")
-        train_b.shuffle = False  # file order, as TRL's sequential sampler takes them
-        trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, total,
-                          callbacks=callbacks)  # fmt: skip
-        tokens, collate = [], train_b.collate_fn
-
-        def counting(examples):
-            tokens.append(sum(map(pair_tokens, examples)))
-            return collate(examples)
-
-        train_b.collate_fn = counting
-        losses, marks = [], [time.perf_counter()]
-        for _ in range(total):
-            losses.append(trainer.train_step()["loss"])
-            marks.append(time.perf_counter())
-    return result(a, tokens, marks, losses, task.info["reference_s"] if a["precompute"] else 0.0)
+        task, meter = AlignTask(), PairMeter(total)
+        summary = run_training(cfg, task=task, callbacks=[meter])
+        records = [
+            json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+        ]
+    if summary["data"]["train_examples"] != len(a["rows"]):
+        raise SystemExit(
+            f"tunelab kept {summary['data']['train_examples']} of {len(a['rows'])} pairs"
+        )
+    losses = [r["loss"] for r in records if "loss" in r and r.get("split") != "val"]
+    precompute_s = task.info["reference_s"] if a["precompute"] else 0.0
+    out = result(a, meter.pair_tokens, meter.marks, losses, precompute_s)
+    out["peak_rss_mb"], out["train_peak_mb"] = meter.peaks
+    return out
 
 
 def worker_trl(a: dict) -> dict:
@@ -130,10 +161,10 @@ def worker_trl(a: dict) -> dict:
     torch.manual_seed(a["seed"])
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a["model"])
-    marks, spent = [], {"precompute": 0.0}
+    marks, rss, spent = [], [], {"precompute": 0.0}
     original = DPOTrainer._precompute_ref_logps
 
-    def timed(self, *args, **kw):
+    def timed(self, *args, **kw):  # the precomputation's wall time, nothing else changed
         t = time.perf_counter()
         out = original(self, *args, **kw)
         spent["precompute"] += time.perf_counter() - t
@@ -143,24 +174,34 @@ def worker_trl(a: dict) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            common.reset_peak()
             marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.perf_counter())
+            rss.append((common.peak_rss_mb(), common.train_peak_mb()))
 
+    same = dict(gradient_checkpointing=False, bf16=False, fp16=False,
+                precompute_ref_log_probs=a["precompute"])  # fmt: skip
+    rows = [a["rows"][i] for batch in a["plan"] for i in batch]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         args = DPOConfig(
-            output_dir=tmp, max_length=a["seq_len"], per_device_train_batch_size=a["batch"],
+            output_dir=tmp, max_length=a["seq_len"], truncation_mode="keep_start",
+            per_device_train_batch_size=a["batch"], precompute_ref_batch_size=a["batch"],
             gradient_accumulation_steps=1, max_steps=total, learning_rate=a["lr"],
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            beta=a["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=a["precompute"],
-            use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
-            eval_strategy="no", dataloader_num_workers=0, seed=a["seed"],
-            train_sampling_strategy="sequential", disable_tqdm=True,
+            lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
+            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+            max_grad_norm=1.0, beta=a["beta"], loss_type=["sigmoid"], label_smoothing=0.0,
+            use_weighting=False, disable_dropout=True, padding_free=False,
+            pad_to_multiple_of=None, sync_ref_model=False, activation_offloading=False,
+            use_liger_kernel=False, torch_compile=False, use_cpu=True, report_to="none",
+            logging_steps=1, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
+            seed=a["seed"], train_sampling_strategy="sequential", disable_tqdm=True,
+            **({} if a["trl_mode"] == "defaults" else same),
         )  # fmt: skip
         peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                           target_modules=LORA["targets"], task_type="CAUSAL_LM")  # fmt: skip
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(a["rows"]),
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=peft, callbacks=[Clock()])  # fmt: skip
         tokens, collate = [], trainer.data_collator
 
@@ -172,10 +213,16 @@ def worker_trl(a: dict) -> dict:
         trainer.data_collator = counting
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return result(a, tokens[:total], marks, losses, spent["precompute"])
+        settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16",
+                                                  "precompute_ref_log_probs")}  # fmt: skip
+    out = result(a, tokens[-total:], marks, losses, spent["precompute"])
+    out["peak_rss_mb"], out["train_peak_mb"] = rss[total - 1]
+    out["settings"] = settings
+    return out
 
 
 def result(a, tokens, marks, losses, precompute_s) -> dict:
+    """marks[k]: the start of step k (marks[total]: the end of the last timed step)."""
     w, total = a["warmup"], a["warmup"] + a["steps"]
     if len(tokens) < total or len(marks) < total + 1:
         raise SystemExit(f"saw {len(tokens)} batches and {len(marks) - 1} steps, expected {total}")
@@ -183,52 +230,55 @@ def result(a, tokens, marks, losses, precompute_s) -> dict:
     train_s = marks[total] - marks[0]
     return dict(steady=steady, precompute_s=precompute_s, train_s=train_s,
                 end_to_end=sum(tokens[:total]) / (train_s + precompute_s),
-                peak_rss_mb=peak_rss_mb(), first_loss=losses[0], last_loss=losses[total - 1],
+                first_loss=losses[0], last_loss=losses[total - 1],
                 batch_tokens=tokens[:total])  # fmt: skip
 
 
-# -- the parent: subprocesses, the table ----------------------------------------------------------
-def spawn(name: str, a: dict) -> dict:
-    return workers.spawn(__file__, name, a)
+HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}
 
 
-LABELS = {("trl", False): "TRL DPOTrainer, reference each step (default)",
-          ("trl", True): "TRL DPOTrainer, precompute_ref_log_probs=True",
-          ("tunelab", False): "tunelab align, reference each step (LoRA off)",
-          ("tunelab", True): "tunelab align, precomputed reference (default)"}  # fmt: skip
-
-
-SHARED_NOTE = (
-    " The machine was busy with other work during the run (load average above its CPU count), "
-    "which slows every figure several-fold and unevenly from one process to the next: take the "
-    "ratio as a direction, not a measurement, and re-run on an idle machine."
-)
+def run_one(variant: str, job: dict, in_process: bool) -> dict:
+    worker, environment, precompute, _ = VARIANTS[variant]
+    job = dict(job, precompute=precompute,
+               trl_mode="defaults" if variant == "trl-defaults" else "same")  # fmt: skip
+    if in_process:
+        return dict(HANDLERS[worker](job), environment=environment)
+    return common.spawn(__file__, worker, job, environment)
 
 
 def table(runs: dict) -> str:
     lines = ["| setting | tok/s, timed steps | precompute s | tok/s incl. precompute, all steps "
-             "| peak RSS (MiB) | loss first → last |", "|:---|---:|---:|---:|---:|:---|"]  # fmt: skip
-    for key, label in LABELS.items():
-        m = runs[key]
-        pre = f"{m['precompute_s']:.1f}" if key[1] else "–"
-        lines.append(f"| {label} | {m['steady']:.1f} | {pre} | {m['end_to_end']:.1f} "
-                     f"| {m['peak_rss_mb']:.0f} | {m['first_loss']:.3f} → {m['last_loss']:.3f} |")  # fmt: skip
+             "| training peak RSS (MiB) | process peak RSS (MiB) | loss first → last |",
+             "|:---|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    for key, ms in runs.items():
+        m, label = ms[len(ms) // 2], VARIANTS[key][3]
+        if "settings" in m:
+            label += f" ({', '.join(f'{k}={v}' for k, v in m['settings'].items())})"
+        pre = common.spread([x["precompute_s"] for x in ms]) if VARIANTS[key][2] else "–"
+        lines.append(f"| {label} | {common.spread([x['steady'] for x in ms])} | {pre} "
+                     f"| {common.spread([x['end_to_end'] for x in ms])} "
+                     f"| {common.median_of(ms, 'train_peak_mb'):.0f} "
+                     f"| {common.median_of(ms, 'peak_rss_mb'):.0f} "
+                     f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    """Replace (or add at the end) the '## DPO' section of docs/BENCHMARKS.md, keeping the rest."""
-    text = DOC.read_text()  # read right before writing: other sections change concurrently
-    section = f"## DPO\n\n{body.strip()}\n"
-    pattern = re.compile(r"^## DPO\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.write_text(text)
+def ratios(runs: dict) -> str:
+    """tunelab over TRL, like for like, on the end-to-end tok/s (precomputation included)."""
+    out = []
+    for ours, theirs, what in (("tunelab-pre", "trl-pre", "both precomputed"),
+                               ("tunelab-live", "trl-live", "both live"),
+                               ("tunelab-pre", "trl-defaults", "tunelab's default against TRL's "
+                                "defaults")):  # fmt: skip
+        if ours in runs and theirs in runs:
+            r = common.median_of(runs[ours], "end_to_end") / common.median_of(
+                runs[theirs], "end_to_end"
+            )
+            out.append(f"{what} **{r:.2f}x**")
+    return "tunelab / TRL, tok/s incl. precompute: " + "; ".join(out) + "." if out else ""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -236,69 +286,86 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=1, help="runs per setting (the median is kept)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per setting (median and range)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument(
+        "--data", default=str(DATA), help="preference JSON (instruction, chosen, rejected)"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps, no docs")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    ap.add_argument("--worker", choices=["tunelab", "trl"], help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--worker", choices=list(HANDLERS), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
     if a.worker:
-        job = json.loads(sys.stdin.read())
-        out = (worker_tunelab if a.worker == "tunelab" else worker_trl)(job)
-        print("RESULT " + json.dumps(out), flush=True)
-        return
-    if not DATA.is_file():
-        raise SystemExit(f"{DATA}: preference data not found (../shared/data/preferences)")
-    model_dir = str(hf_dir())
-    rows = render_pairs(model_dir, (a.warmup + a.steps) * a.batch)
+        return common.worker_main(HANDLERS, a.worker)
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-smoke-") as tmp:
+        run(a, argv, Path(tmp))
+
+
+def run(a, argv, tmp: Path) -> None:
+    sitting = common.Sitting(common.command_line("dpo.py", argv), ("transformers", "trl", "peft"))
+    data = Path(a.data)
+    if a.smoke:
+        a.steps, a.warmup, a.runs, a.batch = 1, 1, 1, 2
+        a.variants = [v for v in a.variants if v not in ("tunelab-pre-glibc", "trl-live")]
+        model_dir = str(common.tiny_causal_dir(tmp))
+        pairs = [{"instruction": f"Say hello to person {i}.", "input": "",
+                  "chosen": f"Hello, dear person {i}! How are you?", "rejected": f"Hi {i}."}
+                 for i in range(8)]  # fmt: skip
+        data = tmp / "pairs.json"
+        data.write_text(json.dumps(pairs))
+    else:
+        model_dir = str(common.smollm2_dir())
+    if not data.is_file():
+        raise SystemExit(f"{data}: preference data not found (../shared/data/preferences)")
+    rows = render_pairs(model_dir, (a.warmup + a.steps) * a.batch, data)
     job = dict(model=model_dir, rows=rows, steps=a.steps, warmup=a.warmup, lr=a.lr, beta=a.beta,
-               seq_len=a.seq_len, batch=a.batch, seed=0)  # fmt: skip
-    load, started, all_runs = os.getloadavg()[0], time.time(), {k: [] for k in LABELS}
-    order = [("trl", False), ("tunelab", False), ("trl", True), ("tunelab", True)]
-    for r in range(a.runs):  # TRL and tunelab alternate, so drift in machine load touches both
-        for key in order if r % 2 == 0 else order[::-1]:
-            all_runs[key].append(m := spawn(key[0], dict(job, precompute=key[1])))
-            print(f"{LABELS[key]}: {m['steady']:.1f} tok/s timed, {m['end_to_end']:.1f} tok/s "
-                  f"incl. precompute ({m['precompute_s']:.1f} s)", flush=True)  # fmt: skip
-    # the run with the median end-to-end tok/s of each setting
-    runs = {k: sorted(v, key=lambda m: m["end_to_end"])[len(v) // 2] for k, v in all_runs.items()}
-    same = all(runs[("trl", p)]["batch_tokens"] == runs[("tunelab", p)]["batch_tokens"]
-               for p in (False, True))  # fmt: skip
-    best_trl = max(runs[("trl", p)]["end_to_end"] for p in (False, True))
-    ours = runs[("tunelab", True)]["end_to_end"]
-    ratio = ours / best_trl
-    verdict = "met" if ratio >= 1.5 else "not met"
+               seq_len=a.seq_len, batch=a.batch, seed=0,
+               plan=batch_plan(len(rows), a.batch, 0, a.warmup + a.steps))  # fmt: skip
+    runs: dict[str, list[dict]] = {k: [] for k in a.variants}
+    for key in common.alternating(a.variants, a.runs):
+        runs[key].append(m := run_one(key, job, a.smoke))
+        print(f"{VARIANTS[key][3]}: {m['steady']:.1f} tok/s timed, {m['end_to_end']:.1f} tok/s "
+              f"incl. precompute ({m['precompute_s']:.1f} s)", flush=True)  # fmt: skip
+    for ms in runs.values():  # sorted by end-to-end tok/s: the middle one is the median
+        ms.sort(key=lambda m: m["end_to_end"])
+    same = len({json.dumps(ms[0]["batch_tokens"]) for ms in runs.values()}) == 1
     body = "\n".join([
-        f"`python bench/dpo.py --steps {a.steps} --warmup {a.warmup} --runs {a.runs}` on "
-        f"{datetime.date.today()}: "
-        f"{MODEL}, LoRA r {LORA['r']} alpha {LORA['alpha']} on q_proj and v_proj, sigmoid DPO "
-        f"beta {a.beta}, max length {a.seq_len}, batch {a.batch} pairs, fp32, AdamW lr {a.lr:g} "
-        f"constant, clip 1.0; the first {len(rows)} usable pairs of "
-        "preferences/instruction-data-with-preference.json rendered with the chat template, in "
-        f"file order; {a.steps} timed steps after {a.warmup} untimed; each setting in its own "
-        f"process ({time.time() - started:.0f} s in all"
-        + (f"; median of {a.runs} runs by tok/s incl. precompute" if a.runs > 1 else "") + ").",
+        sitting.preamble(),
         "",
-        f"Machine: {machine()}. Load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"Work: {MODEL}, LoRA r {LORA['r']} alpha {LORA['alpha']} on q_proj and v_proj, sigmoid "
+        f"DPO beta {a.beta}, max length {a.seq_len}, batch {a.batch} pairs, fp32 (no autocast), "
+        f"fused AdamW lr {a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a "
+        f"row says so); the first {len(rows)} usable pairs of {data.name} rendered with the chat "
+        f"template, in tunelab's seeded batch order on both sides; {a.steps} timed steps after "
+        f"{a.warmup} untimed; every run in its own process; median of {a.runs} runs in "
+        "alternating order, range in brackets.",
         "",
         table(runs),
         "",
+        ratios(runs),
+        "",
         "Tokens are TRL's count for both: prompt + chosen and prompt + rejected of each pair "
-        + ("(identical per batch in both frameworks)." if same else
-           "(the frameworks' per-batch counts differ slightly).")
+        + ("(identical per batch in every row)." if same else
+           "(the per-batch counts differ between rows: check the tokenization).")
         + " Timed steps: the steps after the warm-up over their wall time. Incl. precompute: "
         "every step's tokens over the wall time of all steps plus the reference precomputation "
         "over the same pairs (model loading and tokenization are left out of both). tunelab runs "
-        "each pair as one row [prompt, chosen, rejected] with a tree-shaped attention mask, so the "
-        "prompt is computed once per pair instead of twice; its losses match TRL's at the first "
-        "step (log 2: the policy equals the reference) and differ after by LoRA's random init.",
-        "",
-        f"Target (issue 6): ≥ 1.5x TRL's best setting including precomputation: tunelab "
-        f"{ours:.1f} tok/s against TRL's best {best_trl:.1f} tok/s = **{ratio:.2f}x**, {verdict}."
-        + (SHARED_NOTE if max(load, os.getloadavg()[0]) > (os.cpu_count() or 1) else ""),
+        "`run_training` with its align task (the `tunelab align` path, `Trainer.fit`); each pair "
+        "is one row [prompt, chosen, rejected] with a tree-shaped attention mask, so the prompt "
+        "is computed once per pair instead of twice. TRL rows set gradient_checkpointing=False "
+        "and bf16=False, fp16=False explicitly; \"as its defaults ship\" leaves those and "
+        "precompute_ref_log_probs at TRL 1.16's defaults (read back from its config, in "
+        "brackets). tunelab \"glibc defaults\": TUNELAB_MALLOC=0, without the allocator settings "
+        "the `tunelab` command starts with. Losses match at the first step (log 2: the policy "
+        "equals the reference) and differ after by LoRA's random init.",
     ])  # fmt: skip
-    print("\n" + table(runs) + f"\n\nratio {ratio:.2f}x ({verdict})")
-    if not a.no_write:
-        write_section(body)
-        print(f"\nwritten to {DOC}")
+    print("\n" + table(runs) + "\n\n" + ratios(runs))
+    if a.smoke:
+        print("\n" + body)
+        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")
+    elif not a.no_write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}")
 
 
 if __name__ == "__main__":

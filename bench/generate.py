@@ -1,22 +1,24 @@
 """Generation speed: tunelab against transformers' generate on SmolLM2-135M, same weights.
 
     python bench/generate.py [--runs 3] [--new-tokens 128] [--no-write]
+    python bench/generate.py --smoke   # a tiny random model, 4 tokens: keeps the script working
 
 Both load the same weights (tunelab.load, and AutoModelForCausalLM on the directory that
 gguf_to_hf_dir made), get the same chat prompts (left-padded in a batch), decode greedily and make
 exactly --new-tokens tokens each (no EOS stop). Tokens/s counts new tokens of the whole batch over
 the wall time of the call (prefill included); each figure is the median of --runs runs, taken in
-the same process with the two libraries alternating. The table goes to docs/BENCHMARKS.md.
+the same process with the two libraries alternating, with the range of the runs. tunelab runs
+`generate_ids`, what `tunelab generate` and `LM.generate` call (oneDNN reordered weights for fp32
+and bf16 where the CPU supports them); transformers runs `generate` with greedy decoding, its
+default cache and attention implementation. The table goes to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,9 @@ import torch
 
 import tunelab
 from tunelab.generate import Sampling, generate_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -37,30 +42,7 @@ PROMPTS = [
     "Give me a short motivational quote about learning to code.",
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DOC = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
-HEADER = """# Benchmarks
-
-How the figures are measured: tunelab and the reference library run in the same process, on the
-same inputs, alternating run by run; each figure is the median of several runs after a warm-up.
-Each section names its machine (CPU count and model, torch and library versions) and its date;
-compare figures only within one section. Re-run the script a section names to refresh it.
-"""
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    import transformers
-
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpus} CPUs ({model}), {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
+TITLE = "Generation"
 
 
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
@@ -80,10 +62,12 @@ def run_theirs(hf, ids: torch.Tensor, mask: torch.Tensor, new: int) -> list[list
     return seq[:, ids.shape[1] :].tolist()
 
 
-def bench_precision(precision: str, batches: list[int], new: int, runs: int) -> list[dict]:
+def bench_precision(
+    precision: str, batches: list[int], new: int, runs: int, model: str = MODEL
+) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
-    lm = tunelab.load(MODEL, precision=precision)
+    lm = tunelab.load(model, precision=precision)
     hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=DTYPES[precision]).eval()
     pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else 0
     hf.generation_config.eos_token_id = None  # no EOS stop: both make exactly `new` tokens
@@ -112,6 +96,8 @@ def bench_precision(precision: str, batches: list[int], new: int, runs: int) -> 
         theirs_tps = b * new / statistics.median(times["theirs"])
         same = sum(a == t for a, t in zip(out["ours"], out["theirs"]))
         rows.append(dict(batch=b, precision=precision, ours=ours_tps, theirs=theirs_tps,
+                         ours_all=[b * new / t for t in times["ours"]],
+                         theirs_all=[b * new / t for t in times["theirs"]],
                          same=f"{same}/{b}"))  # fmt: skip
         print(f"batch {b} {precision}: tunelab {ours_tps:.1f} tok/s, transformers "
               f"{theirs_tps:.1f} tok/s, identical rows {same}/{b}", flush=True)  # fmt: skip
@@ -119,44 +105,43 @@ def bench_precision(precision: str, batches: list[int], new: int, runs: int) -> 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | precision | tunelab tok/s | transformers tok/s | ratio | identical rows |",
-             "|---:|:---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| batch | precision | tunelab tok/s, median (range) | transformers tok/s, median "
+             "(range) | ratio | identical rows |", "|---:|:---|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['precision']} | {r['ours']:.1f} | {r['theirs']:.1f} "
-                     f"| {r['ours'] / r['theirs']:.2f}x | {r['same']} |")  # fmt: skip
+        lines.append(f"| {r['batch']} | {r['precision']} | {common.spread(r['ours_all'])} "
+                     f"| {common.spread(r['theirs_all'])} | {r['ours'] / r['theirs']:.2f}x "
+                     f"| {r['same']} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    """Replace (or add) the '## Generation' section of docs/BENCHMARKS.md, keeping the others."""
-    text = DOC.read_text() if DOC.exists() else HEADER
-    section = f"## Generation\n\n{body.strip()}\n"
-    pattern = re.compile(r"^## Generation\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="timed runs per figure (median)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    a = ap.parse_args()
-    load = os.getloadavg()[0]
-    rows = [r for p in a.precisions for r in bench_precision(p, a.batches, a.new_tokens, a.runs)]
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 4 tokens, no docs")
+    a = ap.parse_args(argv)
+    sitting = common.Sitting(common.command_line("generate.py", argv), ("transformers",))
+    with tempfile.TemporaryDirectory(prefix="bench-generate-smoke-") as tmp:
+        model = MODEL
+        if a.smoke:
+            a.runs, a.new_tokens, a.batches = 1, 4, [2]
+            model = str(common.tiny_causal_dir(Path(tmp)))
+        rows = [r for p in a.precisions
+                for r in bench_precision(p, a.batches, a.new_tokens, a.runs, model)]  # fmt: skip
+        report(a, rows, sitting, Path(tmp))
+
+
+def report(a, rows: list[dict], sitting, tmp: Path) -> None:
     rows.sort(key=lambda r: (r["batch"], list(DTYPES).index(r["precision"])))
     body = "\n".join([
-        f"`python bench/generate.py --runs {a.runs}` on {datetime.date.today()}: {MODEL}, greedy, "
-        f"{a.new_tokens} new tokens per row (no EOS stop), chat prompts of different lengths "
-        f"left-padded, median of {a.runs} runs.",
+        sitting.preamble(),
         "",
-        f"Machine: {machine()}. Load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"Work: {MODEL}, greedy, {a.new_tokens} new tokens per row (no EOS stop), chat prompts "
+        f"of different lengths left-padded, median of {a.runs} runs in alternating order, range "
+        "in brackets.",
         "",
         table(rows),
         "",
@@ -164,9 +149,11 @@ def main() -> None:
         "Identical rows: rows whose tokens equal transformers' (bf16 rounding may differ).",
     ])  # fmt: skip
     print("\n" + table(rows))
-    if not a.no_write:
-        write_section(body)
-        print(f"\nwritten to {DOC}")
+    if a.smoke:
+        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
+    elif not a.no_write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import shapes  # bench/, beside this script
+import common  # bench/, beside this script: the one section writer and commit line
+import shapes
 from scale_workers import LORA, SHORT, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,27 +275,6 @@ def bnb_version(path: str | None) -> str:
     return f"bitsandbytes {found[0]}" if found else "no bitsandbytes"
 
 
-def commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
-
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "src", "bench") else ""
-    return git("rev-parse", "--short", "HEAD").strip() + dirty
-
-
-def write_section(body: str, doc: Path) -> None:
-    """Replace (or add) the '## Model size' section of the benchmarks page, keeping the others."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    section = f"## Model size\n\n{body.strip()}\n"
-    pattern = re.compile(r"^## Model size\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-
-
 def available_mb() -> float:
     text = Path("/proc/meminfo").read_text()
     return int(re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)[1]) / 1024
@@ -360,7 +340,7 @@ def main() -> None:
                     if "tokens" in r}) <= 1 for row in train_rows)  # fmt: skip
     cmd = " ".join(["python bench/scale.py", *sys.argv[1:]])
     parts = [
-        f"`{cmd}` on {datetime.date.today()}, tunelab {commit()}. Machine: "
+        f"`{cmd}` on {datetime.date.today()}, tunelab {common.git_commit()}. Machine: "
         f"{machine(', '.join(str(t) for t in sorted(threads - {None})) or '?')}, "
         f"{bnb_version(a.bnb_path)}. Load average {load0:.2f} before, {os.getloadavg()[0]:.2f} "
         f"after. Random-weight{' scaled-down' if a.smoke else ''} checkpoints from bench/shapes.py "
@@ -402,7 +382,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(dict(load=load_rows, train=train_rows), indent=1))
     print("\n" + body)
     if doc and not a.no_write:
-        write_section(body, doc)
+        common.write_section("Model size", body, doc)
         print(f"\nwritten to {doc}")
 
 

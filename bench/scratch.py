@@ -1,6 +1,7 @@
 """From scratch: gpt2-tiny from random weights with our own BPE, validation loss vs CPU time.
 
     python bench/scratch.py [--steps 300] [--eval-every 50] [--vocab-size 8000] [--write]
+    python bench/scratch.py --smoke   # a tiny written corpus, 2 steps: keeps the script working
 
 Corpus: ../shared/data/general_english (WikiText-2 test part, "The Verdict") and
 ../shared/data/movie_plots (the two Wikipedia plot CSVs, de-duplicated on their Wiki page; the
@@ -19,22 +20,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import math
 import os
-import platform
 import random
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+DATA = common.SHARED
 SECTION = "From scratch"
 EOS = "<|endoftext|>"
 
@@ -67,10 +66,10 @@ def plots(paths: list[Path]) -> list[str]:
     return out
 
 
-def corpus(seed: int, val_fraction: float) -> tuple[list[str], list[str], dict]:
+def corpus(seed: int, val_fraction: float, data: Path = DATA) -> tuple[list[str], list[str], dict]:
     """(train documents, validation documents, counts): units split before they are chunked."""
-    general = DATA / "general_english"
-    movies = DATA / "movie_plots"
+    general = data / "general_english"
+    movies = data / "movie_plots"
     verdict = (general / "the-verdict.txt").read_text(encoding="utf-8")
     units = {
         "wikitext": wikitext_articles(general / "wikitext2_test_part_a.txt"),
@@ -128,10 +127,11 @@ class CostMeter:
             return result
 
         trainer.evaluate = timed  # the loop calls trainer.evaluate(); our wrapper answers
-        trainer.evaluate()  # step 0: the loss of the random model
 
     def on_step(self, trainer, step: int) -> None:
-        pass
+        # step 0: the loss of the random model (the Trainer is fully built only after on_start)
+        if step == 0 and not self.points:
+            trainer.evaluate()
 
     def on_resume(self, trainer, step: int) -> None:
         pass
@@ -140,29 +140,31 @@ class CostMeter:
         pass
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{cpus} CPUs ({model}), {torch.get_num_threads()} torch threads; "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
+def smoke_data(root: Path) -> Path:
+    """A tiny corpus in the shared layout: two WikiText articles, a story, four film plots."""
+    general, movies = root / "general_english", root / "movie_plots"
+    general.mkdir(parents=True)
+    movies.mkdir()
+    sentence = "The river ran past the old mill and the children watched the boats go by. "
+    (general / "wikitext2_test_part_a.txt").write_text(
+        "".join(f" = Article {i} = \n\n {sentence * 6}\n\n" for i in range(4))
     )
+    (general / "the-verdict.txt").write_text((sentence * 4 + "\n\n") * 3)
+    with open(movies / "wiki_movie_plots_a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["Wiki Page", "Plot"])
+        w.writeheader()
+        for i in range(6):
+            w.writerow({"Wiki Page": f"film-{i}", "Plot": f"A hero number {i} rides. " * 20})
+    return root
 
 
-def run(args, work: Path) -> dict:
+def run(args, work: Path, data: Path = DATA) -> dict:
     from tunelab.tokenizer.bpe import BPETokenizer
     from tunelab.tokenizer.tokenizer import Tokenizer
     from tunelab.train.config import load_config
     from tunelab.train.run import run_training
 
-    train_docs, val_docs, units = corpus(args.seed, args.val_fraction)
+    train_docs, val_docs, units = corpus(args.seed, args.val_fraction, data)
     # Pieces of at most seq_len / 2 words: WikiText and plots take ~1.3 tokens a word with an
     # 8000-token vocabulary, so nearly every piece fits a row whole.
     words = args.seq_len // 2
@@ -239,21 +241,21 @@ def table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def report(args, r: dict, load_before: float) -> str:
+def report(args, r: dict, sitting) -> str:
     s, u = r["summary"], r["units"]
     params = s["total_params"]
-    today = datetime.date.today().isoformat()
     sample = " ".join(r["sample"].split())
-    load_after = os.getloadavg()[0]
     shared = ""
-    if max(load_before, load_after) > 0.75 * (os.cpu_count() or 1):
+    if max(sitting.load_before, common.load()) > 0.75 * (os.cpu_count() or 1):
         # Other jobs competing for the cores slow every step (and spin torch's threads), so
         # the minutes say less than the losses, which depend only on the step.
         shared = (
             " The machine was shared with other jobs during this run: CPU and wall minutes are "
             "inflated (wall most); the loss at each step does not depend on the load."
         )
-    return f"""`python bench/scratch.py --write` on {today}: `gpt2-tiny` ({params / 1e6:.2f}M \
+    return f"""{sitting.preamble()}{shared}
+
+Work: `gpt2-tiny` ({params / 1e6:.2f}M \
 parameters, embeddings tied) from random weights on a BPE vocabulary of {r["vocab"]} trained \
 here on the training side ({r["tok_wall"]:.1f} s). Corpus: general_english (WikiText-2 test \
 part, {u["wikitext"][0]} + {u["wikitext"][1]} articles, and "The Verdict") and movie_plots \
@@ -264,8 +266,6 @@ rows of {args.seq_len} tokens: {r["train_tokens"]:,} training tokens \
 {r["eval_tokens"]:,} are scored at each evaluation. Batch {args.batch_size} × {args.seq_len}, \
 AdamW lr {args.lr:g} (weight decay 0.1), {max(1, args.steps // 20)} warmup steps then cosine to \
 10%, {args.steps} steps ({s["tokens"] / r["train_tokens"]:.2f} epochs), fp32, seed {args.seed}.
-
-Machine: {machine()}. Load average {load_before:.2f} before, {load_after:.2f} after.{shared}
 
 {table(r)}
 
@@ -279,20 +279,7 @@ the random model: ln {r["vocab"]} = {math.log(r["vocab"]):.2f}. Sample from the 
 """
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) only the '## From scratch' section; others edit the other sections."""
-    text = DOC.read_text(encoding="utf-8")  # read right before writing: the file is shared
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        following = pattern.search(text).end() < len(text)
-        text = pattern.sub(lambda _: section + ("\n" if following else ""), text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text, encoding="utf-8")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
     parser.add_argument("--eval-every", type=int, default=50)
@@ -305,25 +292,40 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the run directory here (default: none)")
     parser.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    args = parser.parse_args()
-    if not (DATA / "general_english").is_dir() or not (DATA / "movie_plots").is_dir():
-        raise SystemExit(f"bench/scratch.py: needs {DATA}/general_english and movie_plots")
-
-    load_before = os.getloadavg()[0]
+    parser.add_argument("--smoke", action="store_true", help="a tiny corpus, 2 steps, no docs")
+    args = parser.parse_args(argv)
+    sitting = common.Sitting(common.command_line("scratch.py", argv))
+    data = DATA
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.smoke:
+            args.steps, args.eval_every, args.vocab_size = 2, 1, 300
+            args.seq_len, args.batch_size, args.eval_tokens = 32, 2, 64
+            args.val_fraction = 0.34  # a unit of each source held out
+            data = smoke_data(work / "data")
+        if not (data / "general_english").is_dir() or not (data / "movie_plots").is_dir():
+            raise SystemExit(f"bench/scratch.py: needs {data}/general_english and movie_plots")
         # A fresh encode cache, so data encoding is measured rather than read back.
+        cache = os.environ.get("TUNELAB_CACHE")
         os.environ["TUNELAB_CACHE"] = str(work / "cache")
-        r = run(args, work)
+        try:
+            r = run(args, work, data)
+        finally:  # other benchmarks in this process (run_all --smoke) keep the usual cache
+            if cache is None:
+                os.environ.pop("TUNELAB_CACHE", None)
+            else:
+                os.environ["TUNELAB_CACHE"] = cache
         if args.keep:
             import shutil
 
             shutil.copytree(work / "run", args.keep, dirs_exist_ok=True)
-    body = report(args, r, load_before)
-    print(f"## {SECTION}\n\n{body}")
-    if args.write:
-        write_section(body)
-        print(f"wrote the '## {SECTION}' section of {DOC}")
+        body = report(args, r, sitting)
+        print(f"## {SECTION}\n\n{body}")
+        if args.smoke:
+            common.write_section(SECTION, body, work / "BENCHMARKS.md")
+        elif args.write:
+            common.write_section(SECTION, body)
+            print(f"wrote the '## {SECTION}' section of {common.DOC}")
 
 
 if __name__ == "__main__":

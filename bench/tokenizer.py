@@ -1,11 +1,13 @@
 """Encode throughput of our BPE against Hugging Face `tokenizers`, same text and same vocab.
 
-Run: python bench/tokenizer.py [--vocab-size 8000] [--repeats 3]
-Prints a Markdown table (header + one row) for docs/BENCHMARKS.md.
+    python bench/tokenizer.py [--vocab-size 8000] [--repeats 3] [--no-write]
+    python bench/tokenizer.py --smoke   # a few KB of text, vocab 300: keeps the script working
+
+Training time once each; encode speed the best of --repeats. Writes the '## Tokenizer' section
+of docs/BENCHMARKS.md.
 """
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -15,8 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tunelab.tokenizer.bpe import BPETokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "general_english"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
+
+DATA = common.SHARED / "general_english"
 FILES = ["the-verdict.txt", "wikitext2_test_part_a.txt"]
+TITLE = "Tokenizer"
 
 
 def best_of(repeats: int, fn) -> tuple[float, object]:
@@ -29,15 +35,24 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    missing = [name for name in FILES if not (DATA / name).exists()]
-    if missing:
-        sys.exit(f"bench/tokenizer.py: {DATA} lacks {', '.join(missing)}; check out ../shared/data")
-    text = "".join((DATA / name).read_text(encoding="utf-8") for name in FILES)
+    parser.add_argument("--smoke", action="store_true", help="a few KB of text, no docs")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+    sitting = common.Sitting(common.command_line("tokenizer.py", argv), ("tokenizers",))
+    if args.smoke:
+        args.vocab_size, args.repeats = 300, 1
+        words = "the cat sat on a mat while dogs ran over hills and rivers, singing".split()
+        text = "\n".join(" ".join(words[i % 7 : i % 7 + 6]) + "." for i in range(300))
+    else:
+        missing = [name for name in FILES if not (DATA / name).exists()]
+        if missing:
+            sys.exit(f"bench/tokenizer.py: {DATA} lacks {', '.join(missing)}; check out "
+                     "../shared/data")  # fmt: skip
+        text = "".join((DATA / name).read_text(encoding="utf-8") for name in FILES)
     lines = text.splitlines(keepends=True)
     mb = len(text.encode("utf-8")) / 1e6
 
@@ -68,17 +83,32 @@ def main() -> None:
     if ids != hf_enc.ids:
         sys.exit("bench/tokenizer.py: ids differ from tokenizers; the comparison is void")
 
-    print(
+    name = "smoke text" if args.smoke else "general_english"
+    table = "\n".join([
         "| text | vocab | tokens | ours train s | tokenizers train s | ours cold MB/s "
-        "| ours warm MB/s | tokenizers MB/s | tokenizers batch MB/s | machine |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(
-        f"| general_english {mb:.2f} MB | {ours.vocab_size} | {len(ids)} "
+        "| ours warm MB/s | tokenizers MB/s | tokenizers batch MB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {name} {mb:.2f} MB | {ours.vocab_size} | {len(ids)} "
         f"| {ours_train_s:.2f} | {hf_train_s:.2f} | {mb / cold_s:.2f} | {mb / warm_s:.2f} "
-        f"| {mb / hf_s:.2f} | {mb / hf_batch_s:.2f} | {platform.machine()}, Python "
-        f"{platform.python_version()} |"
-    )
+        f"| {mb / hf_s:.2f} | {mb / hf_batch_s:.2f} |",
+    ])  # fmt: skip
+    body = "\n\n".join([
+        sitting.preamble(),
+        "Work: our byte-level BPE (`tokenizer/bpe.py`, the teaching copy) against the "
+        "`tokenizers` library on the same vocabulary and merges (ids checked equal first), "
+        f"general English ({mb:.2f} MB: the-verdict.txt and wikitext2_test_part_a.txt), vocabulary "
+        f"{args.vocab_size}; training once each, encoding the best of {args.repeats}.",
+        table,
+        "Cold: a freshly loaded tokenizer; warm: its per-word cache filled. tokenizers MB/s is "
+        "one `encode()` over the whole text; batch is `encode_batch` over lines on all cores.",
+    ])  # fmt: skip
+    print(table)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            common.write_section(TITLE, body, Path(tmp) / "BENCHMARKS.md")
+    elif not args.no_write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}")
 
 
 if __name__ == "__main__":

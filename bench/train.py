@@ -1,89 +1,77 @@
 """Training speed and memory: tunelab against transformers + TRL's SFTTrainer, same SFT work.
 
-    python bench/train.py [--steps 20] [--precisions fp32 bf16] [--methods full lora-qv ...]
-                          [--runs 1] [--no-write]
+    python bench/train.py [--steps 20] [--warmup 2] [--runs 3] [--precisions fp32 bf16]
+                          [--methods full lora-qv lora-all qlora] [--no-write]
+    python bench/train.py --profile     # per-op profile of one tunelab full-fine-tuning step
+    python bench/train.py --smoke       # a tiny random model, 2 steps: keeps the script working
 
-Both fine-tune every weight of SmolLM2-135M-Instruct (the HF directory gguf_to_hf_dir makes from
-the embedded GGUF; tunelab loads that directory too) on the Alpaca-style instruction set in
-../shared/data/instructions, rendered with the model's chat template, loss on the responses only:
-sequence length 256, batch 4, no accumulation, no packing, dynamic padding to the longest row,
-AdamW at a constant learning rate, clipping at 1.0, no evaluation, no checkpoints. TRL gets the
-records in the order tunelab's seeded batch plan takes them (sequential sampler), so both see
-the same examples in the same batches. Each framework runs in its own subprocess, so peak RSS
-(ru_maxrss) is its own; the first --warmup steps are not timed. Tokens/s counts real (non-pad)
-tokens: the attention-mask sum of each batch. MFU = 6 x params x tokens/s over the fp32 matmul
-peak measured here, the faster of torch.mm and oneDNN's linear (4 x params for LoRA and QLoRA:
-frozen weights need no weight gradient). Methods: full; lora-qv and lora-all (r 16, alpha 32, no dropout, on q_proj/v_proj or
-every linear layer of the blocks) against peft's LoraConfig with the same settings; qlora (NF4
-base, LoRA on every linear layer) runs for tunelab alone: peft's QLoRA needs bitsandbytes, whose
-4-bit layers want a GPU. Training peak RSS resets the process's high-water mark once the model
-is loaded and adapted (/proc/self/clear_refs), so it shows what training holds, not the fp32
-load that QLoRA quantizes away. The table goes to the '## Training' section of
-docs/BENCHMARKS.md.
+The work, the same on both sides: fine-tune SmolLM2-135M-Instruct (the HF directory
+gguf_to_hf_dir makes from the embedded GGUF; tunelab loads that directory too) on the
+Alpaca-style set ../shared/data/instructions, rendered with the model's chat template, loss on
+the responses only; sequence length 256 (cut at the end), batch 4, no accumulation, no packing,
+dynamic padding to the longest row (no pad-to-multiple), fused AdamW (betas 0.9/0.999, eps 1e-8,
+no weight decay) at a constant learning rate, clipping at 1.0, no gradient (activation)
+checkpointing, no dropout, no evaluation, no checkpoints, no progress bar, loss logged every step.
+TRL gets the records in the order tunelab's seeded batch plan takes them (sequential sampler),
+so both see the same examples in the same batches (checked: identical real tokens per batch).
+
+tunelab runs the path the `tunelab finetune` command runs: `run_training` (loading, method,
+data, `Trainer.fit`, which enters the oneDNN context for fp32 compute), with a loop callback
+that only reads the clock, the token count and the RSS high-water mark at the start of each
+step. It runs warmup + steps + 1 steps, so the end of the last timed step is marked before the
+final checkpoint is written (untimed, as TRL's save_strategy="no" writes none).
+
+TRL 1.16's defaults that change the work, and what this benchmark sets (like for like):
+  gradient_checkpointing True (base config)  -> False (a second forward per step otherwise)
+  bf16 None -> True unless fp16 (base config) -> set explicitly per precision row
+  logging_steps 10 (base config)             -> 1 (tunelab logs every step too)
+  learning_rate 2e-5, lr_scheduler linear    -> the bench's lr, constant, no warmup
+  max_length 1024, truncation keep_start     -> 256, keep_start (tunelab cuts the end too)
+  completion_only_loss None (-> True for prompt/completion rows), assistant_only_loss False,
+  loss_type "nll"                            -> set explicitly to those values
+  packing False, padding_free False, pad_to_multiple_of "auto" (no padding off Neuron)
+                                             -> False, False, None
+  optim adamw_torch_fused (transformers on torch >= 2.8), weight_decay 0, max_grad_norm 1.0,
+  seed 42, train_sampling_strategy random, activation_offloading False, use_liger_kernel False,
+  torch_compile False                        -> all set explicitly (fused AdamW, sequential)
+The row "TRL as its defaults ship" leaves gradient_checkpointing and bf16/fp16 at TRL's
+defaults (both on) and keeps the rest of the work as above: what a TRL user gets.
+
+Precisions: fp32 (tunelab precision fp32, autocast off; TRL bf16=False, fp16=False) and bf16
+(fp32 weights with bf16 autocast on both sides: tunelab precision fp32 + autocast bf16, TRL
+bf16=True, which autocasts over the fp32 model). Methods: full; lora-qv and lora-all (r 16,
+alpha 32, no dropout, on q_proj/v_proj or every linear layer of the blocks) against peft's
+LoraConfig with the same settings; qlora (NF4 base, LoRA on every linear layer) runs for
+tunelab alone: peft's QLoRA needs bitsandbytes, whose 4-bit layers want a GPU.
+
+Process environment: each run is its own process. tunelab "as shipped" gets the glibc settings
+the `tunelab` command restarts itself with (src/tunelab/allocator.py); "glibc defaults" runs
+tunelab without them (TUNELAB_MALLOC=0), so the allocator's share is the difference of the two
+rows; TRL runs with glibc's defaults, as its users get them. Training peak RSS resets the
+process's high-water mark at the first step (model loaded and adapted, optimizer built) and
+reads it at the end of the last timed step. Real tok/s counts non-pad tokens (the
+attention-mask sum) of the timed steps over their wall time. MFU = 6 x params x tokens/s over
+the fp32 matmul peak measured here (4 x for LoRA and QLoRA: frozen weights take no weight
+gradient). Each row is the median of --runs runs, taken in alternating order, with the range.
+The table goes to the '## Training' section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import re
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import workers  # bench/, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+DATA = common.SHARED / "instructions" / "instruction-data.json"
 MODEL = "smollm2-135m-instruct"
-HEADER = """# Benchmarks
-
-How the figures are measured: tunelab and the reference library run in the same process, on the
-same inputs, alternating run by run; each figure is the median of several runs after a warm-up.
-Each section names its machine (CPU count and model, torch and library versions) and its date;
-compare figures only within one section. Re-run the script a section names to refresh it.
-"""
-
-
-PEAK_BEFORE_RESET = [0.0]
-
-
-def peak_rss_mb() -> float:
-    """The process's peak RSS from its start. Not ru_maxrss: Linux carries the parent's peak
-    into a spawned child's ru_maxrss (and the parent converted the GGUF)."""
-    return max(train_peak_mb(), PEAK_BEFORE_RESET[0])
-
-
-def reset_peak() -> None:
-    """Start a new RSS high-water mark (Linux >= 4.0): train_peak_mb() then tracks from here.
-    Resetting also resets ru_maxrss, so the process peak so far is kept aside first."""
-    import gc
-
-    gc.collect()
-    PEAK_BEFORE_RESET[0] = peak_rss_mb()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: train_peak_mb() then reports the process peak
-
-
-def train_peak_mb() -> float:
-    """This process's RSS high-water mark (VmHWM) since its start or the last reset_peak()."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
+TITLE = "Training"
 
 # name -> (tunelab method options, peft target_modules or None for full)
 METHODS = {
@@ -93,22 +81,27 @@ METHODS = {
     "qlora": ({"name": "qlora", "targets": "all-linear", "bits": "nf4"}, None),
 }
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-
-
-def hf_dir() -> Path:
-    """The HF-layout directory converted (once, cached) from the embedded SmolLM2 GGUF."""
-    from tunelab.hub import KNOWN, resolve
-    from tunelab.model.gguf import gguf_to_hf_dir
-
-    return gguf_to_hf_dir(resolve(MODEL)) if KNOWN[MODEL].package else resolve(MODEL)
+# precision row -> (tunelab train options, TRL flags, label)
+PRECISIONS = {
+    "fp32": ({"train.precision": "fp32", "train.autocast": "off"}, {"bf16": False, "fp16": False},
+             "fp32"),
+    "bf16": ({"train.precision": "fp32", "train.autocast": "bf16"}, {"bf16": True, "fp16": False},
+             "bf16 autocast, fp32 weights"),
+}  # fmt: skip
+# variant -> (worker, environment, label)
+VARIANTS = {
+    "tunelab": ("tunelab", "shipped", "tunelab (as shipped)"),
+    "tunelab-glibc": ("tunelab", "glibc", "tunelab, glibc defaults"),
+    "trl": ("trl", "reference", "TRL SFTTrainer, same work"),
+    "trl-defaults": ("trl", "reference", "TRL as its defaults ship"),
+}
 
 
 def batch_plan(n_records: int, batch: int, seed: int, steps: int) -> list[list[int]]:
     """Record indices of the first `steps` batches tunelab's Batches takes (all records train)."""
     from tunelab.data.batching import Batches
 
-    dummy = [{"input_ids": [0]}] * n_records
-    b = Batches(dummy, batch, pad_id=0, seed=seed)
+    b = Batches([{"input_ids": [0]}] * n_records, batch, pad_id=0, seed=seed)
     plan, epoch = [], 0
     while len(plan) < steps:
         plan += b.plan(epoch)
@@ -116,68 +109,91 @@ def batch_plan(n_records: int, batch: int, seed: int, steps: int) -> list[list[i
     return plan[:steps]
 
 
-# -- workers: one framework per process ---------------------------------------------------------
-def worker_tunelab(a: dict) -> dict:
-    import torch
-
-    from tunelab.adapt import apply_method
-    from tunelab.train.config import load_config
-    from tunelab.train.loop import Trainer
-    from tunelab.train.objectives import causal_lm
-    from tunelab.train.run import build_data, load_for_training, prepare_run_dir
-
-    total = a["warmup"] + a["steps"]
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        cfg = load_config(None, {
-            "task": "finetune", "model": a["model"], "data.path": a["data"],
-            "data.val_fraction": 0.0, "train.seq_len": a["seq_len"],
-            "train.batch_size": a["batch"], "train.grad_accum": 1, "train.max_steps": total,
-            "train.lr": a["lr"], "train.warmup_steps": 0, "train.schedule": "constant",
-            "train.weight_decay": 0.0, "train.clip": 1.0, "train.precision": a["precision"],
-            "train.device": "cpu", "train.seed": a["seed"], "out": tmp,
-            **{f"method.{k}": v for k, v in method_options(a["method"]).items()},
-        })  # fmt: skip
-        run_dir = prepare_run_dir(cfg)
-        torch.manual_seed(cfg.train.seed)
-        model, tokenizer = load_for_training(cfg, torch.device("cpu"))
-        callbacks = apply_method(model, cfg.method)
-        train_b, _, stats = build_data(cfg, tokenizer, "auto")
-        if stats["train_examples"] != a["n_records"]:
-            raise SystemExit(f"tunelab kept {stats['train_examples']} of {a['n_records']} "
-                             "records, so TRL's batch order would not match")  # fmt: skip
-        trainer = Trainer(model, causal_lm, train_b, cfg.train, run_dir, total, callbacks=callbacks)
-        real, padded, marks = [], [], []
-        reset_peak()
-        collate = train_b.collate_fn
-
-        def counting(examples):
-            batch = collate(examples)
-            real.append(int(batch["attention_mask"].sum()))
-            padded.append(batch["attention_mask"].numel())
-            return batch
-
-        train_b.collate_fn = counting
-        losses = []
-        for _ in range(total):
-            losses.append(trainer.train_step()["loss"])
-            marks.append(time.perf_counter())
-        params = count_params(model)
-    return result(a, real, padded, marks, losses, params)
-
-
-def method_options(method: str) -> dict:
-    options, _ = METHODS[method]
-    return {**options, **LORA} if options else {}
-
-
 def count_params(model) -> dict:
-    """Base (frozen or not, quantized or not) and trainable parameter counts; the LoRA factors
-    are not base parameters."""
+    """Base (frozen or not, quantized or not) and trainable parameter counts."""
     from tunelab.adapt.estimate import param_report
 
     report = param_report(model)  # counts NF4 weights (buffers) too, tied weights once
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return {"base": report["total_params"] - lora, "trainable": report["trainable_params"]}
+
+
+class Meter:
+    """A loop callback that only observes: clock, tokens and RSS at the start of each step;
+    optionally a torch.profiler over step `profile_at`."""
+
+    def __init__(self, end: int, profile_at: int | None = None):
+        self.end, self.profile_at, self.prof = end, profile_at, None
+        self.marks: list[float] = []
+        self.tokens: list[int] = []
+        self.peaks = (0.0, 0.0)
+        self.params: dict = {}
+        self.profile = ""
+
+    def on_start(self, trainer) -> None:
+        self.params = count_params(trainer.model)
+
+    def on_step(self, trainer, step: int) -> None:
+        if step == 0:
+            common.reset_peak()
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.profile = self.prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=30
+            )
+            self.prof = None
+        if step == self.end:
+            self.peaks = (common.peak_rss_mb(), common.train_peak_mb())
+        self.marks.append(time.perf_counter())
+        self.tokens.append(trainer.tokens)
+        if step == self.profile_at:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+
+    def on_resume(self, trainer, step: int) -> None:
+        pass
+
+    def on_optimizer(self, trainer) -> None:
+        pass
+
+
+# -- workers: one framework per process ---------------------------------------------------------
+def worker_tunelab(a: dict) -> dict:
+    from tunelab.train.config import load_config
+    from tunelab.train.run import run_training
+
+    total = a["warmup"] + a["steps"]
+    method = METHODS[a["method"]][0]
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        cfg = load_config(None, {
+            "task": "finetune", "model": a["model"], "data.path": a["data"],
+            "data.val_fraction": 0.0, "data.pack": False, "data.group_by_length": False,
+            "train.seq_len": a["seq_len"], "train.batch_size": a["batch"], "train.grad_accum": 1,
+            "train.max_steps": total + 1, "train.lr": a["lr"], "train.warmup_steps": 0,
+            "train.schedule": "constant", "train.weight_decay": 0.0, "train.clip": 1.0,
+            "train.betas": [0.9, 0.999], "train.dropout": 0.0,
+            "train.activation_checkpointing": False, "train.eval_every": None,
+            "train.save_every": None, "train.log_every": 1, "train.device": "cpu",
+            "train.seed": a["seed"], "out": str(Path(tmp) / "run"),
+            **PRECISIONS[a["precision"]][0],
+            **{f"method.{k}": v for k, v in ({**method, **LORA} if method else {}).items()},
+        })  # fmt: skip
+        meter = Meter(total, profile_at=a["warmup"] if a.get("profile") else None)
+        summary = run_training(cfg, callbacks=[meter])
+        records = [
+            json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
+        ]
+    if summary["data"]["train_examples"] != a["n_records"]:
+        raise SystemExit(f"tunelab kept {summary['data']['train_examples']} of {a['n_records']} "
+                         "records, so TRL's batch order would not match")  # fmt: skip
+    real = [b - a_ for a_, b in zip(meter.tokens, meter.tokens[1:])]
+    losses = [r["loss"] for r in records if "loss" in r and r.get("split") != "val"][:total]
+    out = result(a, real, meter.marks[1:], losses, meter.params)
+    out["peak_rss_mb"], out["train_peak_mb"] = meter.peaks
+    out["profile"] = meter.profile
+    return out
 
 
 def worker_trl(a: dict) -> dict:
@@ -199,7 +215,6 @@ def worker_trl(a: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(a["model"])
     marks, rss = [], []
-
     peft_config = None
     if METHODS[a["method"]][1] is not None:
         from peft import LoraConfig
@@ -210,62 +225,70 @@ def worker_trl(a: dict) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            reset_peak()
+            common.reset_peak()
+            marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.perf_counter())
-            rss.append((peak_rss_mb(), train_peak_mb()))
+            rss.append((common.peak_rss_mb(), common.train_peak_mb()))
 
+    # like for like: every setting that changes the work, set; "defaults" leaves gradient
+    # checkpointing and bf16/fp16 as TRL ships them
+    same = {"gradient_checkpointing": False, **PRECISIONS[a["precision"]][1]}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         args = SFTConfig(
-            output_dir=tmp, max_length=a["seq_len"], per_device_train_batch_size=a["batch"],
-            gradient_accumulation_steps=1, max_steps=total, learning_rate=a["lr"],
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            packing=False, padding_free=False, completion_only_loss=True,
-            bf16=a["precision"] == "bf16", use_cpu=True, report_to="none", logging_steps=1,
-            save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=a["seed"],
-            train_sampling_strategy="sequential", shuffle_dataset=False, disable_tqdm=True,
+            output_dir=tmp, max_length=a["seq_len"], truncation_mode="keep_start",
+            per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
+            max_steps=total, learning_rate=a["lr"], lr_scheduler_type="constant", warmup_steps=0,
+            optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+            weight_decay=0.0, max_grad_norm=1.0, packing=False, padding_free=False,
+            pad_to_multiple_of=None, completion_only_loss=True, assistant_only_loss=False,
+            loss_type="nll", activation_offloading=False, use_liger_kernel=False,
+            torch_compile=False, use_cpu=True, report_to="none",
+            logging_steps=1, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
+            seed=a["seed"], train_sampling_strategy="sequential", shuffle_dataset=False,
+            disable_tqdm=True, **({} if a["trl_mode"] == "defaults" else same),
         )  # fmt: skip
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, callbacks=[Clock()],
                              peft_config=peft_config)  # fmt: skip
-        real, padded, collate = [], [], trainer.data_collator
+        real, collate = [], trainer.data_collator
 
         def counting(examples):
             batch = collate(examples)
             real.append(int(batch["attention_mask"].sum()))
-            padded.append(batch["attention_mask"].numel())
             return batch
 
         trainer.data_collator = counting
-        out = trainer.train()
+        trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         params = count_params(trainer.model)
-        del out
-    r = result(a, real[:total], padded[:total], marks, losses, params)
-    # at the end of the last timed step, before train() tidies up
-    r["peak_rss_mb"], r["train_peak_mb"] = rss[-1]
-    return r
+        settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16", "fp16")}
+    out = result(a, real[:total], marks[1:], losses, params)
+    out["peak_rss_mb"], out["train_peak_mb"] = rss[total - 1]  # at the end of the last timed step
+    out["settings"] = settings
+    return out
 
 
-def result(a, real, padded, marks, losses, params) -> dict:
+def result(a, real, ends, losses, params) -> dict:
+    """Figures from the real tokens and end time of each step (ends[k]: end of step k)."""
     w, total = a["warmup"], a["warmup"] + a["steps"]
-    if len(real) < total or len(marks) < total:
-        raise SystemExit(f"saw {len(real)} batches and {len(marks)} steps, expected {total}")
-    seconds = marks[total - 1] - marks[w - 1] if w else marks[total - 1] - marks[0]
-    timed = real[w:total] if w else real[1:total]
-    return dict(tokens_per_s=sum(timed) / seconds, seconds=seconds,
-                real_per_batch=statistics.mean(real[:total]),
-                padded_per_batch=statistics.mean(padded[:total]), peak_rss_mb=peak_rss_mb(),
-                train_peak_mb=train_peak_mb(), load_peak_mb=PEAK_BEFORE_RESET[0],
+    if len(real) < total or len(ends) < total:
+        raise SystemExit(f"saw {len(real)} batches and {len(ends)} steps, expected {total}")
+    first = max(w, 1)  # with no warm-up, step 0 is still untimed: its start is not marked alike
+    seconds = ends[total - 1] - ends[first - 1]
+    return dict(tokens_per_s=sum(real[first:total]) / seconds, seconds=seconds,
+                real_per_batch=statistics.mean(real[:total]), load_peak_mb=common.PEAK_BEFORE_RESET[0],
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                 params=params, batch_tokens=real[:total])  # fmt: skip
 
 
+HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}
+
+
 # -- the parent: machine peak, subprocesses, the table ---------------------------------------------
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 GFLOP/s of an n x n x n product here, by torch.mm (MKL in torch's CPU build)
-    or by oneDNN's linear (tunelab's kernels.py), whichever is faster on this machine."""
+    """Best fp32 GFLOP/s of an n x n x n product here, by torch.mm or oneDNN's linear."""
     import torch
 
     from tunelab.kernels import onednn_linear, onednn_works
@@ -284,174 +307,191 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return best
 
 
-def machine() -> str:
-    import torch
-    import transformers
-    import trl
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpus} CPUs ({model}), {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}")  # fmt: skip
-
-
-def spawn(name: str, a: dict) -> dict:
-    return workers.spawn(__file__, name, a)
+def run_one(variant: str, job: dict, in_process: bool) -> dict:
+    worker, environment, _ = VARIANTS[variant]
+    job = dict(job, trl_mode="defaults" if variant == "trl-defaults" else "same")
+    if in_process:
+        return dict(HANDLERS[worker](job), environment=environment)
+    return common.spawn(__file__, worker, job, environment)
 
 
 def table(rows: list[dict], peak: float) -> str:
-    lines = ["| method | precision | framework | trainable | real tok/s | MFU | training peak RSS "
-             "(MiB) | process peak RSS (MiB) | real tok/batch | loss first → last |",
-             "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    lines = ["| method | precision | framework | trainable | real tok/s, median (range) | MFU "
+             "| training peak RSS (MiB) | process peak RSS (MiB) | real tok/batch "
+             "| loss first → last |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
     for r in rows:
         flops = 6 if r["method"] == "full" else 4  # frozen weights: no weight gradients
-        for name, label in (("ours", "tunelab"), ("theirs", "TRL SFTTrainer")):
-            m = r.get(name)
-            if m is None:
+        for variant, runs in r["runs"].items():
+            m = runs[len(runs) // 2]
+            label = VARIANTS[variant][2]
+            if "settings" in m:  # what TRL ran with, read back from its config
+                label += f" ({', '.join(f'{k}={v}' for k, v in m['settings'].items())})"
+            tps = [x["tokens_per_s"] for x in runs]
+            mfu = flops * m["params"]["base"] * statistics.median(tps) / (peak * 1e9)
+            lines.append(
+                f"| {r['method']} | {r['label']} | {label} "
+                f"| {m['params']['trainable'] / 1e6:.2f}M | {common.spread(tps)} | {mfu:.1%} "
+                f"| {common.median_of(runs, 'train_peak_mb'):.0f} "
+                f"| {common.median_of(runs, 'peak_rss_mb'):.0f} | {m['real_per_batch']:.1f} "
+                f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |"
+            )
+        ours = r["runs"]["tunelab"]
+        for variant, what in (("trl", "same work"), ("trl-defaults", "TRL's defaults")):
+            if variant not in r["runs"]:
                 continue
-            mfu = flops * m["params"]["base"] * m["tokens_per_s"] / (peak * 1e9)
-            lines.append(f"| {r['method']} | {r['precision']} | {label} "
-                         f"| {m['params']['trainable'] / 1e6:.2f}M | {m['tokens_per_s']:.1f} "
-                         f"| {mfu:.1%} | {m['train_peak_mb']:.0f} | {m['peak_rss_mb']:.0f} "
-                         f"| {m['real_per_batch']:.1f} "
-                         f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |")  # fmt: skip
-        o, t = r["ours"], r.get("theirs")
-        if t is not None:
-            lines.append(f"| {r['method']} | {r['precision']} | **ratio** | "
-                         f"| **{o['tokens_per_s'] / t['tokens_per_s']:.2f}x** | "
-                         f"| **{o['train_peak_mb'] / t['train_peak_mb']:.2f}x** "
-                         f"| {o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
-                         f"| {o['real_per_batch'] / t['real_per_batch']:.2f}x | |")  # fmt: skip
+            theirs = r["runs"][variant]
+            speed = common.median_of(ours, "tokens_per_s") / common.median_of(
+                theirs, "tokens_per_s"
+            )
+            mem = common.median_of(ours, "train_peak_mb") / common.median_of(
+                theirs, "train_peak_mb"
+            )
+            low = min(x["tokens_per_s"] for x in ours) / max(x["tokens_per_s"] for x in theirs)
+            lines.append(f"| {r['method']} | {r['label']} | **tunelab / TRL, {what}** | "
+                         f"| **{speed:.2f}x** (slowest/fastest {low:.2f}x) | "
+                         f"| **{mem:.2f}x** | | | |")  # fmt: skip
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    """Replace (or add) the '## Training' section of docs/BENCHMARKS.md, keeping the others."""
-    text = DOC.read_text() if DOC.exists() else HEADER
-    section = f"## Training\n\n{body.strip()}\n"
-    pattern = re.compile(r"^## Training\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+def make_data(root: Path, n: int = 12) -> Path:
+    """A few Alpaca-style records for the smoke mode (no shared data needed)."""
+    words = "the quick brown fox jumps over a lazy dog while birds sing".split()
+    records = [{"instruction": f"Repeat the words {' '.join(words[: 3 + i % 5])}.",
+                "input": "" if i % 2 else "slowly", "output": " ".join(words[i % 4 : 6 + i % 5])}
+               for i in range(n)]  # fmt: skip
+    path = root / "instructions.json"
+    path.write_text(json.dumps(records))
+    return path
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run with the median tokens/s, with the median peak RSS of the runs."""
-    best = sorted(runs, key=lambda m: m["tokens_per_s"])[len(runs) // 2]
-    return dict(best, **{k: statistics.median(m[k] for m in runs)
-                         for k in ("peak_rss_mb", "train_peak_mb")})  # fmt: skip
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
-    ap.add_argument(
-        "--methods",
-        nargs="+",
-        default=["full"],
-        choices=list(METHODS),
-        help="full fine-tuning, LoRA on q/v or every linear layer, QLoRA (NF4)",
-    )
-    ap.add_argument("--runs", type=int, default=1, help="runs per framework (median tok/s)")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
+    ap.add_argument("--methods", nargs="+", default=["full"], choices=list(METHODS),
+                    help="full fine-tuning, LoRA on q/v or every linear layer, QLoRA (NF4)")  # fmt: skip
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="which rows: tunelab as shipped and with glibc defaults, TRL on the same "
+                    "work and as its defaults ship (the last once per method, under bf16)")  # fmt: skip
+    ap.add_argument("--runs", type=int, default=3, help="runs per row (median and range)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument(
         "--data", default=str(DATA), help="Alpaca-style JSON (instruction/input/output)"
     )
+    ap.add_argument("--profile", action="store_true",
+                    help="print a per-op profile (torch.profiler, self CPU time) of one tunelab "
+                    "full-fine-tuning step after the warm-up, then stop")  # fmt: skip
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps, no docs")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    ap.add_argument("--worker", choices=["tunelab", "trl"], help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    ap.add_argument("--worker", choices=list(HANDLERS), help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
     if a.worker:
-        job = json.loads(sys.stdin.read())
-        out = (worker_tunelab if a.worker == "tunelab" else worker_trl)(job)
-        print("RESULT " + json.dumps(out), flush=True)
-        return
+        return common.worker_main(HANDLERS, a.worker)
+    with tempfile.TemporaryDirectory(prefix="bench-train-smoke-") as tmp:
+        run(a, argv, Path(tmp))
+
+
+def run(a, argv, tmp: Path) -> None:
+    sitting = common.Sitting(common.command_line("train.py", argv), ("transformers", "trl", "peft"))
+    if a.smoke:
+        a.steps, a.warmup, a.runs, a.seq_len, a.batch = 1, 1, 1, 64, 2
+        a.variants = [v for v in a.variants if v != "tunelab-glibc"]  # in-process: same code
+        a.precisions = a.precisions[:1]  # TRL's defaults row runs bf16 anyway
+        a.data, model_dir = str(make_data(tmp)), str(common.tiny_causal_dir(tmp))
+    else:
+        model_dir = str(common.smollm2_dir())
     data = Path(a.data)
     if not data.is_file():
         raise SystemExit(f"{data}: instruction data not found; this benchmark reads the shared "
                          "Alpaca-style set at ../shared/data/instructions/instruction-data.json "
                          "(or pass --data PATH)")  # fmt: skip
     n_records = len(json.loads(data.read_text()))
-    model_dir = str(hf_dir())
-    peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
-    load = os.getloadavg()[0]
     job = dict(model=model_dir, data=str(data.resolve()), n_records=n_records, steps=a.steps,
                warmup=a.warmup, lr=a.lr, seq_len=a.seq_len, batch=a.batch, seed=0,
                plan=batch_plan(n_records, a.batch, 0, a.warmup + a.steps))  # fmt: skip
+    if a.profile:
+        profiled = dict(job, method="full", precision=a.precisions[0], profile=True, steps=1)
+        m = run_one("tunelab", profiled, in_process=a.smoke)
+        print(f"tunelab full {a.precisions[0]}, one step after {a.warmup} (of "
+              f"{m['real_per_batch']:.0f} real tokens a batch; {m['tokens_per_s']:.1f} tok/s with "
+              f"the profiler on), through Trainer.fit:\n{m['profile']}")  # fmt: skip
+        if not a.smoke:
+            return
+    peak = matmul_peak(256 if a.smoke else 2048, 2 if a.smoke else 10)
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
     rows = []
+    defaults_at = "bf16" if "bf16" in a.precisions else a.precisions[0]
     for method in a.methods:
-        names = ("ours", "theirs") if method != "qlora" else ("ours",)
         for precision in a.precisions:
+            names = [v for v in a.variants if method != "qlora" or v.startswith("tunelab")]
+            if "trl-defaults" in names and precision != defaults_at:
+                names.remove("trl-defaults")  # once per method, beside the bf16 rows it matches
             runs: dict[str, list[dict]] = {n: [] for n in names}
-            for r in range(a.runs):  # alternate who goes first, so drift in load evens out
-                for name in names if r % 2 == 0 else names[::-1]:
-                    m = spawn("tunelab" if name == "ours" else "trl",
-                              dict(job, precision=precision, method=method))  # fmt: skip
-                    runs[name].append(m)
-                    print(f"{method} {precision} {'tunelab' if name == 'ours' else 'TRL'}: "
-                          f"{m['tokens_per_s']:.1f} real tok/s, training peak RSS "
-                          f"{m['train_peak_mb']:.0f} MiB, {m['real_per_batch']:.1f} real "
-                          "tok/batch", flush=True)  # fmt: skip
+            for variant in common.alternating(names, a.runs):
+                m = run_one(variant, dict(job, precision=precision, method=method), a.smoke)
+                runs[variant].append(m)
+                print(f"{method} {precision} {variant}: {m['tokens_per_s']:.1f} real tok/s, "
+                      f"training peak RSS {m['train_peak_mb']:.0f} MiB, "
+                      f"{m['real_per_batch']:.1f} real tok/batch", flush=True)  # fmt: skip
+            for variant in runs:  # each row's runs sorted by speed: the middle one is the median
+                runs[variant].sort(key=lambda m: m["tokens_per_s"])
             rows.append(dict(method=method, precision=precision,
-                             **{n: median_run(v) for n, v in runs.items()}))  # fmt: skip
-    peak = max(peak, matmul_peak())  # again after: a busy machine lowers the first measurement
-    params = rows[0]["ours"]["params"]["base"]
+                             label=PRECISIONS[precision][2], runs=runs))  # fmt: skip
+    peak = max(peak, matmul_peak(256 if a.smoke else 2048, 2 if a.smoke else 10))
     same = all(
-        r["ours"]["batch_tokens"] == r["theirs"]["batch_tokens"] for r in rows if "theirs" in r
-    )
+        x["batch_tokens"] == r["runs"]["tunelab"][0]["batch_tokens"]
+        for r in rows
+        for v, xs in r["runs"].items()
+        if v != "trl-defaults"
+        for x in xs
+    ) if all("tunelab" in r["runs"] for r in rows) else False  # fmt: skip
+    params = next(iter(rows[0]["runs"].values()))[0]["params"]["base"]
     body = "\n".join([
-        f"`python bench/train.py --steps {a.steps} --precisions {' '.join(a.precisions)} "
-        f"--methods {' '.join(a.methods)} --runs {a.runs}` on {datetime.date.today()}: {MODEL} "
-        f"({params / 1e6:.1f}M parameters), {', '.join(a.methods)} "
-        f"on the {n_records} records of instructions/instruction-data.json "
-        f"(chat template, loss on responses), seq len {a.seq_len}, batch {a.batch}, grad accum 1, "
-        f"no packing, dynamic padding, AdamW lr {a.lr:g} constant, clip 1.0, no evaluation; "
-        f"{a.steps} timed steps after {a.warmup} untimed; each framework in its own process"
-        + (f", median of {a.runs} runs" if a.runs > 1 else "") + ".",
+        sitting.preamble(),
         "",
-        f"Machine: {machine()}; fp32 matmul peak {peak:.0f} GFLOP/s (2048³, the faster of torch.mm and oneDNN, best of 10 before and after). "
-        f"Load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        f"Work: {MODEL} ({params / 1e6:.1f}M parameters), {', '.join(a.methods)} on the "
+        f"{n_records} records of {data.name} (chat template, loss on responses), seq len "
+        f"{a.seq_len}, batch {a.batch}, grad accum 1, no packing, dynamic padding, fused AdamW lr "
+        f"{a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a row says so), no "
+        f"evaluation, no checkpoints; {a.steps} timed steps after {a.warmup} untimed; every run "
+        f"in its own process; median of {a.runs} runs in alternating order, range in brackets. "
+        f"fp32 matmul peak {peak:.0f} GFLOP/s (2048³, the faster of torch.mm and oneDNN, best of "
+        "10 before and after).",
         "",
         table(rows, peak),
         "",
-        "Real tok/s: attention-mask (non-pad) tokens of the timed steps over their wall time. "
-        "Training peak RSS: the process's high-water mark from the start of training (model "
-        "loaded and adapted, high-water mark reset) to the end of the last timed step; process "
-        "peak RSS: over the whole process (model loading, libraries). tunelab's worker runs "
-        "with the glibc settings the tunelab command starts with (src/tunelab/allocator.py: "
-        "freed memory is kept for reuse, which saves ~200k page faults a step here); TRL's "
-        "with glibc's defaults, as its users get them. MFU: 6 × "
-        "parameters × real tok/s (4 × for LoRA and QLoRA, whose frozen weights take no weight "
-        "gradient) over the fp32 matmul peak (bf16 rows too). LoRA: r "
-        f"{LORA['r']}, alpha {LORA['alpha']:g}, dropout {LORA['dropout']:g}; peft's LoraConfig with "
-        "the same settings for TRL; lora-qv adapts q_proj and v_proj, lora-all every linear layer "
-        "of the blocks; qlora stores those in NF4 (double quantization) and runs for tunelab "
-        "alone (peft's QLoRA needs bitsandbytes' GPU kernels). Both take the same records in the "
-        "same batches"
+        "tunelab runs `run_training`, the `tunelab finetune` path (`Trainer.fit`: oneDNN linear "
+        "layers for fp32 compute, fused AdamW). \"As shipped\": with the glibc settings the "
+        "`tunelab` command restarts itself with (src/tunelab/allocator.py: freed memory kept for "
+        "reuse); \"glibc defaults\": the same with TUNELAB_MALLOC=0, so the difference of the two "
+        "rows is the allocator's share. TRL runs with glibc's defaults and every setting that "
+        "changes the work set to tunelab's (gradient_checkpointing=False, bf16/fp16 as the row "
+        "says, packing and padding-free off, no pad-to-multiple, completion-only loss, fused "
+        "AdamW); \"as its defaults ship\" leaves gradient_checkpointing and bf16 at TRL 1.16's "
+        "defaults (both on), so it recomputes activations and autocasts to bf16. bf16 rows: fp32 "
+        "weights with bf16 autocast on both sides (tunelab --precision fp32 --autocast bf16, TRL "
+        "bf16=True). Training peak RSS: the high-water mark from the first step (model loaded "
+        "and adapted) to the end of the last timed step; process peak: the whole process. MFU: "
+        "6 × parameters × real tok/s (4 × for LoRA and QLoRA) over the fp32 matmul peak, bf16 "
+        "rows too. LoRA: r 16, alpha 32, dropout 0, peft's LoraConfig alike; qlora stores the "
+        "base in NF4 and runs for tunelab alone (peft's QLoRA needs bitsandbytes' GPU kernels). "
+        "Both frameworks take the same records in the same batches"
         + (" (identical real tokens per batch)." if same else
-           " (their tokenizations differ slightly in length).")
+           " (their per-batch real tokens differ: check the tokenization).")
         + " Their losses differ by design: TRL also trains on the newline the chat template puts "
-        "after <|im_end|> (one more target per example); tunelab stops at the end-of-turn token.",
+        "after <|im_end|>; tunelab stops at the end-of-turn token. Per-op profile of a tunelab "
+        "step: `python bench/train.py --profile`.",
     ])  # fmt: skip
     print("\n" + table(rows, peak))
-    if not a.no_write:
-        write_section(body)
-        print(f"\nwritten to {DOC}")
+    if a.smoke:
+        print("\n" + body)
+        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
+    elif not a.no_write:
+        common.write_section(TITLE, body)
+        print(f"\nwritten to {common.DOC}")
 
 
 if __name__ == "__main__":
