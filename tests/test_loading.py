@@ -76,6 +76,24 @@ def test_nf4_on_read_equals_quantizing_after_loading(tmp_path):
         torch.testing.assert_close(on_read(ids), after(ids))
 
 
+def test_saved_models_are_sharded_and_load_back_equal(tmp_path, monkeypatch):
+    import tunelab.model.weights as weights
+
+    _, path = _sharded(tmp_path, dtype=torch.float32)
+    lm = tunelab.load(path)
+    monkeypatch.setattr(weights, "SHARD_BYTES", 60_000)
+    lm.save(tmp_path / "saved")
+    shards = sorted((tmp_path / "saved").glob("model-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "saved" / "model.safetensors.index.json").exists()
+    again = tunelab.load(tmp_path / "saved")
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), lm.model(ids))
+    monkeypatch.setattr(weights, "SHARD_BYTES", 2**30)
+    lm.save(tmp_path / "one")
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+
+
 def test_truncated_shard_and_missing_tensor_are_one_line_errors(tmp_path):
     _, path = _sharded(tmp_path)
     shard = sorted(path.glob("*.safetensors"))[-1]

@@ -150,6 +150,38 @@ def test_merge_qlora_is_dequantized_plus_delta():
         assert (model(ids) - before).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("targets", ["all-linear", ("q_proj", "v_proj")])
+def test_merged_tensors_equal_merging_in_place_and_leave_the_model_alone(targets, tie):
+    """save_final writes merged_tensors: LoRA folded in, quantized bases (LoRA-wrapped or not)
+    dequantized, the tied head left out, names as a plain model's, the model itself unchanged."""
+    import copy
+
+    from tunelab.adapt.lora import merged_tensors
+
+    model = tiny_model()
+    if tie:
+        model = CausalLM(ModelConfig(**{**model.cfg.to_dict(), "tie_embeddings": True}))
+    model = apply_lora(quantize(model, "nf4"), r=4, alpha=8, targets=targets)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = dict(merged_tensors(model, torch.bfloat16))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    plain = merge_lora(copy.deepcopy(model))
+    for m in list(plain.modules()):
+        for child, sub in list(m.named_children()):
+            if isinstance(sub, QuantLinear):
+                setattr(m, child, sub.to_linear())
+    tied = model.cfg.tie_embeddings
+    expected = {k: v for k, v in plain.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert got[k].dtype == torch.bfloat16
+        torch.testing.assert_close(got[k], v.to(torch.bfloat16), atol=0, rtol=0)
+
+
 def test_qlora_method_options():
     model = tiny_model()
     apply_method(model, {"name": "qlora", "bits": "int8", "r": "2", "targets": "all-linear"})

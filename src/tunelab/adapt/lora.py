@@ -160,6 +160,43 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_tensors(model: nn.Module, dtype: torch.dtype | None = None):
+    """(name, tensor) of the model as a plain one holds them, one at a time: each LoRA update
+    folded into its base and each quantized base dequantized (in dtype, or the base's), without
+    changing the model, so saving a QLoRA 7B never makes a float copy of all its layers.
+    Tied heads are left out, as a saved state dict leaves them out."""
+    tied = getattr(model.cfg, "tie_embeddings", False)
+    done: set[str] = set()
+    for name, m in model.named_modules():
+        if any(name.startswith(d) for d in done):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(m, (LoRALinear, QuantLinear)):
+            base = m.base if isinstance(m, LoRALinear) else m
+            out = dtype or torch.float32
+            if isinstance(base, QuantLinear):
+                w = base.dequantize(torch.float32)
+            else:
+                out = dtype or base.weight.dtype
+                w = base.weight.detach().float()
+            if isinstance(m, LoRALinear) and not m.merged:
+                w = w + m.delta()
+            yield prefix + "weight", w.to(out)
+            if base.bias is not None:
+                yield prefix + "bias", base.bias.detach().to(out)
+            done.add(prefix)
+            continue
+        for key, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None or key in m._non_persistent_buffers_set:
+                continue
+            if tied and prefix + key in ("lm_head.weight", "mlm_head.decoder.weight"):
+                continue
+            yield (
+                prefix + key,
+                t.detach().to(dtype) if dtype and t.is_floating_point() else t.detach(),
+            )
+
+
 # ---- options from recipes and the command line ---------------------------------------------
 
 _OPTIONS = {"r": int, "alpha": float, "dropout": float, "targets": tuple, "rslora": bool,

@@ -215,12 +215,3 @@ def quantize(
 def storage_bytes(model: nn.Module) -> int:
     """Bytes held by the quantized weights of a model (for reports and the memory estimate)."""
     return sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear))
-
-
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every quantized layer by a plain float nn.Linear (for saving and export)."""
-    for _name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
-                setattr(module, child_name, child.to_linear())
-    return model

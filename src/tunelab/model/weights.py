@@ -170,11 +170,12 @@ SHARD_BYTES = 2 * 2**30
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
-                 max_bytes: int = SHARD_BYTES, metadata: dict | None = None) -> None:  # fmt: skip
+                 max_bytes: int | None = None, metadata: dict | None = None) -> None:  # fmt: skip
     """Write tensors as they come into safetensors shards of at most max_bytes, with HF's
     index when there is more than one, so saving holds one shard at most, never the model."""
     from safetensors.torch import save_file
 
+    max_bytes = max_bytes or SHARD_BYTES
     shard: dict[str, torch.Tensor] = {}
     size, files, weight_map = 0, [], {}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tunelab import DTYPES
 from tunelab.errors import ConfigError
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 
@@ -378,20 +379,19 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
 
         model = dist.unshard(model, rebuild)
         if dist.is_main:
-            save_final(model, tokenizer, run_dir / "final")
+            # fp32 runs stay fp32; bf16/fp16 runs are saved in the dtype they were loaded in
+            save_final(model, tokenizer, run_dir / "final", DTYPES[cfg.train.precision])
             write_summary(run_dir, summary)
         return summary
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    """The trained model in tunelab format; a LoRA run also keeps its adapter in PEFT format."""
-    from tunelab.adapt.lora import lora_modules, merge_lora
+def save_final(model, tokenizer, path: Path, dtype: torch.dtype | None = None) -> None:
+    """The trained model in tunelab format (LoRA merged, quantized bases dequantized, written
+    one tensor at a time); a LoRA run also keeps its adapter in PEFT format."""
+    from tunelab.adapt.lora import lora_modules, merged_tensors
     from tunelab.adapt.peft_format import save_adapter
-    from tunelab.adapt.quantize import dequantize_model
     from tunelab.model.checkpoint import save_model_dir
 
     if lora_modules(model):
         save_adapter(model, path.with_name("adapter"))
-        merge_lora(model)  # the merged model is what evaluate/export/classify load
-    dequantize_model(model)
-    save_model_dir(model, tokenizer, path)
+    save_model_dir(model, tokenizer, path, tensors=merged_tensors(model, dtype))
