@@ -63,6 +63,13 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
 
 
+def kernels() -> str:
+    from tunelab.runtime import resolve
+
+    rt = resolve("auto")
+    return ", ".join(f"{c} {k}" for c, k in rt.kernels.items()) + f" ({rt.source})"
+
+
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     result = fn(*args)
@@ -157,6 +164,8 @@ def main() -> None:
         f"left-padded, median of {a.runs} runs.",
         "",
         f"Machine: {machine()}. Load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
+        "",
+        f"tunelab's kernels (runtime.linear auto, `tunelab runtime`): {kernels()}.",
         "",
         table(rows),
         "",
