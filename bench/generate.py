@@ -45,6 +45,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TITLE = "Generation"
 
 
+def kernels() -> str:
+    from tunelab.runtime import resolve
+
+    rt = resolve("auto")
+    return ", ".join(f"{c} {k}" for c, k in rt.kernels.items()) + f" ({rt.source})"
+
+
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     result = fn(*args)
@@ -142,6 +149,8 @@ def report(a, rows: list[dict], sitting, tmp: Path) -> None:
         f"Work: {MODEL}, greedy, {a.new_tokens} new tokens per row (no EOS stop), chat prompts "
         f"of different lengths left-padded, median of {a.runs} runs in alternating order, range "
         "in brackets.",
+        "",
+        f"tunelab's kernels (runtime.linear auto, `tunelab runtime`): {kernels()}.",
         "",
         table(rows),
         "",

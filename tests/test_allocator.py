@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tunelab import allocator
+from tunelab.runtime import allocator
 
 CODE = """
 import resource, torch
@@ -61,3 +61,37 @@ def test_the_command_restarts_once_with_the_settings(monkeypatch):
         monkeypatch.delenv(k)
     allocator.reexec(["models"])  # turned off
     assert len(calls) == 1
+
+
+def test_the_command_restarts_after_parsing_and_not_for_help_or_system(monkeypatch, tmp_path):
+    from tunelab.cli import main
+    from tunelab.train.loop import Trainer
+
+    calls = []
+
+    def execve(*a):  # stands for the restart: the command would run again from the start
+        calls.append(a[1][3:])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(allocator.os, "execve", execve)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    for k in [*allocator.MALLOC_ENV, "TUNELAB_MALLOC"]:
+        monkeypatch.delenv(k, raising=False)
+    for argv in (["--help"], ["runtime", "--help"], ["finetune", "--nope", "1"]):
+        with pytest.raises(SystemExit):
+            main(argv, restart=True)
+    assert calls == []  # --help and usage errors print and exit in this process
+    config = tmp_path / "run.yaml"
+    config.write_text("runtime:\n  allocator: system\n")
+    # the run goes on in this process and stops at its option check, before it loads anything
+    assert main(["finetune", "--config", str(config), "--max-steps", "0"], restart=True) == 2
+    assert (
+        main(["finetune", "--runtime.allocator", "system", "--max-steps", "0"], restart=True) == 2
+    )
+    assert calls == []  # runtime.allocator system: glibc's defaults, no restart
+    with pytest.raises(SystemExit):
+        main(["models", "--json"], restart=True)
+    assert calls == [["models", "--json"]]
+    assert (
+        "keep_freed_memory" not in Trainer.__init__.__code__.co_names
+    )  # the command's, not the loop's

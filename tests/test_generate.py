@@ -119,52 +119,59 @@ def test_bf16_decoding_keeps_an_fp32_cache_and_follows_the_full_forward(tmp_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linears_compute_the_same_and_leave_the_model_alone(tmp_path, dtype):
-    """Decoding runs the linears on oneDNN's reordered copies (packed_linears) where the CPU
-    has the kernels: same outputs as F.linear, the model's weights untouched, methods restored."""
-    from tunelab.kernels import onednn_works, packed_linears
+def test_decoding_computes_the_same_and_leaves_the_model_alone(tmp_path, dtype):
+    """Decoding runs the linears on oneDNN's reordered copies where the model was prepared so
+    (runtime.linear onednn) and the CPU has the kernels: same outputs as F.linear, the model's
+    weights untouched, nothing held after."""
+    from tunelab.runtime.kernels import decode_kernel, decoding, onednn_works, prepare_linears
 
     _, ours, _ = _tiny("llama", tmp_path)
     ours = ours.to(dtype)
     if not onednn_works(dtype):
         pytest.skip("no oneDNN linear in this torch build")
+    prepare_linears(ours, {"decode-fp32": "packed+fused", "decode-bf16": "packed+fused"})
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     layer = ours.transformer.layers[0].mlp.up_proj
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for rows in (1, 2):
-        with torch.inference_mode(), packed_linears(ours, rows=rows):
-            assert "forward" in vars(layer) and "forward" in vars(ours.lm_head)  # packed
+        with torch.inference_mode(), decoding(ours, rows=rows):
+            assert (
+                decode_kernel(layer) == "packed+fused" and decode_kernel(ours.lm_head) == "packed"
+            )
             mlp = ours.transformer.layers[0].mlp  # gate and up run as one product
             for shape in ((rows, 1, 64), (3, 5, 64)):  # the decoding rows, and the prefill
                 x = torch.randn(shape, dtype=dtype)
                 for m in (mlp.gate_proj, mlp.up_proj, mlp.up_proj, mlp.gate_proj):
                     want = F.linear(x, m.weight)
                     torch.testing.assert_close(m(x), want, atol=tol, rtol=tol)
-        assert "forward" not in vars(layer) and "forward" not in vars(ours.lm_head)
+        assert layer.decoder is None and ours.lm_head.decoder is None
     generate_ids(ours, PROMPTS, Sampling(max_new_tokens=3), eos_ids=set(), pad_id=0)
     after = ours.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_packed_linears_leave_big_models_and_own_forwards_alone(tmp_path, monkeypatch):
-    from tunelab import kernels
+def test_decoding_leaves_big_models_and_own_forwards_alone(tmp_path, monkeypatch):
+    from tunelab.runtime import kernels
 
     if not kernels.onednn_works(torch.float32):
         pytest.skip("no oneDNN linear in this torch build")
     _, ours, _ = _tiny("llama", tmp_path)
     layer, head = ours.transformer.layers[0].mlp.up_proj, ours.lm_head
-    monkeypatch.setattr(kernels, "free_memory", lambda: 1000.0)  # the copy would not fit
-    with kernels.packed_linears(ours, rows=8):
-        assert "forward" not in vars(layer)
-    monkeypatch.undo()
 
-    def own(x):  # a forward someone else set stays theirs, during the call and after
+    def own(x):  # a forward someone else set stays theirs: the layer is not prepared
         return F.linear(x, head.weight)
 
     head.forward = own
-    with kernels.packed_linears(ours, rows=8):
-        assert vars(head)["forward"] is own and "forward" in vars(layer)
-    assert vars(head)["forward"] is own and "forward" not in vars(layer)
+    kernels.prepare_linears(ours, {"decode-fp32": "packed"})
+    layer = ours.transformer.layers[0].mlp.up_proj
+    assert vars(ours.lm_head)["forward"] is own and isinstance(layer, kernels.FastLinear)
+    monkeypatch.setattr(kernels, "free_memory", lambda: 1000.0)  # the copies would not fit
+    with kernels.decoding(ours, rows=8):
+        assert kernels.decode_kernel(layer) == "torch"
+    monkeypatch.undo()
+    with kernels.decoding(ours, rows=8):
+        assert kernels.decode_kernel(layer) == "packed" and kernels.decode_kernel(head) == "other"
+    assert vars(head)["forward"] is own and layer.decoder is None
 
 
 # ---- sampling scores against transformers' logits processors ----

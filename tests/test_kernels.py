@@ -1,15 +1,25 @@
-"""oneDNN linear layers (kernels.py) against F.linear: values, gradients, the training context."""
+"""oneDNN linear layers (runtime/kernels.py) against F.linear: values, gradients, FastLinear."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from batches import ListBatches  # noqa: I001 - tests/ is on sys.path
 
-from tunelab.kernels import _OneDNNLinear, onednn_linears, onednn_works
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
+from tunelab.runtime import kernels, prepare_runtime
+from tunelab.runtime.kernels import (
+    FastLinear,
+    _OneDNNLinear,
+    decode_kernel,
+    decoding,
+    onednn_works,  # fmt: skip
+    prepare_linears,
+    unprepare_linears,
+)
 from tunelab.train.config import TrainConfig
 from tunelab.train.loop import Trainer
 from tunelab.train.objectives import causal_lm
@@ -17,6 +27,10 @@ from tunelab.train.objectives import causal_lm
 pytestmark = pytest.mark.skipif(
     not onednn_works(torch.float32), reason="no oneDNN linear in this torch build"
 )
+
+
+ONEDNN = {"train-fp32": "onednn", "train-bf16": "onednn", "decode-fp32": "packed+fused",
+          "decode-bf16": "packed+fused"}  # fmt: skip
 
 
 def _model(seed=0):
@@ -55,9 +69,10 @@ def test_only_the_gradients_asked_for_are_computed():
     assert w.grad is None
 
 
-def test_training_context_gives_the_same_loss_and_gradients_and_cleans_up():
+def test_prepared_model_gives_the_same_loss_and_gradients_and_copies_compute_alone():
     model = _model()
     batch = ListBatches([[1, 5, 9, 3, 7], [2, 4, 6]], 2).next()
+    names = list(model.state_dict())
 
     def loss_and_grads():
         model.zero_grad()
@@ -66,53 +81,64 @@ def test_training_context_gives_the_same_loss_and_gradients_and_cleans_up():
         return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     ref_loss, ref = loss_and_grads()
+    prepare_linears(model, ONEDNN)
     layer = model.transformer.layers[0].attn.q_proj
-    with onednn_linears(model):
-        assert "forward" in vars(layer)
-        loss, grads = loss_and_grads()
-        twin = copy.deepcopy(model)  # a frozen DPO reference is made like this
-        with torch.no_grad():
-            twin.transformer.layers[0].attn.q_proj.weight.zero_()
-        with torch.no_grad():
-            mine, its = model(batch["input_ids"]), twin(batch["input_ids"])
-        assert not torch.allclose(mine, its)  # the copy computes with its own weights
-    assert "forward" not in vars(layer)
+    assert isinstance(layer, FastLinear) and "forward" not in vars(layer)
+    assert list(model.state_dict()) == names  # the same parameters, under the same names
+    loss, grads = loss_and_grads()
+    twin = copy.deepcopy(model)  # a frozen DPO reference is made like this
+    with torch.no_grad():
+        twin.transformer.layers[0].attn.q_proj.weight.zero_()
+        mine, its = model(batch["input_ids"]), twin(batch["input_ids"])
+    assert not torch.allclose(mine, its)  # the copy computes with its own weights
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     for k, g in ref.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6, msg=k)
+    unprepare_linears(model)
+    assert type(model.transformer.layers[0].attn.q_proj) is torch.nn.Linear
 
 
-def test_trainer_uses_onednn_for_fp32_only(tmp_path):
-    seen = []
+def _count_onednn(monkeypatch) -> list:
+    calls = []
+    real = kernels.onednn_linear
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    return calls
 
-    class Spy:
-        def on_start(self, trainer):
-            pass
 
-        def on_step(self, trainer, step):
-            seen.append("forward" in vars(trainer.model.transformer.layers[0].mlp.up_proj))
-
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_each_dtype_trains_on_the_kernel_chosen_for_it(tmp_path, monkeypatch, autocast):
+    if autocast == "bf16" and not onednn_works(torch.bfloat16):
+        pytest.skip("no bf16 oneDNN linear here")
     data = ListBatches([[1, 5, 9, 3, 7], [2, 4, 6], [8, 8, 1]], 2)
-    for precision in ("fp32", "bf16"):
-        cfg = TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", precision=precision)
-        Trainer(_model(), causal_lm, data, cfg, tmp_path / precision, total_steps=1,
-                callbacks=[Spy()]).fit()  # fmt: skip
-    assert seen == [True, False]
-
-
-def test_tunelab_onednn_0_turns_it_off(monkeypatch):
-    model = _model()
-    layer = model.transformer.layers[0].attn.q_proj
-    monkeypatch.setenv("TUNELAB_ONEDNN", "0")
-    onednn_works.cache_clear()
-    try:
-        with onednn_linears(model):
-            assert "forward" not in vars(layer)
-    finally:
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", autocast=autocast)
+    dtype, other = ("fp32", "bf16") if autocast == "off" else ("bf16", "fp32")
+    grads, batch = {}, data.next()
+    for kernel in ("torch", "onednn"):
+        model = _model()
+        prepare_linears(model, {f"train-{dtype}": kernel, f"train-{other}": "onednn"})
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast == "bf16"):
+            loss, n, _ = causal_lm(model, batch)
+        loss.backward()
+        grads[kernel] = {k: p.grad.clone() for k, p in model.named_parameters()}
+        model.zero_grad()
+        calls = _count_onednn(monkeypatch)  # the trainer runs the same choice
+        Trainer(model, causal_lm, data, cfg, tmp_path / kernel, total_steps=1).fit()
+        assert bool(calls) == (kernel == "onednn"), kernel
         monkeypatch.undo()
-        onednn_works.cache_clear()
-    with onednn_linears(model):
-        assert "forward" in vars(layer)
+    tol = 1e-5 if autocast == "off" else 3e-2
+    for k, g in grads["torch"].items():
+        torch.testing.assert_close(grads["onednn"][k], g, rtol=tol, atol=tol, msg=k)
+
+
+def test_tunelab_onednn_overrides_the_configured_linear(monkeypatch):
+    monkeypatch.setenv("TUNELAB_ONEDNN", "0")
+    model = _model()
+    rt = prepare_runtime(model, SimpleNamespace(linear="onednn"))
+    assert set(rt.kernels.values()) == {"torch"} and "TUNELAB_ONEDNN" in rt.source
+    monkeypatch.setenv("TUNELAB_ONEDNN", "1")
+    rt = prepare_runtime(model, SimpleNamespace(linear="torch"))
+    assert rt.kernels["train-fp32"] == "onednn"
+    assert model.transformer.layers[0].attn.q_proj.choice == rt.kernels
 
 
 def test_frozen_weight_keeps_no_input_and_empty_batches_work():
@@ -122,9 +148,9 @@ def test_frozen_weight_keeps_no_input_and_empty_batches_work():
         _OneDNNLinear.apply(x, w, None).sum().backward()
     assert [t.shape for t in saved] == [w.shape]  # the weight for x's gradient, not x itself
     model = _model()
-    with onednn_linears(model):
-        empty = model.lm_head(torch.randn(0, 32, requires_grad=True))  # no rows: F.linear
-        empty.sum().backward()
+    prepare_linears(model, ONEDNN)
+    empty = model.lm_head(torch.randn(0, 32, requires_grad=True))  # no rows: F.linear
+    empty.sum().backward()
     assert empty.shape == (0, 60)
 
 
@@ -137,16 +163,26 @@ def test_the_kernel_check_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), want)  # a resumed run draws the same dropout masks
 
 
-def test_fused_decoding_siblings_hold_no_activations_after_the_last_read():
-    from tunelab.kernels import _FusedGroup, packed_linears
-
+def test_fused_decoding_siblings_hold_no_activations_and_see_in_place_changes():
     model = _model()
+    prepare_linears(model, ONEDNN)
     attn = model.transformer.layers[0].attn
-    with torch.inference_mode(), packed_linears(model, rows=2):
-        group = next(c.cell_contents for c in attn.q_proj.forward.__closure__
-                     if isinstance(c.cell_contents, _FusedGroup))  # fmt: skip
+    with torch.inference_mode(), decoding(model, rows=2):
+        assert decode_kernel(attn.q_proj) == "packed+fused"
+        group = attn.q_proj.decoder.__call__.__closure__  # the slot's shared group
+        fused = next(c.cell_contents for c in group if isinstance(c.cell_contents, kernels._Fused))
         x = torch.randn(2, 1, 32)
         attn.q_proj(x), attn.k_proj(x)
-        assert group.input is x  # v has not read its slice yet
+        assert fused.ref() is x  # v has not read its slice yet; x is held weakly
         attn.v_proj(x)
-        assert group.input is None and not group.outputs
+        assert fused.ref is None and not fused.outputs
+    assert attn.q_proj.decoder is None
+    with torch.no_grad(), decoding(model, rows=2):  # not inference: tensors keep a version
+        x = torch.randn(2, 1, 32)
+        attn.q_proj(x)
+        x.mul_(2)  # changed in place between the siblings: k computes again, on the new x
+        torch.testing.assert_close(
+            attn.k_proj(x), F.linear(x, attn.k_proj.weight, attn.k_proj.bias)
+        )
+    twin = copy.deepcopy(model)
+    assert twin.transformer.layers[0].attn.q_proj.decoder is None

@@ -24,12 +24,15 @@ def load(
     device: str = "cpu",
     quantize: str | None = None,
     double_quant: bool = True,
+    runtime="auto",
 ) -> Pretrained:
     """Load a model by name, directory, .gguf file or hub id (see `tunelab models`).
 
     precision: the dtype every floating-point weight is stored in as it is read.
     quantize: 'nf4' or 'int8' stores the blocks' linear weights quantized as each is read
-    (QLoRA's base), so the float model never exists whole."""
+    (QLoRA's base), so the float model never exists whole.
+    runtime: the CPU linear kernels, "auto" (measured per machine), "torch" or "onednn", or a
+    run config's `runtime` section (see tunelab.runtime.prepare_runtime); None: plain layers."""
     from tunelab.errors import ConfigError
     from tunelab.hub import resolve
     from tunelab.model.checkpoint import load_model_dir
@@ -47,6 +50,14 @@ def load(
 
         on_linear = quantizer(quantize, double_quant)
     model, tokenizer = load_model_dir(path, DTYPES[precision], device, on_linear)
+    if runtime is not None:
+        from types import SimpleNamespace
+
+        from tunelab.runtime import prepare_runtime
+
+        prepare_runtime(
+            model, SimpleNamespace(linear=runtime) if isinstance(runtime, str) else runtime
+        )
     return Pretrained(model, tokenizer, str(source), path)
 
 

@@ -1,56 +1,5 @@
-"""Keep freed memory in the process instead of giving it back to the system after every step.
+"""Moved to tunelab.runtime.allocator; kept for the bench scripts."""
 
-glibc serves blocks above its mmap threshold (128 KiB, rising to 32 MiB) with fresh pages from
-the kernel and unmaps them on free, so each training step pays a page fault per 4 KiB for every
-large tensor it allocates again: the logits' gradient (130 MB for SmolLM2 at batch 4 x 256), the
-tied embedding's gradient, activations. On a 2-core CPU that was a fifth of a SmolLM2-135M step
-(bench/train.py). PyTorch's CPU tuning guide suggests preloading a caching allocator (jemalloc,
-tcmalloc); raising glibc's thresholds gets the same reuse with no extra package. The process then
-keeps its peak resident size until it exits. TUNELAB_MALLOC=0 turns this off.
+from tunelab.runtime.allocator import MALLOC_ENV, keep_freed_memory, reexec
 
-glibc reads its settings when the process starts, so the `tunelab` command starts itself again
-with them set (`reexec`); a library user's process gets them at run time (`keep_freed_memory`),
-which helps less because the heap may no longer be able to grow in place.
-"""
-
-from __future__ import annotations
-
-import ctypes
-import ctypes.util
-import os
-import sys
-
-# Up to 1 GiB from the heap; the trim threshold keeps the heap from shrinking between steps.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-_done = False
-
-
-def _applies() -> bool:
-    return sys.platform.startswith("linux") and os.environ.get("TUNELAB_MALLOC") != "0"
-
-
-def reexec(argv: list[str]) -> None:
-    """Run `python -m tunelab argv` again with MALLOC_ENV, unless it is already set."""
-    if not _applies() or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
-        return
-    env = {**os.environ, **MALLOC_ENV}
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
-    except OSError:  # no interpreter path to restart (embedded Python): run as we are
-        keep_freed_memory()
-
-
-def keep_freed_memory() -> bool:
-    """The same settings at run time, once per process; False where they do not apply."""
-    global _done
-    if _done or not _applies():
-        return _done
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    ok = [mallopt(k, int(MALLOC_ENV[e])) for k, e in
-          ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"))]  # fmt: skip
-    _done = all(ok)
-    return _done
+__all__ = ["MALLOC_ENV", "keep_freed_memory", "reexec"]

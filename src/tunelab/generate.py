@@ -6,12 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from tunelab.errors import ConfigError
-from tunelab.kernels import packed_linears
 from tunelab.model.heads import require_causal
 from tunelab.model.transformer import KVCache
+from tunelab.runtime.kernels import decode_kernel, decoding
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 
@@ -95,7 +94,7 @@ def generate_ids(
     # 500 vs 71 us); keys and values are kept in fp32 there, exactly as computed.
     half_on_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
     cache = KVCache(model.cfg, b, total, device, torch.float32 if half_on_cpu else dtype)
-    with packed_linears(model, b):
+    with decoding(model, b):  # the kernels chosen for decoding when the model was prepared
         return _decode(
             model, s, seq, width, attention, positions, cache, eos_ids, pad_id, tokenizer
         )
@@ -136,11 +135,11 @@ def _decode(model, s, seq, width, attention, positions, cache, eos_ids, pad_id, 
 def _last_logits(model, ids, attention, positions, cache) -> torch.Tensor:
     """(B, V) logits of the last position.
 
-    An unpacked plain linear head is applied as W @ h.T (a GEMV for one row): with decoding's
-    few rows that kernel streams the large vocabulary matrix 1.1-2x faster than F.linear on CPU.
+    A linear head decoding on torch's kernel is applied as W @ h.T (a GEMV for one row): with
+    decoding's few rows that streams the large vocabulary matrix 1.1-2x faster than F.linear.
     """
     head = model.lm_head
-    plain = type(head) is nn.Linear and head.bias is None and "forward" not in vars(head)
+    plain = decode_kernel(head) == "torch" and head.bias is None
     if not plain:  # a wrapped head (LoRA, quantized) or a packed one
         return model(ids, attention, positions, cache=cache, last_only=True)[:, -1]
     h = model.transformer(ids, attention, positions, cache=cache)[:, -1]

@@ -6,13 +6,14 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from tunelab import allocator
 from tunelab.errors import TunelabError, closest
+from tunelab.runtime import allocator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.cli import align, evaluate, models, study, train
+    from tunelab.cli import align, evaluate, models, runtime, study, train
     from tunelab.cli.common import EPILOG, Parser
 
     parser = Parser(
@@ -22,15 +23,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (models, train, align, evaluate, study):
+    for module in (models, train, align, evaluate, study, runtime):
         module.register(sub)
     return parser
 
 
 def entry() -> int:
-    """The `tunelab` command: first restart with glibc set to reuse freed memory (allocator.py)."""
-    allocator.reexec(sys.argv[1:])
-    return main()
+    """The `tunelab` command: once its arguments parse, it restarts with glibc set to reuse
+    freed memory (runtime/allocator.py) unless runtime.allocator is system."""
+    return main(sys.argv[1:], restart=True)
+
+
+def _allocator(args) -> str:
+    """runtime.allocator as this command sets it: a flag, else its --config or --resume run's
+    config.yaml, else keep (TUNELAB_MALLOC overrides, in allocator_choice)."""
+    import yaml
+
+    chosen = getattr(args, "runtime.allocator", None)
+    files = [getattr(args, "config", None)]
+    if getattr(args, "resume", None) and isinstance(args.resume, str):
+        files.append(Path(args.resume) / "config.yaml")
+    for path in files if chosen is None else []:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) if path else None
+        except (OSError, yaml.YAMLError):
+            continue  # the command itself reports an unreadable config
+        section = data.get("runtime") if isinstance(data, dict) else None
+        if isinstance(section, dict) and section.get("allocator"):
+            chosen = section["allocator"]
+            break
+    return allocator.allocator_choice(chosen)
 
 
 def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
@@ -51,7 +73,9 @@ def _terminate(signum, frame) -> None:
     raise Terminated("terminated")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restart: bool = False) -> int:
+    """Run one command; restart: the `tunelab` command's own process may restart itself with
+    the allocator settings once the arguments parse (never for --help or a usage error)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -70,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 sub.error(f"unrecognized arguments: {' '.join(rest)}{closest(unknown, options)}")
             for flag, value in zip(rest[::2], rest[1::2]):
                 setattr(args, flag.lstrip("-"), value)
+        if restart and _allocator(args) == "keep":  # parsed: --help and usage errors never get here
+            allocator.reexec(sys.argv[1:] if argv is None else argv)
         args.func(args)
     except TunelabError as e:
         if args.debug:

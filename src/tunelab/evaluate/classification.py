@@ -8,8 +8,6 @@ from pathlib import Path
 
 import torch
 
-from tunelab.kernels import on_onednn
-
 
 def metrics(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and confusion[gold][pred]."""
@@ -37,7 +35,6 @@ def metrics(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
     }
 
 
-@on_onednn
 @torch.no_grad()
 def predict(model, batches) -> tuple[list[int], torch.Tensor]:
     """(gold labels, probabilities (N, n_labels)) over batches of {"input_ids", "label", ...}."""

@@ -13,7 +13,6 @@ import torch
 
 from tunelab.errors import ConfigError
 from tunelab.evaluate.classification import metrics
-from tunelab.kernels import on_onednn
 from tunelab.model.heads import require_causal
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
@@ -89,7 +88,6 @@ def _clip(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-@on_onednn
 def evaluate_icl(model, tokenizer, records: list[dict], gold: list[int], labels: list[str],
                  shots: list[int], *, demo_records: list[dict] | None = None,
                  demo_gold: list[int] | None = None, template: str = DEFAULT_TEMPLATE,

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import DataError
-from tunelab.kernels import on_onednn
 from tunelab.model.heads import require_causal
 
 
@@ -42,7 +41,6 @@ def read_texts(paths: list[str | Path]) -> str:
     return text
 
 
-@on_onednn
 @torch.inference_mode()
 def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_size: int = 4) -> dict:
     """Sliding-window perplexity of one token sequence; windows are batched for speed."""

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tunelab.model.config import ModelConfig
-from tunelab.model.varlen import nested_offsets, varlen_attention
+from tunelab.model.varlen import backend_for, nested_offsets, varlen_attention
 
 _ACTS = {
     "silu": F.silu,
@@ -143,6 +143,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v, extra = self._shared_kv(k, v)
+        extra["backend"] = backend_for(x.device, q.dtype, cfg.head_dim, cfg.causal, packed.backend)
         y = varlen_attention(q, k, v, packed.lengths, cfg.causal, offsets=packed.offsets, **extra)
         return self.o_proj(y.reshape(n, cfg.n_head * cfg.head_dim))
 
@@ -152,8 +153,9 @@ class Packed:
     projections and the MLP skip the padding (often a sixth of a dynamically padded batch), and
     attention runs on each row's span of real tokens alone."""
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, backend: str = "auto"):
         self.b, self.t = attention_mask.shape
+        self.backend = backend  # runtime.attention: how rows attend (model/varlen.py)
         self.index = attention_mask.flatten().nonzero().squeeze(1)
         self.lengths = attention_mask.sum(1).tolist()  # real tokens per row, in packed order
         self.offsets = nested_offsets(self.lengths, attention_mask.device)  # made once: varlen.py
@@ -263,6 +265,7 @@ class Transformer(nn.Module):
         # Activation checkpointing, set by a training run (train.activation_checkpointing):
         # training keeps each block's input alone and recomputes the block in backward.
         self.checkpoint_blocks = False
+        self.attention_backend = "auto"  # runtime.attention, set by runtime.prepare_runtime
 
     def forward(
         self,
@@ -305,7 +308,7 @@ class Transformer(nn.Module):
         packed, mask, layer_rope = None, None, rope
         if cache is None and segment_ids is None and attention_mask is not None:
             if Packed.fits(attention_mask, window):
-                packed = Packed(attention_mask)
+                packed = Packed(attention_mask, self.attention_backend)
                 x = packed.pack(x)
                 if rope is not None:
                     layer_rope = tuple(packed.pack(r.squeeze(1))[:, None] for r in rope)

@@ -8,10 +8,11 @@ Each row attends within itself (causally or not). Three ways to compute it, one 
   nested  the rows as a jagged nested tensor (layout=torch.jagged): on CUDA, SDPA runs its
           flash or memory-efficient variable-length kernels, one launch and no mask
 
-`backend_for` picks, in this one place: `rows` on the CPU and other devices; on CUDA `nested`
-where this torch runs it for the dtype and head size (checked once, see nested_works), else
-`mask`. The environment variable TUNELAB_VARLEN=rows|mask|nested overrides the choice;
-`nested` still falls back to `mask` where no fused kernel runs it (on the CPU, always).
+`backend_for` picks, in this one place, for `runtime.attention: auto` (runtime/): `rows` on the
+CPU and other devices; on CUDA `nested` where this torch runs it for the dtype and head size
+(checked once, see nested_works), else `mask`. `runtime.attention` rows|mask|nested chooses
+(TUNELAB_VARLEN overrides that key); `nested` still falls back to `mask` where no fused kernel
+runs it (on the CPU, always).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def varlen_attention(q, k, v, lengths: list[int], causal: bool, enable_gqa: bool
     offsets: `nested_offsets(lengths)`, made once per forward and given to every layer: a
     nested tensor's ragged size takes its identity from that tensor, and activation
     checkpointing's recompute must meet the same one."""
-    backend = backend or backend_for(q.device, q.dtype, q.shape[-1], causal)
+    if backend in (None, "auto"):
+        backend = backend_for(q.device, q.dtype, q.shape[-1], causal)
     if backend == "nested":
         return _nested(q, k, v, lengths, causal, enable_gqa, offsets)
     return (_rows if backend == "rows" else _mask)(q, k, v, lengths, causal, enable_gqa)
@@ -48,12 +50,17 @@ def nested_offsets(lengths: list[int], device) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(n for n in lengths if n)], device=device)
 
 
-def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> str:
-    """The backend for this device: TUNELAB_VARLEN if set, else nested on CUDA, rows elsewhere;
-    nested becomes mask where it does not run."""
-    choice = os.environ.get("TUNELAB_VARLEN") or ("nested" if device.type == "cuda" else "rows")
+def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
+                choice: str | None = "auto") -> str:  # fmt: skip
+    """The backend for this device: TUNELAB_VARLEN if set, else `choice` (runtime.attention),
+    where auto is nested on CUDA, rows elsewhere; nested becomes mask where it does not run."""
+    env = os.environ.get("TUNELAB_VARLEN")
+    choice = env or choice or "auto"
+    if choice == "auto":
+        choice = "nested" if device.type == "cuda" else "rows"
     if choice not in BACKENDS:
-        raise ConfigError(f"TUNELAB_VARLEN={choice!r}: expected one of {', '.join(BACKENDS)}")
+        where = f"TUNELAB_VARLEN={choice!r}" if env else f"runtime.attention {choice!r}"
+        raise ConfigError(f"{where}: expected one of auto, {', '.join(BACKENDS)}")
     if choice == "nested" and not nested_works(device, dtype, head_dim, causal):
         return "mask"
     return choice

@@ -134,6 +134,28 @@ class AlignConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    linear: str = opt(
+        "auto",
+        "CPU linear kernels: auto (measured per machine, see `tunelab runtime`), torch or onednn "
+        "(TUNELAB_ONEDNN=0/1 overrides)",
+        choices=("auto", "torch", "onednn"),
+    )
+    allocator: str = opt(
+        "keep",
+        "keep: the command keeps freed memory for the next step (glibc thresholds); system: "
+        "glibc's defaults (TUNELAB_MALLOC=0/1 overrides)",
+        choices=("keep", "system"),
+    )
+    attention: str = opt(
+        "auto",
+        "packed-attention backend: auto (rows on CPU, nested on CUDA), rows, mask or nested "
+        "(TUNELAB_VARLEN overrides)",
+        choices=("auto", "rows", "mask", "nested"),
+    )
+
+
+@dataclass
 class RunConfig:
     task: str = opt("pretrain", "pretrain, finetune, classify or align")
     model: str | None = opt("smollm2-135m-instruct", "model name, directory, .gguf or hub id")
@@ -148,6 +170,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     method: dict = opt({}, "adaptation method and its options (see `tunelab finetune --help`)")
 
     def to_dict(self) -> dict:
@@ -160,6 +183,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "classify": ClassifyConfig,
     "align": AlignConfig,
+    "runtime": RuntimeConfig,
 }
 
 

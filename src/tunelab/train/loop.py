@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.allocator import keep_freed_memory
 from tunelab.errors import TunelabError
-from tunelab.kernels import onednn_linears
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig, compute_precision
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
@@ -61,7 +59,6 @@ class Trainer:
     def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
                  val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None,
                  dist=None):  # fmt: skip
-        keep_freed_memory()  # large tensors come back every step; see allocator.py
         # `dist` (train/distributed.py) wraps the model for DDP and brings rank and reduce.
         if dist is not None:
             is_main, reduce = dist.is_main, dist.reduce
@@ -279,9 +276,7 @@ class Trainer:
         cfg, started = self.cfg, time.perf_counter() - self.elapsed
         progress = Progress(self.total_steps, enabled=self.is_main, start=self.step)
         stop_reason = "max_steps"
-        # fp32 linears on oneDNN (kernels.py); FSDP's sharded parameters keep torch's own path
-        fast = self.compute == "fp32" and getattr(self.dist, "strategy", None) != "fsdp"
-        with progress, onednn_linears(self.model, enabled=fast):
+        with progress:  # the kernels are the model's own: chosen when it was prepared (runtime/)
             while self.step < self.total_steps:
                 for cb in self.callbacks:
                     cb.on_step(self, self.step)

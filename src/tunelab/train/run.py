@@ -17,6 +17,7 @@ import yaml
 
 from tunelab import DTYPES
 from tunelab.errors import ConfigError
+from tunelab.runtime import prepare_runtime
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 
 log = logging.getLogger("tunelab")
@@ -51,7 +52,9 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         torch.manual_seed(cfg.train.seed)
         model = build_model(mcfg)
         init_weights(model)
-        return model.to(device), tokenizer
+        model = model.to(device)
+        prepare_runtime(model, cfg.runtime)
+        return model, tokenizer
     from tunelab.model.inspect import read_config
 
     # stop with what would fit, before the OS kills a load that cannot
@@ -63,7 +66,8 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         from tunelab.adapt.lora import quantization
 
         quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
-    lm = tunelab.load(cfg.model, precision=cfg.train.precision, device=str(device), **quant)
+    lm = tunelab.load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
+                      runtime=cfg.runtime)  # fmt: skip
     return lm.model, lm.tokenizer
 
 
@@ -341,6 +345,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         # FSDP shards each block as one flat group, which wants a single dtype: all fp32 there.
         fp32_master_weights(model, callbacks, everything=dist.strategy == "fsdp")
         model.transformer.checkpoint_blocks = cfg.train.activation_checkpointing
+        # kernels for the layers the method and task added too; FSDP keeps torch's (runtime/)
+        runtime = prepare_runtime(model, cfg.runtime, sharded=dist.strategy == "fsdp")
         params = param_report(model)
         if dist.is_main:
             log.info(format_report(params))
@@ -369,6 +375,7 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary["params"] = params
         summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
                                     compute=compute_precision(cfg.train))  # fmt: skip
+        summary["runtime"] = runtime.record(model)
         summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
                        method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
 

@@ -1,0 +1,248 @@
+"""Which linear kernel wins on this machine: measured once per machine, cached, then reused.
+
+The candidates (runtime/kernels.py) are timed on the products that matter, per shape class:
+  decode-fp32, decode-bf16  a sibling pair (gate/up) of a SmolLM2-sized layer (576 -> 1536)
+                            and a 7B-sized one (4096 -> 14336) with 1 and 8 rows: torch's
+                            F.linear, oneDNN on the weights as they are, on reordered copies
+                            ("packed"), and the pair as one reordered product ("packed+fused")
+  train-fp32, train-bf16    forward and backward of the SmolLM2-sized layer on 1024 rows:
+                            F.linear against oneDNN
+Each candidate runs in interleaved rounds and keeps its fastest time (other work on the
+machine only slows a run down). A class takes a candidate other than torch only when it wins
+by MARGIN over the shapes together and loses on none of them. The table is cached as JSON
+under $TUNELAB_CACHE/runtime (default ~/.cache/tunelab), keyed by CPU model, cores, threads
+and torch version; `tunelab runtime --rerun` measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.runtime.kernels import _OneDNNLinear, free_memory, onednn_linear, onednn_works, reorder
+
+log = logging.getLogger("tunelab")
+MARGIN = 1.10  # a path other than torch's must be this much faster to be chosen
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16")
+# (in, out, rows): decode shapes are a sibling pair (out each), train shapes one layer
+SHAPES = {
+    "decode": [(576, 1536, 1), (576, 1536, 8), (4096, 14336, 1), (4096, 14336, 8)],
+    "train": [(576, 1536, 1024)],
+}
+CANDIDATES = {"decode": ("torch", "onednn", "packed", "packed+fused"), "train": ("torch", "onednn")}
+BUDGET_S = 8.0  # the whole measurement; rounds are cut short past it
+
+
+def machine() -> dict:
+    """What the choice depends on: CPU model, cores, torch's threads, torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return dict(
+        cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__
+    )
+
+
+def cache_path(key: dict | None = None) -> Path:
+    key = key or machine()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TUNELAB_CACHE") or "~/.cache/tunelab").expanduser()
+    return root / "runtime" / f"linear-{digest}.json"
+
+
+def timer(fn, candidate: str, cls: str) -> float:
+    """Seconds one call of fn (candidate's product for cls) takes; tests fake a machine here."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _decode_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(rows, k, generator=gen, dtype=torch.float32).to(dtype)
+    w1, w2 = (torch.rand(n, k, generator=gen, dtype=torch.float32).to(dtype) for _ in range(2))
+    calls = {"torch": lambda: (F.linear(x, w1), F.linear(x, w2))}
+    if "onednn" in kinds:
+        calls["onednn"] = lambda: (onednn_linear(x, w1, None), onednn_linear(x, w2, None))
+        p1, p2 = reorder(w1, rows), reorder(w2, rows)
+        calls["packed"] = lambda: (onednn_linear(x, p1, None), onednn_linear(x, p2, None))
+        both = reorder(torch.cat([w1, w2]), rows)
+        calls["packed+fused"] = lambda: onednn_linear(x, both, None).split(n, dim=-1)
+    return calls
+
+
+def _train_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=gen).to(dtype).requires_grad_(True)
+    w = torch.randn(n, k, generator=gen).div(k**0.5).to(dtype).requires_grad_(True)
+    g = torch.randn(rows, n, generator=gen).to(dtype)
+
+    def run(fn):
+        x.grad = w.grad = None
+        fn(x, w, None).backward(g)
+
+    calls = {"torch": lambda: run(F.linear)}
+    if "onednn" in kinds:
+        calls["onednn"] = lambda: run(_OneDNNLinear.apply)
+    return calls
+
+
+@contextmanager
+def _grad(phase: str):
+    with torch.inference_mode() if phase == "decode" else torch.enable_grad():
+        yield
+
+
+def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
+    """Rows {class, shape, candidate, ms}: each candidate's fastest of `rounds` calls."""
+    rows, start = [], time.perf_counter()
+    for cls in CLASSES:
+        phase, dname = cls.split("-")
+        dtype = DTYPES[dname]
+        kinds = CANDIDATES[phase] if onednn_works(dtype) else ("torch",)
+        for k, n, r in SHAPES[phase]:
+            if 6 * k * n * dtype.itemsize > free_memory():  # two weights and their copies
+                continue
+            with _grad(phase):
+                calls = (_decode_calls if phase == "decode" else _train_calls)(
+                    k, n, r, dtype, kinds
+                )
+                best = {c: math.inf for c in calls}
+                for fn in calls.values():  # a first call: primitives made, pages touched
+                    fn()
+                for i in range(rounds if k * n < 1 << 24 else min(rounds, 3)):  # 7B-sized: 3
+                    if i >= 2 and time.perf_counter() - start > budget_s:
+                        break
+                    for c, fn in calls.items():
+                        best[c] = min(best[c], timer(fn, c, cls))
+            shape = f"{k}x{n}, {r} row{'s' * (r > 1)}" + (" (pair)" if phase == "decode" else "")
+            rows += [
+                dict(cls=cls, shape=shape, candidate=c, ms=round(t * 1e3, 4))
+                for c, t in best.items()
+            ]
+    return rows
+
+
+def decide(rows: list[dict], margin: float = MARGIN) -> dict:
+    """Per class, the fastest candidate that beats torch by `margin` over the class's shapes
+    (geometric mean) and is slower than torch on none of them; else torch."""
+    choice = {}
+    for cls in CLASSES:
+        table: dict[str, dict[str, float]] = {}
+        for row in rows:
+            if row["cls"] == cls:
+                table.setdefault(row["shape"], {})[row["candidate"]] = row["ms"]
+        best, best_gain = "torch", margin
+        for cand in {c for times in table.values() for c in times} - {"torch"}:
+            ratios = [t["torch"] / t[cand] for t in table.values() if cand in t and t[cand] > 0]
+            if not ratios or len(ratios) < len(table) or min(ratios) < 1.0:
+                continue  # loses somewhere, or was not measured everywhere
+            gain = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            if gain >= best_gain:
+                best, best_gain = cand, gain
+        choice[cls] = best
+    return choice
+
+
+def _cached(path: Path, key: dict) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = found.get("machine") == key and set(found.get("choice", {})) == set(CLASSES)
+    return found if ok else None
+
+
+@contextmanager
+def _locked(path: Path):
+    """One process measures at a time (the ranks of a run on one machine): the others wait,
+    then read its table."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")
+    except (ImportError, OSError):  # no fcntl (Windows) or a read-only cache: measure alone
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def measured(rerun: bool = False) -> dict:
+    """This machine's table {machine, measured, seconds, load, rows, choice}: from the cache,
+    or measured now (once per machine) and cached."""
+    key, path = machine(), cache_path()
+    if not rerun and (found := _cached(path, key)):
+        return found
+    with _locked(path):
+        if not rerun and (found := _cached(path, key)):
+            return found
+        log.info(
+            "measuring the linear kernels on this machine (once; `tunelab runtime` shows them)"
+        )
+        started = time.perf_counter()
+        rows = measure()
+        found = dict(machine=key, measured=datetime.now(UTC).isoformat(timespec="seconds"),
+                     seconds=round(time.perf_counter() - started, 2), load=_load(), rows=rows,
+                     choice=decide(rows))  # fmt: skip
+        if (found["load"] or 0) > (key["cores"] or 1):
+            log.warning(f"the machine was busy (load {found['load']}): the kernel times are noisy; "
+                        "`tunelab runtime --rerun` when it is idle")  # fmt: skip
+        try:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(found, indent=1))
+            os.replace(tmp, path)  # whole or not at all: a concurrent reader never sees half
+        except OSError:  # a read-only cache: measure again next time
+            pass
+    return found
+
+
+def _load() -> float | None:
+    """The 1-minute load average as the measurement ends: above the cores, times are noisy."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def format_table(found: dict) -> str:
+    """The table as `tunelab runtime` prints it."""
+    m = found["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}",
+             f"measured: {found['measured']} in {found['seconds']} s, load average "
+             f"{found.get('load')} ({cache_path(m)})", "",
+             f"{'class':<12} {'shape':<28} {'candidate':<13} {'ms':>9} {'vs torch':>9}"]  # fmt: skip
+    torch_ms = {(r["cls"], r["shape"]): r["ms"] for r in found["rows"] if r["candidate"] == "torch"}
+    for r in found["rows"]:
+        base = torch_ms.get((r["cls"], r["shape"]))
+        speed = f"{base / r['ms']:.2f}x" if base and r["ms"] else ""
+        mark = " *" if found["choice"].get(r["cls"]) == r["candidate"] else ""
+        lines.append(
+            f"{r['cls']:<12} {r['shape']:<28} {r['candidate']:<13} {r['ms']:>9.3f} {speed:>9}{mark}"
+        )
+    lines += ["", "chosen (*): " + ", ".join(f"{c} {k}" for c, k in found["choice"].items()),
+              f"a path other than torch is chosen only when {MARGIN:.2f}x faster and slower nowhere"]  # fmt: skip
+    if (found.get("load") or 0) > (m["cores"] or 1):
+        lines.append(
+            "the machine was busy (load above its cores): `tunelab runtime --rerun` when idle"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The runtime layer (runtime/): kernels chosen by measurement and cached per machine, forced
+choices, what a run records. The timer is faked: no test here depends on this machine's speed."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from tunelab.cli import main
+from tunelab.model.config import ModelConfig
+from tunelab.model.heads import CausalLM
+from tunelab.runtime import choose, prepare_runtime, resolve
+from tunelab.runtime.kernels import FastLinear, onednn_works
+
+TINY = {"decode": [(8, 16, 1), (8, 16, 8)], "train": [(8, 16, 32)]}
+
+
+def fake_machine(monkeypatch, tmp_path, speeds: dict) -> list:
+    """Each candidate takes speeds[candidate] seconds (default 1.0); returns the timer's calls."""
+    calls = []
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TUNELAB_ONEDNN", raising=False)
+    monkeypatch.setattr(choose, "SHAPES", TINY)
+    monkeypatch.setattr(
+        choose, "timer", lambda fn, cand, cls: calls.append(cls) or speeds.get(cand, 1.0)
+    )
+    return calls
+
+
+needs_onednn = pytest.mark.skipif(not onednn_works(torch.float32), reason="no oneDNN linear here")
+
+
+@needs_onednn
+def test_auto_keeps_torch_where_onednn_loses(monkeypatch, tmp_path):
+    fake_machine(
+        monkeypatch, tmp_path, {"torch": 1.0, "onednn": 1.3, "packed": 1.2, "packed+fused": 1.05}
+    )
+    assert set(resolve("auto").kernels.values()) == {"torch"}
+
+
+@needs_onednn
+def test_auto_takes_onednn_where_it_wins_by_the_margin(monkeypatch, tmp_path):
+    fake_machine(
+        monkeypatch, tmp_path, {"torch": 1.0, "onednn": 0.5, "packed": 0.4, "packed+fused": 0.3}
+    )
+    kernels = resolve("auto").kernels
+    assert kernels["train-fp32"] == "onednn" and kernels["decode-fp32"] == "packed+fused"
+
+
+def test_a_win_below_the_margin_or_a_loss_on_one_shape_is_not_taken():
+    def rows(cls, times):  # {shape: {candidate: ms}}
+        return [
+            dict(cls=cls, shape=s, candidate=c, ms=ms)
+            for s, t in times.items()
+            for c, ms in t.items()
+        ]
+
+    close = rows("train-fp32", {"a": {"torch": 1.0, "onednn": 0.95}})  # 5% faster: noise
+    mixed = rows(
+        "decode-fp32", {"a": {"torch": 1.0, "packed": 0.2}, "b": {"torch": 1.0, "packed": 1.05}}
+    )
+    choice = choose.decide(close + mixed)
+    assert choice["train-fp32"] == "torch" and choice["decode-fp32"] == "torch"
+    assert (
+        choose.decide(rows("train-fp32", {"a": {"torch": 1.0, "onednn": 0.8}}))["train-fp32"]
+        == "onednn"
+    )
+
+
+def test_the_table_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    calls = fake_machine(monkeypatch, tmp_path, {"onednn": 0.5})
+    first = choose.measured()
+    n = len(calls)
+    assert n and choose.cache_path().exists()
+    assert choose.measured() == first and len(calls) == n  # read back, not measured again
+    assert resolve("auto").kernels == first["choice"] and len(calls) == n
+    other = {**choose.machine(), "cpu": "another CPU"}  # another machine has its own file
+    assert choose.cache_path(other) != choose.cache_path()
+    monkeypatch.setattr(choose, "machine", lambda: other)
+    choose.measured()
+    assert len(calls) == 2 * n
+    main(["runtime", "--rerun", "--json"])
+    assert len(calls) == 3 * n
+
+
+def test_the_runtime_command_shows_the_table(monkeypatch, tmp_path, capsys):
+    fake_machine(monkeypatch, tmp_path, {"onednn": 0.5})
+    assert main(["runtime"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "train-fp32" in out and "chosen (*)" in out
+    assert main(["runtime", "--json", "--linear", "torch"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (
+        got["resolved"]["kernels"]["train-fp32"] == "torch" and got["machine"] == choose.machine()
+    )
+
+
+def test_forced_choices_and_overrides(monkeypatch, tmp_path):
+    calls = fake_machine(monkeypatch, tmp_path, {})
+    model = CausalLM(ModelConfig(vocab_size=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    rt = prepare_runtime(model, SimpleNamespace(linear="torch", attention="mask"))
+    assert set(rt.kernels.values()) == {"torch"} and not calls  # forced: nothing measured
+    assert isinstance(model.lm_head, FastLinear) and model.transformer.attention_backend == "mask"
+    assert rt.record(model)["attention_backend"] == "mask"
+    rt = prepare_runtime(model, SimpleNamespace(linear="onednn"))
+    want = "onednn" if onednn_works(torch.float32) else "torch"
+    assert rt.kernels["train-fp32"] == model.lm_head.choice["train-fp32"] == want
+    monkeypatch.setenv("TUNELAB_VARLEN", "rows")
+    monkeypatch.setenv("TUNELAB_MALLOC", "0")
+    rt = resolve("torch", "keep", "mask")
+    assert rt.attention == "rows" and rt.allocator == "system"
+    with pytest.raises(Exception, match="runtime.linear 'fast'"):
+        resolve("fast")
+
+
+def test_a_run_records_its_runtime(monkeypatch, tmp_path, capsys):
+    from tunelab.tokenizer.bpe import BPETokenizer
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    words = "the a film plot hero city storm love ship night".split()
+    text = [" ".join(words[(i * 7 + j) % 10] for j in range(8)) + "." for i in range(40)]
+    BPETokenizer.train(text, vocab_size=300, special_tokens=["<|endoftext|>"]).save(
+        tmp_path / "tok"
+    )
+    (tmp_path / "corpus.txt").write_text("\n\n".join(text))
+    out = tmp_path / "run"
+    argv = ["pretrain", "--arch", "gpt2-tiny", "--tokenizer", str(tmp_path / "tok"), "--data",
+            str(tmp_path / "corpus.txt"), "--out", str(out), "--seq-len", "24", "--batch-size", "2",
+            "--max-steps", "2", "--runtime.linear", "torch", "--runtime.attention", "mask", "--json"]  # fmt: skip
+    monkeypatch.delenv("TUNELAB_ONEDNN", raising=False)
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rt = summary["runtime"]
+    assert rt["linear"] == "torch" and set(rt["kernels"].values()) == {"torch"}
+    assert (
+        rt["attention"] == "mask"
+        and rt["attention_backend"] == "mask"
+        and rt["allocator"] == "keep"
+    )
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["runtime"] == {"linear": "torch", "allocator": "keep", "attention": "mask"}
