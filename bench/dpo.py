@@ -98,7 +98,7 @@ class PairMeter(Meter):
         self.pair_tokens: list[int] = []
 
     def on_start(self, trainer) -> None:
-        from tunelab.evaluate.preference import pair_tokens
+        from tunelab.data.preference import pair_tokens
 
         super().on_start(trainer)
         collate = trainer.batches.collate_fn

@@ -13,8 +13,8 @@ import torch
 from tunelab.adapt import apply_method
 from tunelab.cli import main
 from tunelab.data import load_records
+from tunelab.data.preference import collate_pairs, pair_logps
 from tunelab.errors import DataError
-from tunelab.evaluate.preference import collate_pairs, pair_logps
 from tunelab.model.checkpoint import save_model_dir
 from tunelab.model.config import ModelConfig, preset
 from tunelab.model.heads import build_model

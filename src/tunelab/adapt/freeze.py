@@ -150,7 +150,8 @@ class GradualUnfreezing:
     """ULMFiT: the head (and final norm) train first; every N steps one more block, top down.
 
     Every eventually-trainable tensor is in the optimizer from the start, in a group per stage
-    with its learning-rate factor; not-yet-unfrozen ones keep requires_grad=False, so they get
+    with its learning-rate factor (`optimizer_stages`: the loop builds the groups, the method
+    never touches the optimizer); not-yet-unfrozen ones keep requires_grad=False, so they get
     no gradient, AdamW skips them (no state, weights bit-identical) and the LR schedule covers
     every group. The stage follows from the step alone, so a resumed run rebuilds it exactly.
     """
@@ -223,15 +224,10 @@ class GradualUnfreezing:
             p.requires_grad_(False)
         self._apply(trainer, 0)
 
-    def param_groups(self, trainer) -> list[dict]:
-        """Optimizer groups for every stage, unfrozen or not, each with its lr factor."""
-        from tunelab.train.optim import param_groups
-
-        params = dict(trainer.model.named_parameters())
-        groups = []
-        for names, factor in self.stages:
-            groups += param_groups({n: params[n] for n in names}, trainer.cfg, factor)
-        return groups
+    def optimizer_stages(self) -> list[tuple[list[str], float]]:
+        """(parameter names, lr factor) per stage, unfrozen or not: the loop makes one optimizer
+        group per stage (train/optim.py stage_groups), so every stage is in from the start."""
+        return self.stages
 
     def on_step(self, trainer, step: int) -> None:
         self._apply(trainer, step)

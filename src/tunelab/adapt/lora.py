@@ -151,12 +151,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding base + update, in place."""
     for name, module in lora_modules(model).items():
-        module.merge()
-        base = module.base
-        if isinstance(base, QuantLinear):  # merged already made it float; be safe
-            base = base.to_linear()
+        module.merge()  # a quantized base becomes a float nn.Linear here
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, base)
+        setattr(model.get_submodule(parent), leaf, module.base)
     return model
 
 

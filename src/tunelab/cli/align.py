@@ -14,9 +14,9 @@ HELP = "align a language model to preference pairs (prompt, chosen, rejected): D
 
 
 def cmd_align(a) -> None:
-    from tunelab.train.align import AlignTask
     from tunelab.train.config import load_config
-    from tunelab.train.run import config_for_resume, run_training
+    from tunelab.train.run import config_for_resume
+    from tunelab.train.tasks import run_task
 
     skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
     overrides = {k: v for k, v in vars(a).items() if k not in skip}
@@ -24,7 +24,7 @@ def cmd_align(a) -> None:
         cfg = config_for_resume(a.resume, overrides)
     else:
         cfg = load_config(a.config, {**overrides, "task": "align"})
-    summary = resumable(lambda: run_training(cfg, task=AlignTask()), cfg)
+    summary = resumable(lambda: run_task(cfg), cfg)
     if a.json:
         return print(json.dumps(summary))
     print(f"run: {cfg.out}")

@@ -53,21 +53,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         )
 
 
-def run_task(cfg) -> dict:
-    """The runner for the config's task; every one ends in train/run.py's run_training."""
-    if cfg.task == "classify":
-        from tunelab.train.classify import run_classify
-
-        return run_classify(cfg)
-    from tunelab.train.run import run_training
-
-    if cfg.task == "align":
-        from tunelab.train.align import AlignTask
-
-        return run_training(cfg, task=AlignTask())
-    return run_training(cfg)
-
-
 def resumable(fn, cfg):
     """fn(); an interruption (Ctrl-C, SIGTERM) is re-raised with how to resume the run."""
     try:
@@ -81,6 +66,7 @@ def resumable(fn, cfg):
 def cmd_train(a) -> None:
     from tunelab.train.config import load_config
     from tunelab.train.run import config_for_resume
+    from tunelab.train.tasks import run_task
 
     skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
     overrides = {k: v for k, v in vars(a).items() if k not in skip}

@@ -55,11 +55,6 @@ def predict(model, batches) -> tuple[list[int], torch.Tensor]:
     return gold, torch.cat(probs) if probs else torch.zeros(0, len(model.cfg.labels))
 
 
-def evaluate_classifier(model, batches, labels: list[str]) -> dict:
-    gold, probs = predict(model, batches)
-    return metrics(gold, probs.argmax(-1).tolist(), labels)
-
-
 def write_predictions(path: str | Path, records: list[dict], gold: list[int], probs: torch.Tensor,
                       labels: list[str], text_field: str = "text") -> None:  # fmt: skip
     """One JSON line per example: id, text, gold, predicted, probabilities; for error analysis."""

@@ -85,12 +85,6 @@ class EncoderModel(nn.Module):
         """Hidden states (B, T, d); pool() and mlm_head read them."""
         return self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
 
-    def mean_pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if attention_mask is None:
-            return h.mean(1)
-        m = attention_mask[..., None].to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
 
 class SequenceClassifier(nn.Module):
     """A transformer whose pooled hidden state feeds one linear layer over the labels.

@@ -259,8 +259,8 @@ def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
         from tunelab.study.evaluations import run_evaluation
 
         return run_evaluation(cell["task"], model, config, cell["method"], seed, run_dir)
-    from tunelab.cli.train import run_task
     from tunelab.train.config import load_config
+    from tunelab.train.tasks import run_task
 
     resume = (run_dir / "config.yaml").exists()
     config = merge(config, {"task": cell["task"], "out": str(run_dir), "resume": resume,

@@ -1,7 +1,7 @@
 """Preference alignment (DPO, IPO, hinge): the align task.
 
 A pair is encoded as prompt, chosen and rejected token ids (train/pairs.py);
-evaluate/preference.py batches it as one row [prompt, chosen, rejected] and scores it with the
+data/preference.py batches it as one row [prompt, chosen, rejected] and scores it with the
 prompt run once.
 The reference model's log-probs come from train/reference.py.
 """
@@ -12,14 +12,9 @@ import logging
 import time
 from pathlib import Path
 
+from tunelab.data.preference import collate_pairs, pair_logps, pair_tokens
 from tunelab.errors import ConfigError, closest
-from tunelab.evaluate.preference import (
-    collate_pairs,
-    pair_logps,
-    pair_tokens,
-    preference_metrics,
-    reward_sums,
-)
+from tunelab.evaluate.preference import preference_metrics, reward_sums
 from tunelab.train.config import RunConfig, compute_precision
 from tunelab.train.objectives import PREFERENCE_LOSSES, preference_loss
 from tunelab.train.pairs import encode_pairs, skip_summary

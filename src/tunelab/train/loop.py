@@ -24,7 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig, compute_precision
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
-from tunelab.train.optim import make_optimizer, trainable_named
+from tunelab.train.optim import make_optimizer, stage_groups, trainable_named
 from tunelab.train.progress import Progress
 from tunelab.train.schedule import make_scheduler
 
@@ -83,12 +83,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _make_optimizer(self) -> torch.optim.AdamW:
-        """A callback with `param_groups(trainer)` owns the groups, e.g. to hold parameters that
-        gradual unfreezing will unfreeze later (frozen ones get no grad, so AdamW skips them)."""
+        """A callback with `optimizer_stages()` names groups of parameters and their lr factors,
+        e.g. gradual unfreezing's stages, held from the start though frozen for now (frozen ones
+        get no grad, so AdamW skips them); the groups themselves are built here."""
         groups = None
         for cb in self.callbacks:
-            if hasattr(cb, "param_groups"):
-                groups = cb.param_groups(self)
+            if hasattr(cb, "optimizer_stages"):
+                groups = stage_groups(self.model, cb.optimizer_stages(), self.cfg)
         return make_optimizer(self.model, self.cfg, groups)
 
     def _make_scheduler(self):

@@ -41,6 +41,15 @@ def param_groups(
     return [dict(g, lr=cfg.lr * lr_scale) for g in groups if g["params"]]
 
 
+def stage_groups(model, stages, cfg: TrainConfig) -> list:
+    """Optimizer groups for stages of (parameter names, lr factor), e.g. gradual unfreezing's."""
+    params = dict(model.named_parameters())
+    groups = []
+    for names, factor in stages:
+        groups += param_groups({n: params[n] for n in names}, cfg, factor)
+    return groups
+
+
 def make_optimizer(model, cfg: TrainConfig, groups: list | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, or over `groups` when a callback supplies them."""
     if groups is None:

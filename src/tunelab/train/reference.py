@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tunelab.evaluate.preference import collate_pairs, pair_logps, pair_tokens
+from tunelab.data.preference import collate_pairs, pair_logps, pair_tokens
 from tunelab.train.config import RunConfig, compute_precision
 
 REFERENCE_FILE = "reference_logps.safetensors"
