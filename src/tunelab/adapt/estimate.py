@@ -20,11 +20,10 @@ LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its gr
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quantization: int8 absmax, fp32 per 256
 QUANT_OPTIONS = ("bits", "double_quant")
-# Bytes per weight while one linear is quantized (NF4Linear): its float32 copy, the normalised
-# copy, bucketize's int64 codes and the uint8 codes; and while one is dequantized: the int64
-# index and float32 values, then the scaled values.
-QUANTIZE_TEMP = 17
-DEQUANT_TEMP = 8
+# NF4 quantizes and dequantizes in chunks (adapt/quantize.py CHUNK, DEQUANT_CHUNK): a few
+# float32 and int64 copies of one chunk at a time, on top of the layer's own float weight.
+QUANTIZE_TEMP = 24 * 2**18
+DEQUANT_TEMP = 16 * 2**20
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # the frozen weights' storage
 AUTOCASTS = ("off", "bf16", "fp16")
 
@@ -200,7 +199,7 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
     largest = max((p.numel() for n, p in named.items() if n not in quantized), default=0)
     loading = src * largest
     if quantized:
-        loading = max(loading, (src + QUANTIZE_TEMP) * max(p.numel() for p in quantized.values()))
+        loading = max(loading, src * max(p.numel() for p in quantized.values()) + QUANTIZE_TEMP)
 
     # Activations: walk up the stack; gradient flows into block i if anything below trains.
     grad_in = any(p.requires_grad for n, p in named.items() if n.startswith("transformer.") and
@@ -248,8 +247,8 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
             cast += frozen_saved + (cfg.vocab_size * cfg.d_model if head_frozen else 0)
         cast *= 2
     dequant = 0
-    if quantized:  # one linear's weight dequantized at a time (codes, values, scaled values)
-        dequant = DEQUANT_TEMP * max(p.numel() for p in quantized.values())
+    if quantized:  # one linear's weight dequantized at a time, in the compute dtype
+        dequant = act_bytes * max(p.numel() for p in quantized.values()) + DEQUANT_TEMP
     # A trained tied embedding gets a second dense V x d grad from the lookup, added to the head's
     # out of place; measured on SmolLM2 (freeze), it sets the peak at short lengths.
     phases = {
