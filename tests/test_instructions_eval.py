@@ -3,6 +3,8 @@ responses.jsonl, --responses, one-line errors; the same check in training runs a
 
 import json
 import os
+import random
+import shutil
 
 import pytest
 from tiny import make_models
@@ -70,3 +72,82 @@ def test_bad_prompt_file_is_one_line_error(setup, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}:2: field 'prompt': missing or not a non-empty string"
+
+
+def _corpus(root):
+    from tiny import review
+
+    rng = random.Random(1)
+    path = root / "corpus.txt"
+    if not path.exists():
+        path.write_text("\n\n".join(review(rng, i % 2) for i in range(40)))
+    return path
+
+
+def test_training_records_instructions_before_and_after(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", str(setup / "decoder"), "--data", str(_corpus(setup)),
+            "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out),
+            "--eval-instructions", str(setup / "prompts.jsonl"), "--eval.instructions_limit", "2",
+            "--eval.instructions_max_new_tokens", "4", "--json"]  # fmt: skip
+    assert main(args) == 0
+    ins = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["instructions"]
+    for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "n"):
+        assert set(ins[m]) == {"before", "after"}
+    assert ins["n"] == {"before": 2, "after": 2}
+    assert len(ins["per_prompt"]["before"]) == len(ins["per_prompt"]["after"]) == 2
+
+
+def test_bad_instruction_file_stops_a_run_before_training(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**PROMPTS[0], "instruction_id_list": ["nope:nothing"]}) + "\n")
+    args = ["pretrain", "--model", str(setup / "decoder"), "--data", str(_corpus(setup)),
+            "--max-steps", "1", "--out", str(tmp_path / "run"), "--eval-instructions", str(bad)]  # fmt: skip
+    assert main(args) == 2
+    assert f"{bad}:1: field 'instruction_id_list[0]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_reports_the_paired_difference(setup, tmp_path, capsys):
+    twin = setup / "decoder2"
+    if not twin.exists():
+        shutil.copytree(setup / "decoder", twin)
+    args = ["compare", "--models", f"{setup / 'decoder'},{twin}", "--eval", "instructions",
+            "--instructions", str(setup / "prompts.jsonl"), "--max-new-tokens", "4",
+            "--out", str(tmp_path / "cmp"), "--json"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert all(r["status"] == "done" for r in results["rows"])
+    (pair,) = results["paired"]
+    assert pair["against"].endswith("decoder-greedy-s0")
+    assert pair["prompt_strict"]["difference"] == 0  # the same weights, greedy
+    assert pair["prompt_strict"]["interval"] == [0.0, 0.0]
+    assert (tmp_path / "cmp" / "runs" / "instructions" / "decoder2-greedy-s0" / "responses.jsonl").exists()  # fmt: skip
+    assert main(args[:-1]) == 0  # text output; the finished runs are skipped
+    text = capsys.readouterr().out
+    assert "difference +0.000 [+0.000, +0.000]" in text
+
+
+def test_study_instructions_cells_and_report_section(setup, tmp_path):
+    from tunelab.study.report import write_report
+    from tunelab.study.study import Study
+
+    recipe = {"study": "ifeval", "seeds": [0], "experiments": [
+        {"name": "decoding", "task": "instructions", "models": [str(setup / "decoder")],
+         "methods": {"greedy": {}, "t1": {"temperature": 1.0, "top_p": 0.9}},
+         "config": {"instructions": {"data": str(setup / "prompts.jsonl"), "max_new_tokens": 4}}},
+        {"name": "tune", "task": "pretrain", "models": [str(setup / "decoder")],
+         "config": {"data": {"path": str(_corpus(setup))},
+                    "train": {"max_steps": 1, "batch_size": 2, "seq_len": 32},
+                    "eval": {"instructions": str(setup / "prompts.jsonl"), "instructions_limit": 3,
+                             "instructions_max_new_tokens": 4}}}]}  # fmt: skip
+    results = Study(recipe, tmp_path / "s").run(isolate=False)
+    assert [r["status"] for r in results["rows"]] == ["done"] * 3, results["rows"]
+    greedy = results["rows"][0]
+    assert greedy["metric"] == "prompt_strict" and 0 <= greedy["value"] <= 1
+    assert "prompt_strict_before" in results["rows"][2]
+    _, md = write_report(tmp_path / "s")
+    text = md.read_text()
+    assert "## Instruction following" in text and "Δ prompt strict" in text
+    assert "before training" in text and "decoding/decoder-greedy-s0" in text
+    assert "instructions, prompt strict" in text  # the before/after table

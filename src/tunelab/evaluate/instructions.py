@@ -68,3 +68,19 @@ def write_responses(path: Path, records: list[dict], responses: list[str], score
                                 "follow_all_loose": all(sc["loose"]),
                                 "instructions": verdicts}, ensure_ascii=False) + "\n")  # fmt: skip
     tmp.replace(path)
+
+
+def measure_instructions(model, tokenizer, path: str, limit: int | None = None,
+                         max_new_tokens: int = 256, batch_size: int = 8) -> dict:  # fmt: skip
+    """Greedy responses to the first `limit` prompts of an IFEval file, scored: the entry a
+    training run records before and after training (per-prompt counts kept for pairing)."""
+    from tunelab.instructions.score import read_prompts
+
+    records = read_prompts(path, limit)
+    was_training = model.training
+    summary, _, _ = evaluate_instructions(model, tokenizer, records,
+                                          Sampling(max_new_tokens=max_new_tokens), batch_size)  # fmt: skip
+    model.train(was_training)
+    keep = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "n",
+            "intervals", "by_instruction", "per_prompt")  # fmt: skip
+    return {k: summary[k] for k in keep}

@@ -294,8 +294,16 @@ class AlignTask:
         val_batches.set_epoch(val_batches.epoch)  # a capped evaluation may have stopped mid-epoch
         with autocast(device, compute_precision(cfg.train)):
             m = preference_metrics(model, val_batches, cfg.align.beta, self.reference)
-        return {"preference_accuracy": m["reward_accuracy"], "reward_margin": m["reward_margin"],
-                "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}  # fmt: skip
+        out = {"preference_accuracy": m["reward_accuracy"], "reward_margin": m["reward_margin"],
+               "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}  # fmt: skip
+        if cfg.eval.instructions:  # does aligning change instruction following?
+            from tunelab.evaluate.instructions import measure_instructions
+
+            e = cfg.eval
+            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
+                                                       e.instructions_limit,
+                                                       e.instructions_max_new_tokens)  # fmt: skip
+        return out
 
     def evaluators(self, cfg: RunConfig, tokenizer) -> list:
         from tunelab.train.run import sampler
