@@ -151,3 +151,30 @@ def test_study_instructions_cells_and_report_section(setup, tmp_path):
     assert "## Instruction following" in text and "Δ prompt strict" in text
     assert "before training" in text and "decoding/decoder-greedy-s0" in text
     assert "instructions, prompt strict" in text  # the before/after table
+
+
+def test_shipped_instructions_recipe_expands():
+    from tunelab.study.study import Study, load_recipe
+
+    for quick in (False, True):
+        study = Study(load_recipe("recipes/instructions.yaml", quick=quick), "/nonexistent")
+        assert {c["task"] for c in study.cells} == {"instructions"}
+        assert "decoding/smollm2-135m-instruct-greedy-s0" in {c["run"] for c in study.cells}
+
+
+def test_alignment_records_instructions_before_and_after(setup, tmp_path, capsys):
+    from tiny import review
+
+    rng = random.Random(2)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": review(rng, 1), "chosen": "great",
+                                         "rejected": "awful"}) + "\n" for _ in range(8)))  # fmt: skip
+    args = ["align", "--model", str(setup / "decoder"), "--data", str(prefs), "--max-steps", "1",
+            "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "dpo"),
+            "--eval-instructions", str(setup / "prompts.jsonl"),
+            "--eval.instructions_max_new_tokens", "4"]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "instructions prompt_strict:" in text and "->" in text
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert set(summary["instructions"]["instruction_loose"]) == {"before", "after"}
