@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tunelab.cli.common import EPILOG
-from tunelab.cli.train import _train_args, resumable
+from tunelab.cli.train import _train_args, print_instructions, resumable
 
 ALIGN_ALIASES = {"--loss": "align.loss", "--beta": "align.beta",
                  "--label-smoothing": "align.label_smoothing"}  # fmt: skip
@@ -33,6 +33,7 @@ def cmd_align(a) -> None:
     for key in ("preference_accuracy", "reward_margin"):
         if key in summary:
             print(f"  {key}: {summary[key]['before']:.3f} -> {summary[key]['after']:.3f}")
+    print_instructions(summary)
 
 
 def register(sub) -> None:

@@ -5,9 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
-from tunelab.cli.common import EPILOG, at_least, emit, load_model, model_args, shot_counts, writable
+from tunelab.cli.common import (
+    EPILOG,
+    at_least,
+    emit,
+    load_model,
+    model_args,
+    sampling,
+    sampling_args,
+    shot_counts,
+    writable,
+)
 
 
 def cmd_perplexity(a) -> None:
@@ -104,6 +115,61 @@ def cmd_icl(a) -> None:
         print(f"{k}-shot: {_metrics_text(m)}")
 
 
+def instructions_text(r: dict) -> str:
+    """The four accuracies with their intervals, one line each."""
+    lines = []
+    for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
+        lo, hi = r["intervals"][m]
+        lines.append(f"{m:<20}{r[m]:.4f}  [{lo:.4f}, {hi:.4f}]")
+    lines.append(f"{r['n']} prompts, {r['instructions']} instructions; "
+                 f"{r['confidence']:.0%} bootstrap intervals over prompts")  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_instructions(a) -> None:
+    from tunelab.evaluate.instructions import (
+        evaluate_instructions,
+        score_responses,
+        write_responses,
+    )
+    from tunelab.instructions.score import read_prompts, read_responses
+    from tunelab.train.progress import Progress
+
+    if a.out:
+        writable(Path(a.out) / "responses.jsonl", "--out")
+    records = read_prompts(a.data, a.limit)
+    if a.responses:  # another system's outputs: score only
+        responses = read_responses(a.responses, records)
+        result, scores = score_responses(records, responses)
+        result["responses"] = str(a.responses)
+    else:
+        s = sampling(a)  # bad settings stop here, before the model loads
+        lm = load_model(a)
+        t0 = time.perf_counter()
+        with Progress(len(records), label="generating") as bar:
+            result, responses, scores = evaluate_instructions(
+                lm.model, lm.tokenizer, records, s, a.batch_size, progress=bar.advance
+            )
+        result["generation"]["wall_s"] = round(time.perf_counter() - t0, 3)
+        result["model"] = a.model
+    result["data"] = str(a.data)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_responses(out / "responses.jsonl", records, responses, scores)
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
+    shown = {k: v for k, v in result.items() if k != "per_prompt"}
+    if a.json:
+        return print(json.dumps(shown))
+    print(instructions_text(result))
+    if "generation" in result:
+        g = result["generation"]
+        print(f"generation: {g['new_tokens']} tokens in {g['generation_s']:.1f} s "
+              f"({g['tokens_per_s']:.1f} tok/s), batch {g['batch_size']}")  # fmt: skip
+    if a.out:
+        print(f"responses: {Path(a.out) / 'responses.jsonl'}")
+
+
 def _labeled_args(q) -> None:
     q.add_argument("--data", required=True, help="labeled records: CSV/TSV, JSON/JSONL, Parquet")
     q.add_argument("--text-field", default="text", help="column holding the text [text]")
@@ -115,7 +181,9 @@ def _labeled_args(q) -> None:
 
 def register(sub) -> None:
     """Add `evaluate` and its metrics."""
-    p = sub.add_parser("evaluate", help="measure a model: perplexity, classification, prompting")
+    p = sub.add_parser(
+        "evaluate", help="measure a model: perplexity, classification, prompting, instructions"
+    )
     ev = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
     q = ev.add_parser("perplexity", help="sliding-window perplexity over text files", epilog=EPILOG)
     model_args(q)
@@ -156,3 +224,18 @@ def register(sub) -> None:
     q.add_argument("--limit", type=at_least(1), default=None, help="score at most N examples")
     q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
     q.set_defaults(func=cmd_icl)
+
+    q = ev.add_parser("instructions", epilog=EPILOG,
+                      help="instruction following (IFEval): generate, then check each response")  # fmt: skip
+    model_args(q)
+    sampling_args(q)
+    q.set_defaults(max_new_tokens=256)
+    q.add_argument("--data", required=True,
+                   help="IFEval-style JSONL: prompt, instruction_id_list, kwargs")  # fmt: skip
+    q.add_argument("--limit", type=at_least(1), default=None, help="the first N prompts only")
+    q.add_argument("--batch-size", type=at_least(1), default=8, help="prompts per batch [8]")
+    q.add_argument("--responses", type=Path, default=None,
+                   help="score these responses (JSONL: prompt, response) instead of generating")  # fmt: skip
+    q.add_argument("--out", type=Path, default=None,
+                   help="write responses.jsonl (verdicts per instruction) and summary.json here")  # fmt: skip
+    q.set_defaults(func=cmd_instructions)

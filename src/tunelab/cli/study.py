@@ -87,7 +87,24 @@ def compare_recipe(models: list[str], evals: list[str], data: dict) -> dict:
                                        "classify": {"label_field": data["label_field"],
                                                     "template": data["template"]},
                                        "icl": {"limit": data["limit"]}}})  # fmt: skip
+    if "instructions" in evals:
+        experiments.append({"name": "instructions", "task": "instructions", "models": models,
+                            "methods": {"greedy": {}},
+                            "config": {"instructions": {"data": data["instructions"],
+                                                        "limit": data["limit"],
+                                                        "max_new_tokens": data["max_new_tokens"]}}})  # fmt: skip
     return {"study": "compare", "seeds": [0], "experiments": experiments}
+
+
+def print_paired(pairs: list[dict]) -> None:
+    """Each model against the first, on the same prompts: the difference and its interval."""
+    for p in pairs:
+        print(f"instructions: {p['run']} vs {p['against']}")
+        for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
+            d = p[m]
+            lo, hi = d["interval"]
+            print(f"  {m:<20}{d['a']:.3f} -> {d['b']:.3f}  difference {d['difference']:+.3f} "
+                  f"[{lo:+.3f}, {hi:+.3f}]")  # fmt: skip
 
 
 def cmd_compare(a) -> None:
@@ -97,20 +114,33 @@ def cmd_compare(a) -> None:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     evals = [e.strip() for e in a.eval.split(",")]
     for e in evals:
-        if e not in ("perplexity", "icl"):
-            raise ConfigError(f"--eval {e!r}: expected perplexity and/or icl")
+        if e not in ("perplexity", "icl", "instructions"):
+            raise ConfigError(f"--eval {e!r}: expected perplexity, icl and/or instructions")
+    if "instructions" in evals:
+        if not a.instructions:
+            raise ConfigError("--eval instructions needs --instructions FILE (IFEval-style JSONL)")
+        from tunelab.instructions.score import read_prompts
+
+        read_prompts(a.instructions, a.limit)  # a bad file stops here, before any model loads
     demo = "${demo}"
     data = {"domain": a.domain or f"{demo}/plots_test.txt", "general": a.general or f"{demo}/general.txt",
             "reviews": a.data or f"{demo}/reviews_train.jsonl",
             "reviews_test": a.test_data or a.data or f"{demo}/reviews_test.jsonl",
             "text_field": a.text_field, "label_field": a.label_field, "template": a.template,
             "shots": [int(k) for k in a.shots.split(",")], "limit": a.limit,
-            "prompts": ["What is the capital of France?"]}  # fmt: skip
+            "prompts": ["What is the capital of France?"], "instructions": a.instructions,
+            "max_new_tokens": a.max_new_tokens}  # fmt: skip
     if a.data is None:  # the demo reviews have their own fields
         data.update(text_field="review", label_field="sentiment")
     out = Path(a.out)
     results = Study(compare_recipe(models, evals, data), out).run()
+    if "instructions" in evals:
+        from tunelab.study.instructions import measured, paired
+
+        results["paired"] = paired(measured(out, results["rows"]))
     _finish(a, out, results)
+    if results.get("paired") and not a.json:
+        print_paired(results["paired"])
 
 
 def register(sub) -> None:
@@ -131,7 +161,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("compare", help="the same evaluations over several models, one report")
     p.add_argument("--models", required=True, help="comma-separated model names or directories")
-    p.add_argument("--eval", default="perplexity,icl", help="suite: perplexity and/or icl")
+    p.add_argument("--eval", default="perplexity,icl",
+                   help="suite: perplexity, icl and/or instructions [perplexity,icl]")  # fmt: skip
+    p.add_argument("--instructions", help="IFEval-style prompts (JSONL) for --eval instructions")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="new tokens per response for --eval instructions [256]")  # fmt: skip
     p.add_argument("--out", default="studies/compare", help="study directory [studies/compare]")
     p.add_argument("--domain", help="in-domain text for perplexity [demo plots]")
     p.add_argument("--general", help="general text for perplexity [demo general English]")
@@ -141,6 +175,8 @@ def register(sub) -> None:
     p.add_argument("--label-field", default="label")
     p.add_argument("--template", default="Review: {text}\nSentiment:")
     p.add_argument("--shots", default="0,4", help="comma-separated shot counts [0,4]")
-    p.add_argument("--limit", type=int, default=60, help="score at most N records per model")
+    p.add_argument(
+        "--limit", type=int, default=60, help="score at most N records (prompts) per model"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)

@@ -17,6 +17,7 @@ ALIASES = {
     "--lr": "train.lr", "--seq-len": "train.seq_len", "--seed": "train.seed",
     "--eval-every": "train.eval_every", "--save-every": "train.save_every",
     "--precision": "train.precision", "--autocast": "train.autocast", "--dist": "train.dist", "--method": "method.name", "--eval-domain": "eval.domain", "--eval-general": "eval.general",
+    "--eval-instructions": "eval.instructions",
     "--text-field": "data.text_field", "--label-field": "classify.label_field",
     "--labels": "classify.labels", "--template": "classify.template", "--folds": "classify.folds",
 }  # fmt: skip
@@ -94,6 +95,15 @@ def cmd_train(a) -> None:
             print(f"  {key}: {summary[key]}")
     for name, ppl in summary.get("perplexity", {}).items():
         print(f"  perplexity {name}: {ppl['before']:.2f} -> {ppl['after']:.2f}")
+    print_instructions(summary)
+
+
+def print_instructions(summary: dict) -> None:
+    """Instruction following before -> after, when the run measured it."""
+    ins = summary.get("instructions") or {}
+    for key in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
+        if key in ins:
+            print(f"  instructions {key}: {ins[key]['before']:.3f} -> {ins[key]['after']:.3f}")
 
 
 def register(sub) -> None:

@@ -1,4 +1,5 @@
-"""Study cells that measure a model without training it: prompting (icl) and perplexity.
+"""Study cells that measure a model without training it: prompting (icl), perplexity and
+instruction following (instructions).
 
 Each writes a summary.json like a training run's, so the results table treats them alike.
 """
@@ -24,6 +25,8 @@ def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
     lm = tunelab.load(model)
     if task == "icl":
         summary = _icl(lm, config, method, seed)
+    elif task == "instructions":
+        summary = _instructions(lm, config, method, seed, run_dir)
     else:
         summary = _perplexity(lm, config)
     total = sum(p.numel() for p in lm.model.parameters())
@@ -54,6 +57,32 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
                           seed=seed)  # fmt: skip
     metrics = result["shots"][str(k)]
     return {"shots": k, "labels": labels, **metrics}
+
+
+def _instructions(lm, config: dict, method: dict, seed: int, run_dir: Path) -> dict:
+    """IFEval-style prompts (instructions.data, .limit, .max_new_tokens, .batch_size) answered
+    with the method's decoding settings (temperature, top_k, top_p; greedy by default), scored;
+    the responses and their verdicts go to run_dir/responses.jsonl."""
+    from tunelab.evaluate.instructions import evaluate_instructions, write_responses
+    from tunelab.generate import Sampling
+    from tunelab.instructions.score import read_prompts
+
+    c = config.get("instructions") or {}
+    if not c.get("data"):
+        raise ConfigError("an instructions cell needs instructions.data (IFEval-style JSONL)")
+    unknown = set(method) - {"name", "temperature", "top_k", "top_p"}
+    if unknown:
+        raise ConfigError(f"instructions: decoding settings are temperature, top_k and top_p; "
+                          f"got {', '.join(sorted(unknown))}")  # fmt: skip
+    records = read_prompts(c["data"], c.get("limit"))
+    s = Sampling(max_new_tokens=int(c.get("max_new_tokens", 256)),
+                 temperature=float(method.get("temperature", 0.0)), top_k=int(method.get("top_k", 0)),
+                 top_p=float(method.get("top_p", 1.0)), seed=seed)  # fmt: skip
+    summary, responses, scores = evaluate_instructions(lm.model, lm.tokenizer, records, s,
+                                                       int(c.get("batch_size", 8)))  # fmt: skip
+    write_responses(run_dir / "responses.jsonl", records, responses, scores)
+    summary["tokens_per_s"] = summary["generation"]["tokens_per_s"]
+    return summary
 
 
 def _perplexity(lm, config: dict) -> dict:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.study.instructions import blocks as instruction_blocks
 from tunelab.study.results import LOWER_IS_BETTER, group_rows
 from tunelab.study.tables import (
     GROUP_KEYS,
@@ -199,7 +200,9 @@ def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
     if ba:
         blocks += [("h2", "Before and after"), ("table", headers, ba)]
     blocks += [("h2", "Techniques: what each cost and gained"), ("table", *technique_table(ents))]
-    if importlib.util.find_spec("matplotlib") is None:  # plots are an optional extra
+    plots = importlib.util.find_spec("matplotlib") is not None
+    blocks += instruction_blocks(study_dir, rows, plots)
+    if not plots:  # plots are an optional extra
         return blocks + [("note", "No plots: matplotlib is missing (pip install 'tunelab[plots]')")]
     return blocks + plot_blocks(study_dir, rows, ents)
 

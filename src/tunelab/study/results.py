@@ -11,7 +11,8 @@ from pathlib import Path
 COST_KEYS = ("trainable_params", "total_params", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 MAIN_METRIC = {"classify": "accuracy", "icl": "accuracy", "align": "preference_accuracy",
                "pretrain": "ppl_in_domain", "finetune": "final_val_loss",
-               "perplexity": "ppl_in_domain"}  # fmt: skip
+               "perplexity": "ppl_in_domain", "instructions": "prompt_strict"}  # fmt: skip
+INSTRUCTION_METRICS = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")
 # Lower is better for these; the report flips its "best" marks by this.
 LOWER_IS_BETTER = ("ppl_in_domain", "ppl_general", "final_val_loss", "forgetting")
 
@@ -37,6 +38,11 @@ def metrics_of(task: str, summary: dict) -> dict:
     for key in ("preference_accuracy", "reward_margin"):
         if key in summary:
             row[f"{key}_before"], row[f"{key}_after"] = _ba(summary, key)
+    for key in INSTRUCTION_METRICS:  # an evaluation cell's, or a training run's before/after
+        if key in summary:
+            row[key] = summary[key]
+        elif isinstance(summary.get("instructions"), dict) and key in summary["instructions"]:
+            row[f"{key}_before"], row[f"{key}_after"] = _ba(summary["instructions"], key)
     main = MAIN_METRIC[task]
     value = row.get(main, row.get(f"{main}_after"))
     return {**row, "metric": main, "value": value}

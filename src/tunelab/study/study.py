@@ -7,7 +7,7 @@ Recipe shape (see recipes/quickstart.yaml):
     quick: {seeds: [0], defaults: {...}, experiments: {name: {...}}}   # merged with --quick
     experiments:
       - name: methods
-        task: pretrain | finetune | classify | align | icl | perplexity
+        task: pretrain | finetune | classify | align | icl | perplexity | instructions
         config: {...}              # run-config keys for this experiment
         methods: {lora: {name: lora, r: 8}, full: {}}     # label -> method options
         models: [smollm2-135m-instruct]
@@ -33,7 +33,8 @@ import yaml
 from tunelab.errors import ConfigError, TunelabError, closest
 
 log = logging.getLogger("tunelab")
-TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity")
+TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions")
+EVALUATIONS = ("icl", "perplexity", "instructions")  # cells that measure a model, no training
 EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds")
 
 
@@ -255,7 +256,7 @@ def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
     seed = cell["seed"]
     config = study.resolve(merge(study.recipe.get("defaults") or {}, cell["config"]), seed)
     model = study.resolve(cell["model"], seed) if cell["model"] else config.get("model")
-    if cell["task"] in ("icl", "perplexity"):
+    if cell["task"] in EVALUATIONS:
         from tunelab.study.evaluations import run_evaluation
 
         return run_evaluation(cell["task"], model, config, cell["method"], seed, run_dir)

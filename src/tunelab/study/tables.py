@@ -20,7 +20,11 @@ USE_CASES = {
     "base": "baseline: the model as released",
 }
 BEFORE_AFTER = {"ppl_in_domain": "perplexity, in-domain", "ppl_general": "perplexity, general",
-                "preference_accuracy": "preference agreement", "reward_margin": "reward margin"}  # fmt: skip
+                "preference_accuracy": "preference agreement", "reward_margin": "reward margin",
+                "prompt_strict": "instructions, prompt strict",
+                "instruction_strict": "instructions, instruction strict",
+                "prompt_loose": "instructions, prompt loose",
+                "instruction_loose": "instructions, instruction loose"}  # fmt: skip
 
 
 class Best(str):

@@ -150,6 +150,13 @@ class AlignTask:
                 m = preference_metrics(model, val_batches, cfg.align.beta, self.reference)
             out = {"preference_accuracy": m["reward_accuracy"], "reward_margin": m["reward_margin"],
                    "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}  # fmt: skip
+        if cfg.eval.instructions:  # does aligning change instruction following?
+            from tunelab.evaluate.instructions import measure_instructions
+
+            e = cfg.eval
+            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
+                                                       e.instructions_limit,
+                                                       e.instructions_max_new_tokens)  # fmt: skip
         ppl = perplexities(cfg, model, tokenizer)
         model.eval()  # perplexities() leaves the model in training mode
         return out | ({"perplexity": ppl} if ppl else {})

@@ -102,6 +102,11 @@ class EvalConfig:
     window: int = opt(256, "perplexity window in tokens")
     stride: int = opt(128, "perplexity stride in tokens")
     max_tokens: int | None = opt(8192, "score at most this many tokens of each text (null: all)")
+    instructions: str | None = opt(
+        None, "IFEval-style prompts (JSONL): instruction following before/after, greedy"
+    )
+    instructions_limit: int | None = opt(40, "score the first N prompts of eval.instructions")
+    instructions_max_new_tokens: int = opt(256, "new tokens per response for eval.instructions")
 
 
 @dataclass
@@ -307,6 +312,8 @@ LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, F
           ("train.eval_every", "--eval-every", 1, False), ("train.save_every", "--save-every", 1, False),
           ("train.log_every", "--train.log_every", 1, False),
           ("eval.window", "--eval.window", 2, False), ("eval.stride", "--eval.stride", 1, False),
+          ("eval.instructions_limit", "--eval.instructions_limit", 1, False),
+          ("eval.instructions_max_new_tokens", "--eval.instructions_max_new_tokens", 1, False),
           ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
 CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16")),
            "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
@@ -331,5 +338,9 @@ def check_options(cfg: RunConfig) -> None:
                 f"{flag} {value(dotted)!r}: expected one of {', '.join(allowed)}"
                 f"{closest(str(value(dotted)), allowed)}"
             )
+    if cfg.eval.instructions:  # a bad prompt file stops the run before any training
+        from tunelab.instructions.score import read_prompts
+
+        read_prompts(cfg.eval.instructions, cfg.eval.instructions_limit)
     if cfg.classify.folds == 1 or cfg.classify.folds < 0:
         raise ConfigError(f"--folds {cfg.classify.folds}: use 0 (off) or at least 2 folds")

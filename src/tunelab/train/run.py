@@ -292,7 +292,15 @@ class LMTask:
     def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
         """Metrics recorded before and after training: {name: value or {sub-name: value}}."""
         ppl = perplexities(cfg, model, tokenizer)
-        return {"perplexity": ppl} if ppl else {}
+        out = {"perplexity": ppl} if ppl else {}
+        if cfg.eval.instructions:
+            from tunelab.evaluate.instructions import measure_instructions
+
+            e = cfg.eval
+            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
+                                                       e.instructions_limit,
+                                                       e.instructions_max_new_tokens)  # fmt: skip
+        return out
 
     def evaluators(self, cfg: RunConfig, tokenizer) -> list:
         chat = cfg.task == "finetune" and tokenizer.chat_template is not None
