@@ -27,6 +27,7 @@ LAYERS = {
     "allocator": 2,  # shim re-exporting runtime.allocator for the bench scripts
     "kernels": 2,  # shim re-exporting runtime.kernels for the bench scripts
     "demo": 2,  # writes demo data; imports nothing of tunelab
+    "instructions": 2,  # IFEval's checkers: pure functions of text, scored by evaluate/
     "adapt": 3,
     "evaluate": 3,
     "train": 4,
