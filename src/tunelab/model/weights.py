@@ -143,7 +143,7 @@ def materialize(
             parent, _, child = owner.rpartition(".")
             setattr(model.get_submodule(parent), child, on_linear(owner, module))
             del module
-            _release_freed()
+            release_freed()
 
 
 @functools.cache
@@ -155,7 +155,7 @@ def _libc():
         return None
 
 
-def _release_freed() -> None:
+def release_freed() -> None:
     """Hand freed heap pages back to the system (glibc's malloc_trim).
 
     Quantizing on read frees each layer's float weight while keeping its small 4-bit form, so

@@ -17,7 +17,7 @@ import yaml
 
 from tunelab import DTYPES
 from tunelab.errors import ConfigError
-from tunelab.runtime import prepare_runtime
+from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 
 log = logging.getLogger("tunelab")
@@ -61,6 +61,9 @@ def load_for_training(cfg: RunConfig, device: torch.device):
     check_memory(
         read_config(cfg.model), cfg.method.get("name", "full"), cfg.method, cfg.train, device
     )
+    # a first run on a machine measures the kernels now, while no model takes the memory
+    r = cfg.runtime
+    resolve(r.linear, r.allocator, r.attention, device)
     quant = {}
     if cfg.method.get("name") == "qlora":  # quantized as each weight is read: no float model
         from tunelab.adapt.lora import quantization
