@@ -42,15 +42,33 @@ def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
     assert p.format == "chat" and p.instruction == ask and p.template == "Review: {text}"
     demos = [("dull plot", 0), ("great cast", 1)]
     turn = "<|im_start|>{}\n{}<|im_end|>\n"
-    want = (turn.format("user", f"{ask}\n\nReview: dull plot") + turn.format("assistant", "negative")
-            + turn.format("user", f"{ask}\n\nReview: great cast") + turn.format("assistant", "positive")
-            + turn.format("user", f"{ask}\n\nReview: a film") + "<|im_start|>assistant\n")  # fmt: skip
+    want = (turn.format("system", ask) + turn.format("user", "Review: dull plot")
+            + turn.format("assistant", "negative") + turn.format("user", "Review: great cast")
+            + turn.format("assistant", "positive") + turn.format("user", "Review: a film")
+            + "<|im_start|>assistant\n")  # fmt: skip
     assert p.render(demos, "a film") == want
     assert want.startswith(p.prefix(demos)) and p.prefix(demos).endswith("positive<|im_end|>\n")
     assert p.prefix([]) == "" and p.space() == ""  # the label word opens the assistant turn
+    # generic field names: the instruction names the task by its polarity labels, or not at all
+    assert resolve_prompt(PromptSpec(format="chat"), tok, LABELS).instruction.startswith(
+        "Classify the sentiment of the text as negative or positive.")  # fmt: skip
+    assert resolve_prompt(PromptSpec(format="chat"), tok, ["a", "b", "c"]).instruction == (
+        "Classify the text as a, b or c. Answer with one word.")  # fmt: skip
     placed = resolve_prompt(PromptSpec(format="chat", template="{text}\n{instruction}",
                                        instruction="Good or bad?"), tok, LABELS)  # fmt: skip
-    assert "user\nthe film\nGood or bad?<|im_end|>" in placed.render([], "the film")
+    assert "<|im_start|>user\nthe film\nGood or bad?<|im_end|>" in placed.render([], "the film")
+
+
+def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_turn(setup):
+    tok = Tokenizer.from_dir(setup / "tok")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
+    p = resolve_prompt(None, tok, LABELS, "review", "sentiment")
+    assert p.format == "chat" and not p.system
+    assert p.render([("dull", 0)], "ok") == (f"[user] {p.instruction}\n\nReview: dull\n"
+        f"[assistant] negative\n[user] {p.instruction}\n\nReview: ok\n[assistant] ")  # fmt: skip
 
 
 def test_plain_prompt_is_derived_from_the_field_names(setup):
@@ -131,8 +149,15 @@ def test_prompt_sweep_runs_as_a_study(setup, tmp_path, capsys):
          "config": {"data": data, "classify": {"label_field": "sentiment"}, "icl": {"limit": 6}}}]}  # fmt: skip
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    assert [c["method_label"] for c in cells(load_recipe(path))][::2] == [
-        "default-0shot", "default-2shot", "words-0shot", "words-2shot"]  # fmt: skip
+    grid = [(c["method_label"], c["seed"]) for c in cells(load_recipe(path))]
+    assert grid == [
+        ("default-0shot", 0),
+        ("default-2shot", 0),
+        ("default-2shot", 1),
+        ("words-0shot", 0),
+        ("words-2shot", 0),
+        ("words-2shot", 1),
+    ]  # 0-shot: one seed
     results = Study(load_recipe(path), tmp_path / "out").run(isolate=False)
     assert all(r["status"] == "done" for r in results["rows"]), results["rows"]
     group = next(g for g in results["groups"] if g["method"] == "words-2shot")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunelab.errors import ConfigError, closest
+from tunelab.errors import ConfigError, DataError, closest
 
 FORMATS = ("auto", "chat", "plain")
 SPEC_KEYS = ("format", "template", "pre", "post", "instruction", "label_words")
 # Field names that say nothing about the task: the instruction leaves them out.
 GENERIC = {"text", "label", "label_name", "labels", "class", "target", "y", "x", "input",
            "output", "sentence", "content"}  # fmt: skip
+POLARITY = {"negative", "positive", "neutral", "mixed"}
 
 
 @dataclass
@@ -52,8 +53,14 @@ def _noun(name: str) -> str:
 
 
 def default_instruction(words: list[str], text_field: str, label_field: str) -> str:
-    """'Classify the sentiment of the review as negative or positive. Answer with one word.'"""
-    what = "" if label_field.lower() in GENERIC else f"the {_noun(label_field)} of "
+    """'Classify the sentiment of the review as negative or positive. Answer with one word.'
+    A generic label field is named by its labels where they are polarities (sentiment)."""
+    if label_field.lower() not in GENERIC:
+        what = f"the {_noun(label_field)} of "
+    elif {w.lower() for w in words} <= POLARITY:
+        what = "the sentiment of "
+    else:
+        what = ""
     text = "text" if text_field.lower() in GENERIC else _noun(text_field)
     choices = ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
     return f"Classify {what}the {text} as {choices}. Answer with one word."
@@ -75,31 +82,32 @@ class Prompt:
     instruction: str
     words: list[str]
     chat: object = field(default=None, repr=False)  # the tokenizer, for its chat template
+    system: bool = True  # the instruction as a system turn (else at the top of each user turn)
 
     def fill(self, text: str) -> str:
         """The template around text; the instruction goes where {instruction} stands."""
         return self.template.replace("{instruction}", self.instruction).replace("{text}", text)
 
-    def head(self) -> str:
-        """The instruction before the example, unless the template places it."""
-        placed = "{instruction}" in self.template
-        return f"{self.instruction}\n\n" if self.instruction and not placed else ""
-
-    def user(self, text: str) -> str:
-        """A chat turn: the example, with its instruction."""
-        return self.head() + self.fill(text)
-
     def space(self) -> str:
         """What comes between a plain prompt and its label word (none after whitespace)."""
         return "" if self.format == "chat" or self.template[-1:].isspace() else " "
 
+    def head(self) -> str:
+        """The instruction before a plain example, unless the template places it."""
+        placed = "{instruction}" in self.template
+        return f"{self.instruction}\n\n" if self.instruction and not placed else ""
+
     def _messages(self, demos: list[tuple[str, int]], text: str | None) -> list[dict]:
-        out = []
+        """The instruction as the system turn (where the template does not place it), each
+        demonstration a user turn and an assistant turn with its label word, then the example."""
+        system = self.system and self.instruction and "{instruction}" not in self.template
+        out = [{"role": "system", "content": self.instruction}] if system else []
+        user = self.fill if system else (lambda t: self.head() + self.fill(t))
         for demo_text, label in demos:
-            out += [{"role": "user", "content": self.user(demo_text)},
+            out += [{"role": "user", "content": user(demo_text)},
                     {"role": "assistant", "content": self.words[label]}]  # fmt: skip
         if text is not None:
-            out.append({"role": "user", "content": self.user(text)})
+            out.append({"role": "user", "content": user(text)})
         return out
 
     def prefix(self, demos: list[tuple[str, int]]) -> str:
@@ -145,5 +153,11 @@ def resolve_prompt(spec: PromptSpec | None, tokenizer, labels: list[str], text_f
         instruction = spec.instruction
     else:  # an instruction for chat models; base models get the plain format alone
         instruction = default_instruction(words, text_field, label_field) if chat else ""
-    return Prompt("chat" if chat else "plain", template, instruction, words,
-                  tokenizer if chat else None)  # fmt: skip
+    prompt = Prompt("chat" if chat else "plain", template, instruction, words,
+                    tokenizer if chat else None)  # fmt: skip
+    if chat and instruction:
+        try:  # some chat templates (Gemma's) refuse a system turn
+            prompt.render([], "x")
+        except DataError:
+            prompt.system = False
+    return prompt

@@ -123,7 +123,10 @@ def cells(recipe: dict) -> list[dict]:
                 x for x in (slug(run["model"]) if run.get("model") else "", str(label)) if x
             )
             check_name(name, f"experiment {e['name']}: run name")
-            for seed in e.get("seeds") or recipe.get("seeds") or [0]:
+            seeds = e.get("seeds") or recipe.get("seeds") or [0]
+            if e["task"] == "icl" and method and method.get("shots") == 0:
+                seeds = seeds[:1]  # no demonstrations: every seed would score the same
+            for seed in seeds:
                 data = merge(e.get("config") or {}, run_config).get("data") or {}
                 out.append({"experiment": e["name"], "task": e["task"], "cell": name,
                             "data": Path(data["path"]).stem if data.get("path") else "",
