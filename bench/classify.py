@@ -258,10 +258,11 @@ def worker_hf(a: dict) -> dict:
 
 def run_icl(a: dict) -> dict:
     """`tunelab evaluate icl` as a user runs it, timed."""
+    # plain and uncalibrated: the setup the Classification rows were recorded with
     cmd = [str(Path(sys.executable).parent / "tunelab"), "evaluate", "icl", "--model", DECODER,
            "--data", str(TEST), "--demos", str(TRAIN[0]), "--labels", ",".join(LABELS),
-           "--template", TEMPLATE, "--shots", a["shots"], "--limit", str(a["limit"]),
-           "--seed", "0", "--json"]  # fmt: skip
+           "--template", TEMPLATE, "--format", "plain", "--no-calibrate", "--shots", a["shots"],
+           "--limit", str(a["limit"]), "--seed", "0", "--json"]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

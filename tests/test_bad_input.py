@@ -37,6 +37,9 @@ CASES = [
     (f"{FINETUNE} {{empty}}", 2, "every 'output' is empty"),
     (f"{ICL} --shots abc", 2, "argument --shots: 'abc' is not an integer"),
     (f"{ICL} --shots -1", 2, "argument --shots: -1: must be at least 0"),
+    (f"{ICL} --label-words bad", 2, "label words ['bad']: expected one per label"),
+    (f"{ICL} --template Review:", 2, "template 'Review:': must hold {text} exactly once"),
+    (f"{ICL} --format html", 2, "argument --format: invalid choice: 'html'"),
     ("evaluate perplexity --model {model} --data {corpus} --window 0", 2, "--window: 0"),
     ("evaluate classification --model {model} --data {reviews} --text-field review "
      "--label-field sentiment --predictions {file}/p.jsonl", 2, "--predictions"),

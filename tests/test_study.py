@@ -79,7 +79,7 @@ def test_study_runs_the_grid_records_failures_and_skips_finished_runs(setup, tmp
     )
     adapted = [g for g in results["groups"] if g["method"] == "full" and g["experiment"] == "sentiment"
                and g["model"] == "domain/decoder-lora"]  # fmt: skip
-    assert adapted[0]["seeds"] == 2 and set(adapted[0]["value"]) == {"mean", "std"}
+    assert adapted[0]["seeds"] == 2 and set(adapted[0]["value"]) == {"mean", "std", "min", "max"}
     assert (out / "results.csv").read_text().count("\n") == 9
     # A second run skips what finished, retries what failed, and resumes what was cut short.
     summary = out / "runs/sentiment/adapted-s1/summary.json"
@@ -138,6 +138,8 @@ def test_shipped_recipes_expand_in_both_modes():
         names = {c["run"] for c in grid}
         assert "sentiment/smollm2-domain-lora-s0" in names and "preference/lora-s0" in names
         Study(load_recipe("recipes/quickstart.yaml", quick=quick), "/nonexistent")  # refs resolve
+        sweep = cells(load_recipe("recipes/prompts.yaml", quick=quick))
+        assert len(sweep) == (8 if quick else 28)  # 4 prompts; 0-shot once, k-shot per seed
 
 
 def test_demo_data_is_deterministic_and_labelled(tmp_path):

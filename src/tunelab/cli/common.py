@@ -93,3 +93,32 @@ def load_model(a):
 
 def emit(a, result: dict, text: str) -> None:
     print(json.dumps(result) if a.json else text)
+
+
+def prompt_args(q) -> None:
+    """The prompt flags shared by `evaluate icl` and `compare --eval icl`."""
+    q.add_argument(
+        "--format",
+        choices=("auto", "chat", "plain"),
+        default="auto",
+        help="chat: through the model's chat template; plain: 'Field: {text}\\nLabel:' "
+        "text; auto: chat when the model has a template [auto]",
+    )
+    q.add_argument(
+        "--instruction",
+        default=None,
+        help="instruction before each example; default names the labels "
+        "(chat format only); '' for none",
+    )
+    q.add_argument(
+        "--label-words",
+        default=None,
+        help="comma-separated words scored for the labels, in label order [the names]",
+    )
+    q.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide out the prompt's label prior, estimated from content-free inputs "
+        "(Zhao et al. 2021) [on]",
+    )

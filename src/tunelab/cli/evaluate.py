@@ -14,6 +14,7 @@ from tunelab.cli.common import (
     emit,
     load_model,
     model_args,
+    prompt_args,
     sampling,
     sampling_args,
     shot_counts,
@@ -84,10 +85,31 @@ def cmd_classification(a) -> None:
     emit(a, result, _metrics_text(result))
 
 
+def _icl_line(k: str, m: dict) -> str:
+    low, high = m["accuracy_interval"]
+    share = "  ".join(
+        f"{name} {n / max(1, m['examples']):.0%}" for name, n in m["predicted"].items()
+    )
+    other = m["without_calibration" if m["calibrated"] else "with_calibration"]
+    return (f"{k}-shot: accuracy {m['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}]  macro-F1 "
+            f"{m['macro_f1']:.4f}  predicted: {share}  ({m['examples']} examples; "
+            f"{'calibrated' if m['calibrated'] else 'uncalibrated'}, the other way: accuracy "
+            f"{other['accuracy']:.4f})")  # fmt: skip
+
+
+def prompt_spec(a):
+    """The prompt flags as a PromptSpec (None fields are derived from model and fields)."""
+    from tunelab.evaluate.prompts import PromptSpec
+
+    words = [w.strip() for w in a.label_words.split(",")] if a.label_words else None
+    return PromptSpec(a.format, a.template, a.instruction, words)
+
+
 def cmd_icl(a) -> None:
     from tunelab.data import load_records
     from tunelab.data.templates import label_index
-    from tunelab.evaluate.icl import DEFAULT_TEMPLATE, evaluate_icl
+    from tunelab.evaluate.icl import evaluate_icl
+    from tunelab.evaluate.prompts import resolve_prompt
     from tunelab.train.progress import Progress
 
     records, gold, labels = _labeled(a, None)
@@ -102,17 +124,21 @@ def cmd_icl(a) -> None:
         pool, pool_gold = [records[i] for i in order[:n_pool]], [gold[i] for i in order[:n_pool]]
         order = order[n_pool:]
     scored = order[: a.limit] if a.limit else order
+    spec = prompt_spec(a)
     lm = load_model(a)
+    resolve_prompt(spec, lm.tokenizer, labels, a.text_field, a.label_field)  # errors before work
     with Progress(len(scored) * len(shots), label="prompting") as bar:
         result = evaluate_icl(lm.model, lm.tokenizer, [records[i] for i in scored],
                               [gold[i] for i in scored], labels, shots, demo_records=pool,
-                              demo_gold=pool_gold, template=a.template or DEFAULT_TEMPLATE,
-                              text_field=a.text_field, seed=a.seed,
+                              demo_gold=pool_gold, prompt=spec, calibrate_scores=a.calibrate,
+                              text_field=a.text_field, label_field=a.label_field, seed=a.seed,
                               progress=bar.advance)  # fmt: skip
     if a.json:
         return print(json.dumps(result))
+    p = result["prompt"]
+    print(f"prompt ({p['format']}): {json.dumps(p['example'])}; label words {p['label_words']}")
     for k, m in result["shots"].items():
-        print(f"{k}-shot: {_metrics_text(m)}")
+        print(_icl_line(k, m))
 
 
 def instructions_text(r: dict) -> str:
@@ -223,6 +249,7 @@ def register(sub) -> None:
     q.add_argument("--demos", default=None, help="demonstration pool file; default: part of --data")
     q.add_argument("--limit", type=at_least(1), default=None, help="score at most N examples")
     q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
+    prompt_args(q)
     q.set_defaults(func=cmd_icl)
 
     q = ev.add_parser("instructions", epilog=EPILOG,

@@ -81,12 +81,16 @@ def compare_recipe(models: list[str], evals: list[str], data: dict) -> dict:
     if "icl" in evals:
         runs = [{"name": f"{Path(m).name}-{k}shot", "model": m, "method": {"shots": k}}
                 for m in models for k in data["shots"]]  # fmt: skip
+        icl = {
+            "limit": data["limit"],
+            "calibrate": data["calibrate"],
+            **{k: v for k, v in data["prompt"].items() if v is not None},
+        }
         experiments.append({"name": "prompting", "task": "icl", "runs": runs,
                             "config": {"data": {"path": data["reviews"], "val_path": data["reviews_test"],
                                                 "text_field": data["text_field"]},
-                                       "classify": {"label_field": data["label_field"],
-                                                    "template": data["template"]},
-                                       "icl": {"limit": data["limit"]}}})  # fmt: skip
+                                       "classify": {"label_field": data["label_field"]},
+                                       "icl": icl}})  # fmt: skip
     if "instructions" in evals:
         experiments.append({"name": "instructions", "task": "instructions", "models": models,
                             "methods": {"greedy": {}},
@@ -126,7 +130,9 @@ def cmd_compare(a) -> None:
     data = {"domain": a.domain or f"{demo}/plots_test.txt", "general": a.general or f"{demo}/general.txt",
             "reviews": a.data or f"{demo}/reviews_train.jsonl",
             "reviews_test": a.test_data or a.data or f"{demo}/reviews_test.jsonl",
-            "text_field": a.text_field, "label_field": a.label_field, "template": a.template,
+            "text_field": a.text_field, "label_field": a.label_field, "calibrate": a.calibrate,
+            "prompt": {"format": a.format, "template": a.template, "instruction": a.instruction,
+                       "label_words": a.label_words},
             "shots": [int(k) for k in a.shots.split(",")], "limit": a.limit,
             "prompts": ["What is the capital of France?"], "instructions": a.instructions,
             "max_new_tokens": a.max_new_tokens}  # fmt: skip
@@ -145,6 +151,8 @@ def cmd_compare(a) -> None:
 
 def register(sub) -> None:
     """Add study, report and compare."""
+    from tunelab.cli.common import prompt_args
+
     p = sub.add_parser("study", help="run a study recipe: a grid of runs, resumable")
     p.add_argument("recipe", help="study recipe YAML (see recipes/quickstart.yaml)")
     p.add_argument("--out", help="study directory [studies/<study name>]")
@@ -173,10 +181,15 @@ def register(sub) -> None:
     p.add_argument("--test-data", help="records to score [--data, or demo test reviews]")
     p.add_argument("--text-field", default="text")
     p.add_argument("--label-field", default="label")
-    p.add_argument("--template", default="Review: {text}\nSentiment:")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="prompt modifiers around {text} [derived from the model and fields]",
+    )
     p.add_argument("--shots", default="0,4", help="comma-separated shot counts [0,4]")
     p.add_argument(
         "--limit", type=int, default=60, help="score at most N records (prompts) per model"
     )
     p.add_argument("--json", action="store_true")
+    prompt_args(p)
     p.set_defaults(func=cmd_compare)

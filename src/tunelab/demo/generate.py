@@ -112,16 +112,22 @@ PARTS = [
     "The photography",
     "The story",
 ]
+# The verdict decides the label. Plain ones say it outright; most say it the way real reviews
+# do, through what the writer did or would do, or a score, which a classifier learns from the
+# training reviews but a prompted model has to infer.
 VERDICT = {
-    1: ["I loved it.", "Highly recommended.", "I would watch it again.", "Ten out of ten."],
-    0: ["I hated it.", "Avoid this one.", "I walked out early.", "Two out of ten."],
+    1: ["I loved it.", "Highly recommended.", "Ten out of ten."],
+    0: ["I hated it.", "Avoid this one.", "Two out of ten."],
 }
-# Subtler verdicts for balanced reviews, where one part is praised and one blamed.
-ON_BALANCE = {
-    1: ["On balance, it works.", "Flawed, but worth your evening.", "I left smiling.",
-        "Seven out of ten."],
-    0: ["On balance, it does not work.", "A few nice moments, but not worth your evening.",
-        "I left disappointed.", "Four out of ten."],
+SUBTLE = {
+    1: ["Time flew by.", "I am buying the DVD.", "It stayed with me for days.", "Eight out of ten.",
+        "Worth every penny.", "I would go again tomorrow.", "I left smiling.",
+        "My friends are tired of hearing about it.", "Seven out of ten.",
+        "On balance, it works.", "Flawed, but worth your evening."],
+    0: ["I checked my watch twice.", "I want those two hours back.", "Four out of ten.",
+        "I fell asleep halfway through.", "Save your money.", "It felt twice as long as it was.",
+        "I will have forgotten it by Friday.", "I left disappointed.", "Three out of ten.",
+        "On balance, it does not work.", "A few nice moments, but not worth your evening."],
 }  # fmt: skip
 
 TOPICS = ["The river floods every spring, and farmers plant after the water recedes.",
@@ -148,10 +154,10 @@ def plots(n: int, rng: random.Random) -> list[str]:
 
 
 def review(label: int, rng: random.Random) -> str:
-    """A review whose overall verdict decides the label. Most are clear; some praise or blame a
-    part in passing, some say it with a negation ('far from tedious'), and a third are balanced
-    (one part praised, one blamed) with a quieter verdict, so that models and methods differ."""
-    other = BAD if label else GOOD
+    """A review whose verdict (last sentence) decides the label, after a plot sentence and
+    remarks on three parts that only lean toward it (each agrees with the verdict 60% of the
+    time, a fifth said through a negation, 'far from tedious'), so that the words of the review
+    mislead often and the verdict is usually indirect, as in real reviews."""
     parts = rng.sample(PARTS, 3)
 
     def said(part: str, good: bool) -> str:
@@ -161,16 +167,10 @@ def review(label: int, rng: random.Random) -> str:
             )
         return f"{part} is {rng.choice(GOOD if good else BAD)}."
 
-    if rng.random() < 0.35:
-        sentences = [said(parts[0], True), said(parts[1], False)]
-        verdict = rng.choice(ON_BALANCE[label])
-    else:
-        sentences = [said(parts[0], bool(label)), said(parts[1], bool(label))]
-        if rng.random() < 0.3:  # a mixed review: the verdict still decides
-            sentences.append(f"{parts[2]} is {rng.choice(other)}, but that hardly matters.")
-        verdict = rng.choice(VERDICT[label])
-    rng.shuffle(sentences)
-    return " ".join([f"I saw this film about {rng.choice(HEROES)} {rng.choice(PLACES)}.",
+    sentences = [said(p, bool(label) if rng.random() < 0.6 else not label) for p in parts]
+    verdict = rng.choice(VERDICT[label] if rng.random() < 0.2 else SUBTLE[label])
+    hero, place = rng.choice(HEROES), rng.choice(PLACES)
+    return " ".join([f"I saw this film about {hero} {place}, who {rng.choice(INCIDENTS)}.",
                      *sentences, verdict])  # fmt: skip
 
 

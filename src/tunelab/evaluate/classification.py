@@ -9,8 +9,23 @@ from pathlib import Path
 import torch
 
 
+def bootstrap_interval(correct: list[int], level: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> list[float]:  # fmt: skip
+    """[low, high] of accuracy over `resamples` bootstrap resamples of the examples (seeded)."""
+    n = len(correct)
+    if not n:
+        return [0.0, 0.0]
+    hits = torch.tensor(correct, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    means = hits[torch.randint(n, (resamples, n), generator=g)].mean(1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail])).tolist()
+    return [round(low, 6), round(high, 6)]
+
+
 def metrics(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and confusion[gold][pred]."""
+    """Accuracy (with a 95% bootstrap interval), macro-F1, per-class precision/recall/F1/support,
+    confusion[gold][pred] and how often each label was predicted (a one-label collapse shows)."""
     k = len(labels)
     confusion = [[0] * k for _ in range(k)]
     for g, p in zip(gold, predicted):
@@ -32,6 +47,10 @@ def metrics(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
         "per_class": per_class,
         "confusion": confusion,
         "examples": n,
+        "accuracy_interval": bootstrap_interval([int(g == p) for g, p in zip(gold, predicted)]),
+        "predicted": {
+            name: sum(confusion[g][i] for g in range(k)) for i, name in enumerate(labels)
+        },
     }
 
 

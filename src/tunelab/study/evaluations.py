@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, closest
 
 
 def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
@@ -36,27 +36,47 @@ def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
     return summary
 
 
+ICL_KEYS = ("limit", "shots", "prompt", "calibrate", "max_text_tokens", "format", "template",
+            "pre", "post", "instruction", "label_words")  # fmt: skip
+
+
 def _icl(lm, config: dict, method: dict, seed: int) -> dict:
-    """k-shot prompting on data.val_path (scored) with demonstrations from data.path."""
+    """k-shot prompting on data.val_path (scored) with demonstrations from data.path; the
+    prompt comes from the icl section, the method (a sweep's prompt) overriding it."""
     from tunelab.data import load_records
     from tunelab.data.templates import label_index, label_names
-    from tunelab.evaluate.icl import DEFAULT_TEMPLATE, evaluate_icl
+    from tunelab.evaluate.icl import evaluate_icl
+    from tunelab.evaluate.prompts import SPEC_KEYS, PromptSpec
 
     data, c = config.get("data") or {}, config.get("classify") or {}
+    options = {**(config.get("icl") or {}), **{k: v for k, v in method.items() if k != "name"}}
+    for key in options:
+        if key not in ICL_KEYS:
+            raise ConfigError(f"icl: unknown key {key!r}{closest(key, ICL_KEYS)}")
+    if c.get("template") and not {"template", "pre", "post"} & set(options):
+        options["template"] = c["template"]  # the classify section's prompt modifiers
     text_field, label_field = data.get("text_field", "text"), c.get("label_field", "label")
     pool = load_records(data["path"])
     scored = load_records(data.get("val_path") or data["path"])
     labels = label_names(pool, label_field, c.get("labels"))
-    limit = (config.get("icl") or {}).get("limit")
+    limit = options.get("limit")
     scored = scored[:limit] if limit else scored
-    k = int(method.get("shots", 0))
+    k = int(options.get("shots", 0))
+    spec = PromptSpec.from_dict({key: options[key] for key in SPEC_KEYS if key in options})
     result = evaluate_icl(lm.model, lm.tokenizer, scored,
                           [label_index(r, label_field, labels) for r in scored], labels, [k],
                           demo_records=pool, demo_gold=[label_index(r, label_field, labels) for r in pool],
-                          template=c.get("template") or DEFAULT_TEMPLATE, text_field=text_field,
-                          seed=seed)  # fmt: skip
+                          prompt=spec, calibrate_scores=bool(options.get("calibrate", True)),
+                          text_field=text_field, label_field=label_field, seed=seed,
+                          max_text_tokens=int(options.get("max_text_tokens", 256)))  # fmt: skip
     metrics = result["shots"][str(k)]
-    return {"shots": k, "labels": labels, **metrics}
+    return {
+        "shots": k,
+        "labels": labels,
+        "prompt": result["prompt"],
+        "prompt_name": options.get("prompt", "default"),
+        **metrics,
+    }
 
 
 def _instructions(lm, config: dict, method: dict, seed: int, run_dir: Path) -> dict:

@@ -23,6 +23,7 @@ from tunelab.study.tables import (
     entries,
     is_num,
     label,
+    prompt_table,
     results_table,
     stat,
     technique_table,
@@ -196,6 +197,13 @@ def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
         blocks += [("h2", "Failed runs"), ("table", ["Run", "Model", "Method", "Seed", "Error"],
                    [[r.get("run", ""), str(r["model"]), r["method"], str(r.get("seed", "")),
                      str(r.get("error") or "unknown error")] for r in failed])]  # fmt: skip
+    headers, prompts = prompt_table(ents)
+    if prompts:
+        blocks += [("h2", "Prompts"),
+                   ("p", "Accuracy per prompt and shot count: mean ± std over the demonstration "
+                         "seeds, the 95% bootstrap interval over the scored examples, the range "
+                         "over seeds, and how often each label was predicted (a one-label "
+                         "collapse shows there)."), ("table", headers, prompts)]  # fmt: skip
     headers, ba = before_after_table(ents)
     if ba:
         blocks += [("h2", "Before and after"), ("table", headers, ba)]

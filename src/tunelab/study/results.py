@@ -35,6 +35,19 @@ def metrics_of(task: str, summary: dict) -> dict:
     for key in ("accuracy", "macro_f1"):
         if key in summary:
             row[key] = summary[key]
+    if isinstance(summary.get("accuracy_interval"), list):  # 95% bootstrap over the examples
+        row["accuracy_low"], row["accuracy_high"] = summary["accuracy_interval"]
+    if isinstance(summary.get("predicted"), dict) and summary.get("examples"):
+        for name, count in summary["predicted"].items():  # how often each label was predicted
+            row[f"share:{name}"] = count / summary["examples"]
+    if task == "icl":
+        prompt = summary.get("prompt") if isinstance(summary.get("prompt"), dict) else {}
+        row.update(shots=summary.get("shots"), examples=summary.get("examples"),
+                   prompt=summary.get("prompt_name", "default"), prompt_format=prompt.get("format"),
+                   calibrated=summary.get("calibrated"))  # fmt: skip
+        for key in ("with_calibration", "without_calibration"):
+            if isinstance(summary.get(key), dict):
+                row[f"accuracy_{key}"] = summary[key].get("accuracy")
     for key in ("preference_accuracy", "reward_margin"):
         if key in summary:
             row[f"{key}_before"], row[f"{key}_after"] = _ba(summary, key)
@@ -98,6 +111,12 @@ def group_rows(rows: list[dict]) -> list[dict]:
             values = [r[key] for r in done if isinstance(r.get(key), int | float)]
             if values:
                 g[key] = _mean_std(values)
+        if done and "value" in g:  # the spread over seeds, not only its std
+            values = [r["value"] for r in done if isinstance(r.get("value"), int | float)]
+            g["value"].update(min=min(values), max=max(values))
+        for key in ("prompt", "prompt_format", "calibrated"):  # what every seed shared
+            if done and len({str(r.get(key)) for r in done}) == 1 and done[0].get(key) is not None:
+                g[key] = done[0][key]
         out.append(g)
     return out
 

@@ -12,6 +12,10 @@ Recipe shape (see recipes/quickstart.yaml):
         methods: {lora: {name: lora, r: 8}, full: {}}     # label -> method options
         models: [smollm2-135m-instruct]
         runs: [{name, model, method, config}]             # explicit cells (instead of the grid)
+        prompts: {default: {}, plain: {format: plain}}     # icl: a prompt sweep, name -> prompt
+        shots: [0, 4]                                      # icl: shot counts of the sweep
+A prompt sweep's cells are models x prompts x shots (each a method `PROMPT-Kshot`); its seeds
+draw the demonstrations, so the spread over seeds is the sensitivity to which examples are shown.
 Strings may name `${demo}` (the demo data, written on first use), `${study}`, and
 `${run:EXPERIMENT/CELL}` (that cell's final model, same seed).
 Each cell is a run directory under runs/; finished ones are skipped, interrupted ones resume,
@@ -35,7 +39,8 @@ from tunelab.errors import ConfigError, TunelabError, closest
 log = logging.getLogger("tunelab")
 TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions")
 EVALUATIONS = ("icl", "perplexity", "instructions")  # cells that measure a model, no training
-EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds")
+EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds", "prompts",
+                   "shots")  # fmt: skip
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -76,6 +81,8 @@ def load_recipe(path: str | Path, quick: bool = False) -> dict:
             raise ConfigError(f"{where}: task {e.get('task')!r}; expected one of {', '.join(TASKS)}")  # fmt: skip
         if not e.get("name"):
             raise ConfigError(f"{where}: every experiment needs a name")
+        if (e.get("prompts") or e.get("shots")) and e["task"] != "icl":
+            raise ConfigError(f"{where}: prompts and shots are for task icl (a prompt sweep)")
     if not recipe.get("experiments"):
         raise ConfigError(f"{path}: no experiments")
     return recipe
@@ -102,7 +109,7 @@ def cells(recipe: dict) -> list[dict]:
     out = []
     for e in recipe["experiments"]:
         check_name(e["name"], "experiment name")
-        methods = e.get("methods") or {"full": {}}
+        methods = sweep_methods(e) or e.get("methods") or {"full": {}}
         runs = e.get("runs") or [
             {"model": m, "method": label} for m in e.get("models") or [None] for label in methods
         ]
@@ -117,7 +124,10 @@ def cells(recipe: dict) -> list[dict]:
                 x for x in (slug(run["model"]) if run.get("model") else "", str(label)) if x
             )
             check_name(name, f"experiment {e['name']}: run name")
-            for seed in e.get("seeds") or recipe.get("seeds") or [0]:
+            seeds = e.get("seeds") or recipe.get("seeds") or [0]
+            if e["task"] == "icl" and method and method.get("shots") == 0:
+                seeds = seeds[:1]  # no demonstrations: every seed would score the same
+            for seed in seeds:
                 data = merge(e.get("config") or {}, run_config).get("data") or {}
                 out.append({"experiment": e["name"], "task": e["task"], "cell": name,
                             "data": Path(data["path"]).stem if data.get("path") else "",
@@ -125,6 +135,29 @@ def cells(recipe: dict) -> list[dict]:
                             "method": dict(method or {}), "seed": seed,
                             "config": merge(e.get("config") or {}, run_config),
                             "run": f"{e['name']}/{name}-s{seed}"})  # fmt: skip
+    return out
+
+
+def sweep_methods(e: dict) -> dict | None:
+    """A prompt sweep's methods: 'PROMPT-Kshot' -> {prompt, shots, ...the prompt's keys}."""
+    if not (e.get("prompts") or e.get("shots")):
+        return None
+    prompts = e.get("prompts") or {"default": {}}
+    if isinstance(prompts, list):  # [{name: x, format: ...}, ...]
+        prompts = {p.get("name", f"prompt{i}"): {k: v for k, v in p.items() if k != "name"}
+                   for i, p in enumerate(prompts)}  # fmt: skip
+    shots = e.get("shots") or [0]
+    where = f"experiment {e['name']}"
+    if not isinstance(shots, list) or not all(isinstance(k, int) and k >= 0 for k in shots):
+        raise ConfigError(f"{where}: shots {shots!r}: expected a list of counts >= 0, e.g. [0, 4]")
+    out = {}
+    for name, options in prompts.items():
+        check_name(name, f"{where}: prompt name")
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: prompt {name!r}: expected keys (format, template, "
+                              f"pre, post, instruction, label_words), got {options!r}")  # fmt: skip
+        for k in shots:
+            out[f"{name}-{k}shot"] = {**options, "prompt": name, "shots": k}
     return out
 
 

@@ -60,6 +60,27 @@ def cell(group: dict, key: str, pct: bool = False) -> str:
     return f"{fmt(s[0], pct)} ± {std}" if seeds > 1 else fmt(s[0], pct)
 
 
+def interval(group: dict) -> str:
+    """'[low, high]': the 95% bootstrap interval of accuracy over the scored examples (its
+    bounds averaged over seeds), so a score on 20 examples reads as what it is."""
+    low, high = stat(group, "accuracy_low"), stat(group, "accuracy_high")
+    return f"[{low[0]:.3g}, {high[0]:.3g}]" if low and high else "–"
+
+
+def seed_range(group: dict) -> str:
+    """'min–max' of the main metric over seeds; '–' with one seed."""
+    v = group.get("value")
+    if not isinstance(v, dict) or (group.get("seeds") or 1) < 2 or not is_num(v.get("min")):
+        return "–"
+    return f"{fmt(v['min'])}–{fmt(v['max'])}"
+
+
+def shares(group: dict) -> str:
+    """How often each label was predicted, e.g. 'negative 48% · positive 52%'."""
+    parts = [(k[6:], stat(group, k)) for k in group if str(k).startswith("share:")]
+    return " · ".join(f"{name} {s[0]:.0%}" for name, s in parts if s) or "–"
+
+
 def trainable(group: dict) -> str:
     t, n = stat(group, "trainable_params"), stat(group, "total_params")
     if t is None:
@@ -92,9 +113,9 @@ def label(e: dict, many_models: bool) -> str:
 
 def results_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The main table: one row per group, best value of each experiment's metric marked."""
-    headers = ["Experiment", "Model", "Method", "Data", "Seeds", "Metric", "Value", "Macro-F1",
-               "Val loss", "Trainable", "Wall time (s)", "Tokens/s", "Peak memory (MB)",
-               "Forgetting"]  # fmt: skip
+    headers = ["Experiment", "Model", "Method", "Data", "Seeds", "Metric", "Value", "95% CI",
+               "Macro-F1", "Predicted", "Val loss", "Trainable", "Wall time (s)", "Tokens/s",
+               "Peak memory (MB)", "Forgetting"]  # fmt: skip
     panels, rows = by_metric(ents), []
     for e in ents:
         g, n_failed = e["stats"], len(e["failed"])
@@ -105,10 +126,32 @@ def results_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
         elif not stat(g, "value") and (n_failed or not g["seeds"]):
             value = "failed" if n_failed else "not run"
         rows.append([e["experiment"], str(e["model"]), e["method"], str(e["data"]), seeds,
-                     e["metric"], value, cell(g, "macro_f1"), cell(g, "final_val_loss"),
+                     e["metric"], value, interval(g), cell(g, "macro_f1"), shares(g),
+                     cell(g, "final_val_loss"),
                      trainable(g), cell(g, "wall_time_s"), cell(g, "tokens_per_s"),
                      cell(g, "peak_memory_mb"), cell(g, "forgetting", pct=True)])  # fmt: skip
     return _drop_empty(headers, rows)
+
+
+def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Prompting groups: accuracy per prompt and shot count, its interval over the examples,
+    its spread over demonstration seeds, and what the model predicted."""
+    headers = ["Experiment", "Model", "Prompt", "Format", "Shots", "Seeds", "Accuracy",
+               "95% CI (examples)", "Seed range", "Macro-F1", "Predicted", "Calibrated",
+               "Uncalibrated accuracy", "Examples"]  # fmt: skip
+    rows = []
+    for e in ents:
+        g = e["stats"]
+        if e["runs"][0].get("task") != "icl" or not stat(g, "value"):
+            continue
+        shots = stat(g, "shots")
+        rows.append([e["experiment"], short_model(str(e["model"])), str(g.get("prompt", e["method"])),
+                     str(g.get("prompt_format") or "–"), fmt(shots[0]) if shots else "–",
+                     str(g["seeds"]), cell(g, "value"), interval(g), seed_range(g),
+                     cell(g, "macro_f1"), shares(g),
+                     {True: "yes", False: "no"}.get(g.get("calibrated"), "–"),
+                     cell(g, "accuracy_without_calibration"), cell(g, "examples")])  # fmt: skip
+    return headers, rows
 
 
 def before_after_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -138,7 +181,9 @@ def technique_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
         if stat(g, "value") and e["metric"] != "final_val_loss":
             gen.append(f"{e['metric']} {cell(g, 'value')}")
         words = str(e["method"]).lower().split("-")
-        use = next((phrase for key, phrase in USE_CASES.items() if key in words), "–")
+        use = next((phrase for key, phrase in USE_CASES.items() if key in words), None)
+        shot = next((w for w in words if w.endswith("shot") and w[:-4].isdigit()), None)
+        use = use or (f"no training: {shot[:-4]}-shot prompt" if shot else "–")
         none = "run failed" if e["failed"] and not g["seeds"] else "not measured"
         rows.append([e["experiment"], e["method"], str(e["model"]), use,
                      "; ".join(cost) or none, "; ".join(gen) or none])  # fmt: skip
