@@ -161,7 +161,7 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device=
 
 def save_model_dir(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path,
                    extra: dict | None = None, tensors=None) -> None:  # fmt: skip
-    """Write a tunelab checkpoint directory atomically: weights (sharded past 2 GiB), config,
+    """Write a tunelab checkpoint directory atomically: weights (sharded past 512 MiB), config,
     tokenizer. tensors: (name, tensor) pairs to write instead of the model's state dict, e.g.
     a LoRA model's merged weights made one at a time."""
     check_model_out(path, force=True)

@@ -166,13 +166,15 @@ def release_freed() -> None:
         libc.malloc_trim(0)
 
 
-SHARD_BYTES = 2 * 2**30
+# safetensors' save_file copies a shard into bytes before writing it, so a shard costs twice
+# its size while it is written: small shards keep saving a 7B model within a few GB.
+SHARD_BYTES = 512 * 2**20
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
                  max_bytes: int | None = None, metadata: dict | None = None) -> None:  # fmt: skip
-    """Write tensors as they come into safetensors shards of at most max_bytes, with HF's
-    index when there is more than one, so saving holds one shard at most, never the model."""
+    """Write tensors as they come into safetensors shards of at most max_bytes (512 MiB), with
+    HF's index when there is more than one, so saving holds one shard at most, never the model."""
     from safetensors.torch import save_file
 
     max_bytes = max_bytes or SHARD_BYTES
@@ -186,6 +188,7 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
             save_file(shard, str(files[-1]), metadata=metadata)
             weight_map.update(dict.fromkeys(shard, files[-1].name))
         shard, size = {}, 0
+        release_freed()
 
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
