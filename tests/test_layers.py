@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 # Rank of each top-level name under tunelab (a package or a module); higher may import lower.
 LAYERS = {
     "errors": 0,
+    "paths": 0,  # output-path checks shared by model, train and cli
     "tokenizer": 1,
     "hub": 1,
     # runtime/ prepares a built model's linears (FastLinear) and picks the attention backend

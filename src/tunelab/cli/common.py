@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from tunelab.paths import nearest_existing
+
 EPILOG = (
     "Models: a known name (see `tunelab models`), a model directory, a .gguf file, or a hub id."
 )
@@ -48,9 +50,7 @@ def writable(path: Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     target = path if path.exists() else parent
     if not parent.is_dir() or not os.access(target, os.W_OK):
         raise ConfigError(f"{flag} {path}: cannot write there (permission denied or not a folder)")

@@ -22,6 +22,7 @@ from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
 from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
+from tunelab.paths import nearest_existing
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
@@ -54,9 +55,7 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
             )
         if not force:
             raise ModelError(f"--out {path} already holds a model; pass --force to replace it")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ModelError(f"--out {path}: cannot write in {parent} (permission denied)")
 

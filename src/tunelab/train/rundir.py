@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import ConfigError
+from tunelab.paths import nearest_existing
 
 LOCK = ".lock"
 # What atomic_dir (model/checkpoint.py) leaves beside its target when a write is killed.
@@ -47,9 +48,7 @@ def check_run_dir(out: Path) -> None:
     """Before any work: out can become a run directory and no running run owns it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the run")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(out)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
     lock = out / LOCK
