@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from saved import saved_bytes  # tests/ is on sys.path
 from tiny import make_models, review
 
 from tunelab.adapt.freeze import freeze
@@ -105,34 +106,20 @@ def test_classifier_reading_one_position_per_row():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
-def saved_bytes(model, batch) -> int:
-    """Bytes autograd saves for backward in one training forward, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm(model, batch)
-    return sum(seen.values())
-
-
 def test_saved_activations_drop_and_evaluation_is_untouched():
     torch.manual_seed(0)
     cfg = ModelConfig(**{**SMALL, "n_layer": 6, "vocab_size": 32})
     model = CausalLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     batch = {"input_ids": ids, "labels": ids}
-    plain = saved_bytes(model, batch)
+    plain = saved_bytes(model, lambda: causal_lm(model, batch))
     model.transformer.checkpoint_blocks = True
     # What is left: the head's input and logits, the final norm's; each block keeps only its
     # input (held by the checkpoint, not saved through autograd's hooks).
-    assert saved_bytes(model, batch) < 0.2 * plain
-    assert saved_bytes(model.eval(), batch) == plain  # evaluation never checkpoints
+    assert saved_bytes(model, lambda: causal_lm(model, batch)) < 0.2 * plain
+    assert (
+        saved_bytes(model.eval(), lambda: causal_lm(model, batch)) == plain
+    )  # evaluation never checkpoints
 
 
 def test_run_records_the_option_and_trains_as_without_it(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from saved import saved_bytes  # tests/ is on sys.path
 
 from tunelab.adapt.estimate import _block_saved, estimate, format_estimate, param_report
 from tunelab.adapt.freeze import freeze
@@ -19,19 +20,8 @@ SMALL = dict(vocab_size=300, n_layer=3, n_head=9, n_kv_head=3, d_model=576, d_ff
 
 def saved_per_token(model, tokens=(2, 32)) -> float:
     """Bytes per token autograd saves in a forward pass, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in params:
-            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-        return t
-
     ids = torch.randint(0, model.cfg.vocab_size, tokens)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids)
-    return sum(seen.values()) / ids.numel()
+    return saved_bytes(model, lambda: model(ids)) / ids.numel()
 
 
 @pytest.mark.parametrize("mlp, norm", [("swiglu", "rmsnorm"), ("gelu", "layernorm")])
