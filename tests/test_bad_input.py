@@ -51,6 +51,15 @@ CASES = [
     ("export --model {model} --out {model}", 2, "--force"),
     ("merge --model {model} --adapter {user} --out {user}", 2, "not a model"),
     ("study {badrecipe} --out {out}", 2, "experiment name '../escape'"),
+    ("evaluate counting --model {model} --prompts {unicorn} --out {out}", 2,
+     "object 'unicorn': the ssd-mobilenet counter does not know it"),
+    ("evaluate counting --model {model} --prompts {nonumber} --out {out}", 2,
+     "variant 'plain' ('a photo of {object}') holds no {number}"),
+    ("evaluate counting --model {missing} --out {out}", 2, "missing.txt: no such model folder"),
+    ("evaluate counting --images {user} --counter components --out {out}", 2, "no manifest.jsonl"),
+    ("evaluate counting --model {model} --counter yolo --out {out}", 2, "--counter 'yolo'"),
+    ("image generate --model {missing} --prompt x --out {out}", 2, "no such model folder"),
+    ("image generate --model {user} --prompt x --out {out}", 2, "not an image model"),
 ]  # fmt: skip
 
 
@@ -69,6 +78,8 @@ def paths(tmp_path_factory):
     with open(root / "empty.jsonl", "w") as f:
         for i in range(10):
             f.write(json.dumps({"instruction": f"say {i}", "output": " "}) + "\n")
+    (root / "unicorn.yaml").write_text(json.dumps({"classes": ["unicorn"], "numbers": [2]}))
+    (root / "nonumber.yaml").write_text(json.dumps({"variants": {"plain": "a photo of {object}"}}))
     (root / "user").mkdir()
     (root / "user" / "thesis.txt").write_text("years of work")
     (root / "a-file").write_text("keep me")
@@ -77,7 +88,8 @@ def paths(tmp_path_factory):
     yield {"model": root / "decoder", "corpus": root / "corpus.txt", "out": root / "new-out",
            "reviews": root / "reviews.jsonl", "oneclass": root / "oneclass.jsonl",
            "empty": root / "empty.jsonl", "user": root / "user", "file": root / "a-file",
-           "missing": root / "missing.txt", "badrecipe": root / "bad.yaml", "root": root}  # fmt: skip
+           "missing": root / "missing.txt", "badrecipe": root / "bad.yaml", "root": root,
+           "unicorn": root / "unicorn.yaml", "nonumber": root / "nonumber.yaml"}  # fmt: skip
     if saved is None:
         os.environ.pop("TUNELAB_CACHE")
     else:

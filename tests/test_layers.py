@@ -29,6 +29,7 @@ LAYERS = {
     "kernels": 2,  # shim re-exporting runtime.kernels for the bench scripts
     "demo": 2,  # writes demo data; imports nothing of tunelab
     "instructions": 2,  # IFEval's checkers: pure functions of text, scored by evaluate/
+    "image": 3,  # text-to-image: pipelines, the tiny model, counters, counting (beside evaluate)
     "adapt": 3,
     "evaluate": 3,
     "train": 4,

@@ -13,7 +13,7 @@ from tunelab.runtime import allocator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tunelab.cli import align, evaluate, models, runtime, study, train
+    from tunelab.cli import align, evaluate, image, models, runtime, study, train
     from tunelab.cli.common import EPILOG, Parser
 
     parser = Parser(
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (models, train, align, evaluate, study, runtime):
+    for module in (models, train, align, evaluate, image, study, runtime):
         module.register(sub)
     return parser
 

@@ -266,3 +266,7 @@ def register(sub) -> None:
     q.add_argument("--out", type=Path, default=None,
                    help="write responses.jsonl (verdicts per instruction) and summary.json here")  # fmt: skip
     q.set_defaults(func=cmd_instructions)
+
+    from tunelab.cli.image import counting_parser
+
+    counting_parser(ev)

@@ -87,3 +87,14 @@ def preference_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_r
     if name == "hinge":
         return hinge_loss(*logps, beta)
     raise ValueError(f"unknown preference loss {name!r}; expected one of {PREFERENCE_LOSSES}")
+
+
+def denoising(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
+    """A diffusion model's noise-prediction error (DDPM): each image noised to a random step,
+    the mean squared error of the predicted noise per image, summed over images."""
+    x = batch["pixels"]
+    noise = torch.randn_like(x)
+    t = torch.randint(0, model.train_timesteps, (x.shape[0],), device=x.device)
+    predicted = model(model.add_noise(x, noise, t), t, batch["captions"])
+    loss = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return loss.sum(), x.shape[0], {}
