@@ -141,3 +141,20 @@ def test_train_the_tiny_model_then_generate(tmp_path, capsys):
     side = cli(["image", "generate", "--model", run / "final", "--prompt", "two circles",
                 "--n", "1", "--steps", "2", "--out", tmp_path / "g", "--json"], capsys)  # fmt: skip
     assert side["size"] == 16 and side["model"]["kind"] == "tunelab-tiny"
+
+
+def test_a_study_counts_with_the_report_section(models, tmp_path):
+    from tunelab.study.report import write_report
+    from tunelab.study.study import Study
+
+    recipe = {"study": "count", "experiments": [{
+        "name": "guidance", "task": "counting", "models": [str(models["tiny"])],
+        "config": {"counting": {"counter": "components", "numbers": [1, 2], "images": 1,
+                                "classes": ["circle"], "steps": 2}},
+        "methods": {"g1": {"guidance": 1.0}, "g3": {"guidance": 3.0}}}]}  # fmt: skip
+    results = Study(recipe, tmp_path / "s").run(isolate=False)
+    assert [r["status"] for r in results["rows"]] == ["done", "done"]
+    assert results["rows"][0]["metric"] == "accuracy"
+    _, md = write_report(tmp_path / "s")
+    text = md.read_text()
+    assert "## Counting" in text and "n=2" in text and "counting-grid" in text

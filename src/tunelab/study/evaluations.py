@@ -22,6 +22,8 @@ def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
         raise ConfigError(f"{run_dir}: an evaluation cell needs a model")
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if task == "counting":  # an image model: not a language model for tunelab.load
+        return _counting(model, config, method, seed, run_dir, t0)
     lm = tunelab.load(model)
     if task == "icl":
         summary = _icl(lm, config, method, seed)
@@ -102,6 +104,43 @@ def _instructions(lm, config: dict, method: dict, seed: int, run_dir: Path) -> d
                                                        int(c.get("batch_size", 8)))  # fmt: skip
     write_responses(run_dir / "responses.jsonl", records, responses, scores)
     summary["tokens_per_s"] = summary["generation"]["tokens_per_s"]
+    return summary
+
+
+COUNTING_KEYS = ("counter", "threshold", "prompts", "variants", "numbers", "classes", "plurals",
+                 "images", "steps", "guidance")  # fmt: skip
+
+
+def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, t0) -> dict:
+    """Generate and count as the counting section says (prompts: a YAML file, or variants,
+    numbers and classes inline), the method's keys (a sweep's guidance, steps, variants)
+    overriding it; the images, scores, grid and report stay in the cell's folder."""
+    from tunelab.image.counters import make_counter
+    from tunelab.image.counting import evaluate, generate_set
+    from tunelab.image.pipeline import load_pipeline
+    from tunelab.image.prompts import expand, read_spec
+    from tunelab.train.run import write_summary
+
+    options = {**(config.get("counting") or {}), **{k: v for k, v in method.items() if k != "name"}}
+    for key in options:
+        if key not in COUNTING_KEYS:
+            raise ConfigError(f"counting: unknown key {key!r}{closest(key, COUNTING_KEYS)}")
+    extra = {"threshold": options["threshold"]} if options.get("threshold") is not None else {}
+    counter = make_counter(options.get("counter", "ssd-mobilenet"), **extra)
+    spec = read_spec(options["prompts"]) if options.get("prompts") else {}
+    spec.update(
+        {k: options[k] for k in ("variants", "numbers", "classes", "plurals") if k in options}
+    )
+    prompts = expand(spec, counter, where="counting")
+    n = int(options.get("images", spec.get("images", 4)))
+    rows = generate_set(load_pipeline(model), prompts, n, run_dir, seed, options.get("steps"),
+                        options.get("guidance"))  # fmt: skip
+    settings = {"n": n, "seed": seed, "steps": rows[0]["steps"], "guidance": rows[0]["guidance"]}
+    summary = evaluate(run_dir / "images", rows, counter, run_dir,
+                       {"model": model, "settings": settings})  # fmt: skip
+    summary.update(task="counting", wall_time_s=round(time.perf_counter() - t0, 3),
+                   trainable_params=0)  # fmt: skip
+    write_summary(run_dir, summary)
     return summary
 
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.study.counting import blocks as counting_blocks
 from tunelab.study.instructions import blocks as instruction_blocks
 from tunelab.study.results import LOWER_IS_BETTER, group_rows
 from tunelab.study.tables import (
@@ -210,6 +211,7 @@ def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
     blocks += [("h2", "Techniques: what each cost and gained"), ("table", *technique_table(ents))]
     plots = importlib.util.find_spec("matplotlib") is not None
     blocks += instruction_blocks(study_dir, rows, plots)
+    blocks += counting_blocks(study_dir, rows)
     if not plots:  # plots are an optional extra
         return blocks + [("note", "No plots: matplotlib is missing (pip install 'tunelab[plots]')")]
     return blocks + plot_blocks(study_dir, rows, ents)

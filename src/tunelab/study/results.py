@@ -11,7 +11,8 @@ from pathlib import Path
 COST_KEYS = ("trainable_params", "total_params", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 MAIN_METRIC = {"classify": "accuracy", "icl": "accuracy", "align": "preference_accuracy",
                "pretrain": "ppl_in_domain", "finetune": "final_val_loss",
-               "perplexity": "ppl_in_domain", "instructions": "prompt_strict"}  # fmt: skip
+               "perplexity": "ppl_in_domain", "instructions": "prompt_strict",
+               "counting": "accuracy", "image": "final_loss"}  # fmt: skip
 INSTRUCTION_METRICS = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")
 # Lower is better for these; the report flips its "best" marks by this.
 LOWER_IS_BETTER = ("ppl_in_domain", "ppl_general", "final_val_loss", "forgetting")
@@ -26,6 +27,8 @@ def metrics_of(task: str, summary: dict) -> dict:
     """The flat metric columns of one run's summary."""
     row = {k: summary.get(k) for k in COST_KEYS}
     row["final_val_loss"] = summary.get("final_val_loss")
+    if "final_loss" in summary:  # image training: the last logged denoising loss
+        row["final_loss"] = summary["final_loss"]
     for name, ppl in (summary.get("perplexity") or {}).items():
         row[f"ppl_{name}_before"], row[f"ppl_{name}_after"] = (
             (ppl.get("before"), ppl.get("after")) if isinstance(ppl, dict) else (None, ppl)

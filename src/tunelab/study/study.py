@@ -37,8 +37,9 @@ import yaml
 from tunelab.errors import ConfigError, TunelabError, closest
 
 log = logging.getLogger("tunelab")
-TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions")
-EVALUATIONS = ("icl", "perplexity", "instructions")  # cells that measure a model, no training
+TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions",
+         "image", "counting")  # fmt: skip
+EVALUATIONS = ("icl", "perplexity", "instructions", "counting")  # measure a model, no training
 EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds", "prompts",
                    "shots")  # fmt: skip
 
@@ -293,6 +294,11 @@ def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
         from tunelab.study.evaluations import run_evaluation
 
         return run_evaluation(cell["task"], model, config, cell["method"], seed, run_dir)
+    if cell["task"] == "image":  # the tiny text-to-image model, from scratch (train/image.py)
+        from tunelab.train.image import load_image_config, run_image_training
+
+        config = merge(config, {"out": str(run_dir), "train": {"seed": seed}})
+        return run_image_training(load_image_config(None, _flatten(config)))
     from tunelab.train.config import load_config
     from tunelab.train.tasks import run_task
 
