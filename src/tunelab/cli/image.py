@@ -69,14 +69,13 @@ def cmd_counting(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from tunelab.train.image import ImageConfig, load_image_config, run_image_training
+    from tunelab.train.image import load_image_config, run_image_training
 
     cfg = load_image_config(a.config, {k: v for k, v in vars(a).items() if "." in k})
     if a.out:
         cfg.out = a.out
     if a.max_steps:
         cfg.train.max_steps = a.max_steps
-    assert isinstance(cfg, ImageConfig)
     summary = run_image_training(cfg)
     emit(a, summary, f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s; "
          f"model: {Path(cfg.out) / 'final'}")  # fmt: skip

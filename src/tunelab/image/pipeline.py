@@ -110,8 +110,11 @@ def load_pipeline(source: str, device: str = "cpu") -> Pipeline:
 def _from_pretrained(source: str, device: str):
     try:
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
     except ImportError:
         raise ModelError("image generation needs diffusers: pip install 'tunelab[image]'") from None
+    diffusers_logging.set_verbosity_error()  # one line per image is ours to print
+    diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(source)
     except (OSError, ValueError) as e:

@@ -13,8 +13,8 @@ from torch import nn
 
 MARKER = "tunelab_image.json"
 
-# Small enough to train in minutes on two CPU cores: attention only at 8x8 pixels (64 tokens),
-# where one query sees the whole scene, which is what counting needs.
+# Small enough to train in minutes on two CPU cores: attention only at the lowest level (a
+# quarter of the side), where one query sees the whole scene, which is what counting needs.
 UNET = {
     "sample_size": 32,
     "in_channels": 3,
