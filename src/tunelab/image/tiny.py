@@ -158,32 +158,25 @@ def from_pixels(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(
-    model: TinyDiffusion,
-    prompt: str,
-    n: int,
-    steps: int,
-    guidance: float,
-    generator: torch.Generator,
-    on_image=None,
-) -> list:
-    """n images for one prompt, one at a time (seeded noise per image), with classifier-free
-    guidance against the empty caption; on_image(i) after each."""
+def sample(model: TinyDiffusion, prompt: str, seeds: list[int], steps: int,
+           guidance: float) -> list:  # fmt: skip
+    """One image per seed for one prompt, denoised together as one batch (DDIM is
+    deterministic, so image i depends only on its own seed's noise), with classifier-free
+    guidance against the empty caption."""
     from diffusers import DDIMScheduler
     from PIL import Image
 
     scheduler = DDIMScheduler(**model.scheduler_config)
     scheduler.set_timesteps(steps)
+    n = len(seeds)
     hidden, mask = model.encode([prompt, ""])
-    images = []
-    for i in range(n):
-        x = torch.randn(1, 3, model.size, model.size, generator=generator)
-        for t in scheduler.timesteps:
-            eps = model.unet(x.repeat(2, 1, 1, 1), t, encoder_hidden_states=hidden,
-                             encoder_attention_mask=mask).sample  # fmt: skip
-            cond, uncond = eps.chunk(2)
-            x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-        images.append(Image.fromarray(to_pixels(x)[0].numpy()))
-        if on_image:
-            on_image(i)
-    return images
+    hidden = hidden.repeat_interleave(n, 0)  # n conditional rows, then n unconditional ones
+    mask = mask.repeat_interleave(n, 0)
+    shape = (1, 3, model.size, model.size)
+    x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    for t in scheduler.timesteps:
+        eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=hidden,
+                         encoder_attention_mask=mask).sample  # fmt: skip
+        cond, uncond = eps.chunk(2)
+        x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+    return [Image.fromarray(a.numpy()) for a in to_pixels(x)]

@@ -108,7 +108,7 @@ def _instructions(lm, config: dict, method: dict, seed: int, run_dir: Path) -> d
 
 
 COUNTING_KEYS = ("counter", "threshold", "prompts", "variants", "numbers", "classes", "plurals",
-                 "images", "steps", "guidance")  # fmt: skip
+                 "images", "steps", "guidance", "threads")  # fmt: skip
 
 
 def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, t0) -> dict:
@@ -125,6 +125,10 @@ def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, 
     for key in options:
         if key not in COUNTING_KEYS:
             raise ConfigError(f"counting: unknown key {key!r}{closest(key, COUNTING_KEYS)}")
+    if options.get("threads"):  # on a busy machine one thread per process contends least
+        import torch
+
+        torch.set_num_threads(int(options["threads"]))
     extra = {"threshold": options["threshold"]} if options.get("threshold") is not None else {}
     counter = make_counter(options.get("counter", "ssd-mobilenet"), **extra)
     spec = read_spec(options["prompts"]) if options.get("prompts") else {}
