@@ -124,7 +124,7 @@ def test_detector_counts_cats_and_people_in_composed_photos():
         assert sum(hits) >= 4 * calibration["by_class"][obj] - 1, (obj, hits)
 
 
-def test_train_the_tiny_model_then_generate(tmp_path, capsys):
+def test_train_the_tiny_model_resume_it_then_generate(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps({
         "data": {"size": 16}, "threads": 1,
@@ -138,6 +138,14 @@ def test_train_the_tiny_model_then_generate(tmp_path, capsys):
     assert {"config.yaml", "metrics.jsonl", "summary.json", "final"} <= {
         p.name for p in run.iterdir()
     }
+    import shutil
+
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint (step 2)
+    shutil.rmtree(run / "final")
+    s = cli(["image", "train", "--resume", run, "--max-steps", "3", "--json"], capsys)
+    assert s["steps"] == 3 and s["images"] == 12
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
     side = cli(["image", "generate", "--model", run / "final", "--prompt", "two circles",
                 "--n", "1", "--steps", "2", "--out", tmp_path / "g", "--json"], capsys)  # fmt: skip
     assert side["size"] == 16 and side["model"]["kind"] == "tunelab-tiny"

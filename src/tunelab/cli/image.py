@@ -71,8 +71,13 @@ def cmd_counting(a) -> None:
 def cmd_train(a) -> None:
     from tunelab.train.image import load_image_config, run_image_training
 
-    cfg = load_image_config(a.config, {k: v for k, v in vars(a).items() if "." in k})
-    if a.out:
+    overrides = {k: v for k, v in vars(a).items() if "." in k}
+    if a.resume:  # the run's own config, the command line's overrides on top
+        cfg = load_image_config(str(Path(a.resume) / "config.yaml"), overrides)
+        cfg.out, cfg.resume = a.resume, True
+    else:
+        cfg = load_image_config(a.config, overrides)
+    if a.out and not a.resume:
         cfg.out = a.out
     if a.max_steps:
         cfg.train.max_steps = a.max_steps
@@ -138,6 +143,7 @@ def register(sub) -> None:
     q.add_argument("--config", default=None, help="YAML: out, data, model, train sections")
     q.add_argument("--out", default=None, help="run folder")
     q.add_argument("--max-steps", type=at_least(1), default=None)
+    q.add_argument("--resume", default=None, help="continue this interrupted run folder")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_train, overrides=True)
 

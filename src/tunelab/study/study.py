@@ -297,7 +297,8 @@ def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
     if cell["task"] == "image":  # the tiny text-to-image model, from scratch (train/image.py)
         from tunelab.train.image import load_image_config, run_image_training
 
-        config = merge(config, {"out": str(run_dir), "train": {"seed": seed}})
+        resume = (run_dir / "config.yaml").exists()  # an interrupted cell continues
+        config = merge(config, {"out": str(run_dir), "resume": resume, "train": {"seed": seed}})
         return run_image_training(load_image_config(None, _flatten(config)))
     from tunelab.train.config import load_config
     from tunelab.train.tasks import run_task

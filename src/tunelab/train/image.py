@@ -45,6 +45,7 @@ class ImageModel:
 @dataclass
 class ImageConfig:
     out: str | None = opt(None, "run directory; default runs/image-<timestamp>")
+    resume: bool = opt(False, "continue the run in `out` from its latest checkpoint")
     ema: float = opt(0.995, "decay of the weights' moving average that is saved (0: none)")
     threads: int | None = opt(None, "torch CPU threads; default torch's own")
     data: ImageData = field(default_factory=ImageData)
@@ -114,7 +115,15 @@ class EMA:
     def on_start(self, trainer) -> None:
         self.shadow = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
+    def on_resume(self, trainer, step: int) -> None:
+        self.shadow = None  # checkpoints hold the weights, not their average: restart it
+
+    def on_optimizer(self, trainer) -> None:
+        pass
+
     def on_step(self, trainer, step: int) -> None:
+        if self.shadow is None:  # resumed: the checkpoint's weights have loaded by now
+            self.on_start(trainer)
         d = min(self.decay, (1 + step) / (10 + step))  # warm up: early weights are noise
         with torch.no_grad():
             for k, v in trainer.model.state_dict().items():
@@ -126,15 +135,18 @@ def run_image_training(cfg: ImageConfig) -> dict:
     """Train the tiny model as cfg says; returns summary.json's contents."""
     from tunelab.image.shapes import vocabulary
     from tunelab.image.tiny import TinyDiffusion
-    from tunelab.train.loop import Trainer
+    from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.objectives import denoising
-    from tunelab.train.run import write_summary
+    from tunelab.train.run import resume_notes, write_summary
     from tunelab.train.rundir import check_run_dir, own_run_dir
 
     out = Path(cfg.out or f"runs/image-{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_dir(out)
-    if out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
-        raise ConfigError(f"--out {out} holds files; choose a new or empty folder")
+    if cfg.resume and (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    if not cfg.resume and out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
+        raise ConfigError(f"--out {out} holds files; choose a new or empty folder "
+                          f"(or continue an interrupted run with --resume {out})")  # fmt: skip
     if not cfg.train.max_steps:
         raise ConfigError("train.max_steps: the rendered dataset is endless; say how many steps")
     if cfg.threads:
@@ -150,6 +162,11 @@ def run_image_training(cfg: ImageConfig) -> dict:
         batches = Scenes(cfg.data, cfg.train.batch_size)
         trainer = Trainer(model, denoising, batches, cfg.train, out, cfg.train.max_steps,
                           callbacks=callbacks)  # fmt: skip
+        checkpoint = latest_checkpoint(out) if cfg.resume else None
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+        if cfg.resume:
+            resume_notes(out, checkpoint, trainer.step)
         summary = trainer.fit()
         if callbacks:
             model.load_state_dict(callbacks[0].shadow)
