@@ -71,3 +71,27 @@ def make_tiny_model(folder: Path, size: int = 16) -> Path:
     model = TinyDiffusion(vocabulary(), unet=unet, text={"dim": 16, "layers": 1, "heads": 2})
     model.save(folder / "tiny")
     return folder / "tiny"
+
+
+class BrightBlobs:
+    """A counter brought from outside (`--counter image_tiny:BrightBlobs`): it only needs the
+    interface's name, classes, detect() and record(); this one calls every blob a circle."""
+
+    name = "bright-blobs"
+    classes = ("circle",)
+
+    def __init__(self, threshold: float = 0.5):
+        from tunelab.image.counters import ComponentCounter
+
+        self.inner, self.threshold = ComponentCounter(), threshold
+
+    def check_class(self, obj: str) -> None:
+        pass
+
+    def detect(self, image):
+        from dataclasses import replace
+
+        return [replace(d, label="circle") for d in self.inner.detect(image)]
+
+    def record(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold}

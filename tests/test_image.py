@@ -105,6 +105,11 @@ def test_images_made_elsewhere_are_scored_from_their_manifest(tmp_path, capsys):
     s = cli(["evaluate", "counting", "--images", folder, "--counter", "components", "--out",
              tmp_path / "out", "--json"], capsys)  # fmt: skip
     assert s["accuracy"] == 1.0 and s["images"] == 8 and s["by_variant"]["-"]["images"] == 8
+    # a counter of one's own, by module:Class, with --threshold passed through
+    s = cli(["evaluate", "counting", "--images", folder, "--counter", "image_tiny:BrightBlobs",
+             "--threshold", "0.3", "--out", tmp_path / "own", "--json"], capsys)  # fmt: skip
+    assert s["counter"] == {"name": "bright-blobs", "threshold": 0.3}
+    assert s["by_class"]["circle"]["accuracy"] == 1.0  # every blob is a circle to it
 
 
 def test_detector_counts_cats_and_people_in_composed_photos():
