@@ -28,7 +28,8 @@ def load(
 ) -> Pretrained:
     """Load a model by name, directory, .gguf file or hub id (see `tunelab models`).
 
-    precision: the dtype every floating-point weight is stored in as it is read.
+    precision: the dtype every floating-point weight is stored in as it is read (fp32, bf16,
+    fp16, or auto: bf16 on CPUs with AMX and GPUs with bf16, else fp32; runtime/precision.py).
     quantize: 'nf4' or 'int8' stores the blocks' linear weights quantized as each is read
     (QLoRA's base), so the float model never exists whole.
     runtime: the CPU linear kernels, "auto" (measured per machine), "torch" or "onednn", or a
@@ -37,8 +38,12 @@ def load(
     from tunelab.hub import resolve
     from tunelab.model.checkpoint import load_model_dir
 
+    if precision == "auto":
+        from tunelab.runtime.precision import auto_precision
+
+        precision = auto_precision(device)[0]
     if precision not in DTYPES:
-        raise ConfigError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+        raise ConfigError(f"precision {precision!r}: expected auto or one of {', '.join(DTYPES)}")
     path = resolve(source)
     if path.suffix == ".gguf":
         from tunelab.model.gguf import gguf_to_hf_dir

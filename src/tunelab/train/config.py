@@ -70,7 +70,8 @@ class TrainConfig:
     precision: str = opt(
         "fp32",
         "dtype the weights are stored in: fp32, bf16 or fp16 (frozen weights stay in it, "
-        "trainable ones get fp32 master copies, compute autocasts to it)",
+        "trainable ones get fp32 master copies, compute autocasts to it); auto: bf16 on CPUs "
+        "with AMX and GPUs with bf16, else fp32 (the choice and why go in summary.json)",
     )
     autocast: str = opt(
         "auto",
@@ -147,10 +148,11 @@ class RuntimeConfig:
         choices=("auto", "torch", "onednn"),
     )
     allocator: str = opt(
-        "keep",
+        "auto",
         "keep: the command keeps freed memory for the next step (glibc thresholds); system: "
-        "glibc's defaults (TUNELAB_MALLOC=0/1 overrides)",
-        choices=("keep", "system"),
+        "glibc's defaults; auto: keep below 1B parameters, system from there "
+        "(TUNELAB_MALLOC=0/1 overrides)",
+        choices=("auto", "keep", "system"),
     )
     attention: str = opt(
         "auto",
@@ -315,7 +317,7 @@ LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, F
           ("eval.instructions_limit", "--eval.instructions_limit", 1, False),
           ("eval.instructions_max_new_tokens", "--eval.instructions_max_new_tokens", 1, False),
           ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
-CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16")),
+CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16", "auto")),
            "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
            "train.schedule": ("--train.schedule", ("cosine", "linear", "constant"))}  # fmt: skip
 

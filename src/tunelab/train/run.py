@@ -386,6 +386,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary["params"] = params
         summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
                                     compute=compute_precision(cfg.train))  # fmt: skip
+        if dist.auto_precision:
+            summary["precision"]["auto"] = dist.auto_precision
         summary["runtime"] = runtime.record(model)
         summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
                        method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
