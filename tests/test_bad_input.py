@@ -51,6 +51,8 @@ CASES = [
     ("export --model {model} --out {model}", 2, "--force"),
     ("merge --model {model} --adapter {user} --out {user}", 2, "not a model"),
     ("study {badrecipe} --out {out}", 2, "experiment name '../escape'"),
+    ("generate --model {model} --max-new-tokens 1 --prompt " + "the-film-" * 60, 2,
+     "prompt is 240 tokens, longer than the model's context of 128"),
 ]  # fmt: skip
 
 
