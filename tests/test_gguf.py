@@ -310,7 +310,25 @@ def test_pre_tokenizer_variants_match_transformers(tmp_path: Path, pre: str) -> 
 # ---------------------------------------------------------------- cache
 
 
-def test_cache_is_reused_and_complete(tiny: tuple[Path, dict], tmp_path: Path) -> None:
+def forbid_conversion(monkeypatch) -> list[str]:
+    """Make reading or converting a GGUF file fail the test; returns the calls attempted."""
+    import tunelab.model.gguf as module
+
+    calls = []
+
+    def refuse(name):
+        def called(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} ran: the cache should have been used")
+
+        return called
+
+    for name in ("read_gguf", "_write_hf_dir", "GGUFReader"):
+        monkeypatch.setattr(module, name, refuse(name))
+    return calls
+
+
+def test_cache_is_reused_and_complete(tiny, tmp_path: Path, monkeypatch) -> None:
     path, originals = tiny
     first = gguf_to_hf_dir(path, cache_root=tmp_path / "cache")
     assert first.parent == tmp_path / "cache" / "gguf"
@@ -318,9 +336,10 @@ def test_cache_is_reused_and_complete(tiny: tuple[Path, dict], tmp_path: Path) -
     assert {p.name for p in first.iterdir()} == names
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp dir left behind
     assert json.loads((first / "config.json").read_text())["num_key_value_heads"] == KV_HEADS
-    start = time.perf_counter()
-    second = gguf_to_hf_dir(str(path), cache_root=str(tmp_path / "cache"))
-    assert time.perf_counter() - start < 0.2 and second == first
+    with monkeypatch.context() as patch:
+        calls = forbid_conversion(patch)
+        second = gguf_to_hf_dir(str(path), cache_root=str(tmp_path / "cache"))
+    assert second == first and calls == []
 
     from safetensors.torch import load_file
 
@@ -544,7 +563,7 @@ def test_smollm_tokenizer_matches_transformers(smollm_ours, smollm_reference) ->
 
 @pytest.mark.slow
 def test_smollm_cached_dir_gives_transformers_logits(
-    smollm, smollm_reference, tmp_path_factory
+    smollm, smollm_reference, tmp_path_factory, monkeypatch
 ) -> None:
     transformers = pytest.importorskip("transformers")
     directory = gguf_to_hf_dir(smollm, cache_root=tmp_path_factory.mktemp("cache"))
@@ -568,9 +587,9 @@ def test_smollm_cached_dir_gives_transformers_logits(
         ours, theirs = model(ids).logits, reference_model(ids).logits
     assert (ours - theirs).abs().max().item() <= 1e-4
     assert ours[0, -1].argmax() == theirs[0, -1].argmax()
-    start = time.perf_counter()
+    calls = forbid_conversion(monkeypatch)
     assert gguf_to_hf_dir(smollm, cache_root=directory.parent.parent) == directory
-    assert time.perf_counter() - start < 0.5
+    assert calls == []
 
 
 @pytest.mark.slow
