@@ -3,12 +3,12 @@
 import json
 import os
 import random
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab.adapt import apply_method
 from tunelab.cli import main
@@ -74,77 +74,70 @@ def align_cfg(setup, out, **over):
     return load_config(None, {**base, **over})
 
 
-# ---- losses: value and gradient equal TRL's on the same log-probs -----------------------------
+# ---- losses: TRL's documented formulas, written out, on fresh random log-probs ----------------
 
 
-def _per_token(b=5, t=9, seed=0):
+def _pairs(seed: int, b: int = 8):
+    """Summed response log-probs (policy, reference; chosen row 0, rejected row 1) and
+    response lengths for b pairs; margins reach both sides of the hinge's kink."""
     g = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(2 * b, t - 1, generator=g) > 0.3).double()
-    mask[:, 0] = 1
-    logps = (-3 * torch.rand(2 * b, t - 1, generator=g, dtype=torch.float64)).requires_grad_()
-    ref = -10 * torch.rand(2, b, generator=g, dtype=torch.float64)
-    return logps, mask, ref
+    policy = (-30 * torch.rand(2, b, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = -30 * torch.rand(2, b, generator=g, dtype=torch.float64)
+    return policy, ref, torch.randint(1, 30, (2, b), generator=g)
 
 
-def _trl_dpo(loss_type, beta, logps, mask, ref):
-    """TRL DPOTrainer._compute_loss on given per-token log-probs (precomputed reference)."""
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    n, t = mask.shape[0], mask.shape[1] + 1
-    completion = torch.zeros(n, t, dtype=torch.long)
-    completion[:, 1:] = mask.long()
-    out = SimpleNamespace(log_probs=logps * mask, entropy=torch.zeros(n, t - 1),
-                          mean_logits=torch.zeros(n, t - 1),
-                          is_top1=torch.zeros(n, t - 1, dtype=torch.bool))  # fmt: skip
-    acc = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=acc, precompute_ref_logps=True,
-        ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=0.0, use_weighting=False, aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
-    inputs = dict(input_ids=torch.zeros(n, t, dtype=torch.long), attention_mask=completion * 0 + 1,
-                  completion_mask=completion, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])  # fmt: skip
-    return DPOTrainer._compute_loss(trainer, lambda **kw: out, inputs, False)
+def _documented(name, beta, eps, policy, ref, tokens):
+    """TRL's DPO losses as its documentation states them, per pair. With h the log-ratio
+    margin (pc - rc) - (pr - rr): sigmoid -logsigmoid(beta h), with label smoothing eps the
+    conservative -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h); hinge relu(1 - beta h);
+    IPO (h' - 1/(2 beta))^2, h' from log-probs averaged over each response's tokens."""
+    (pc, pr), (rc, rr) = policy, ref
+    if name == "ipo":
+        h = (pc - rc) / tokens[0] - (pr - rr) / tokens[1]
+        return (h - 1 / (2 * beta)) ** 2
+    h = (pc - rc) - (pr - rr)
+    if name == "hinge":
+        return torch.relu(1 - beta * h)
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
-def _trl_cdpo(beta, smoothing, logps, mask, ref):
-    """Conservative DPO as TRL writes it (its sigmoid loss with label smoothing, in CPOTrainer),
-    fed the log-ratios so that its margin is DPO's."""
-    from trl.experimental.cpo.cpo_trainer import CPOTrainer
-
-    b = ref.shape[1]
-    seq = (logps * mask).sum(1)
-    trainer = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device="cpu"),
-                              loss_type="sigmoid", beta=beta, label_smoothing=smoothing)  # fmt: skip
-    return CPOTrainer.cpo_loss(trainer, seq[:b] - ref[0], seq[b:] - ref[1])[0].mean()
+def _ours(name, beta, eps, policy, ref, tokens):
+    return preference_loss(name, policy[0], policy[1], ref[0], ref[1], beta=beta,
+                           label_smoothing=eps, chosen_tokens=tokens[0],
+                           rejected_tokens=tokens[1])  # fmt: skip
 
 
-def _ours(name, beta, smoothing, logps, mask, ref):
-    b = ref.shape[1]
-    seq, tokens = (logps * mask).sum(1), mask.sum(1)
-    loss = preference_loss(name, seq[:b], seq[b:], ref[0], ref[1], beta=beta,
-                           label_smoothing=smoothing, chosen_tokens=tokens[:b],
-                           rejected_tokens=tokens[b:])  # fmt: skip
-    return loss.sum() / b  # the loop sums over pairs and divides by the pair count
+LOSSES = [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
 
 
-@pytest.mark.parametrize(
-    "name,smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
-)
+@pytest.mark.parametrize("name,eps", LOSSES)
 @pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_losses_and_gradients_match_trl(name, smoothing, beta):
-    pytest.importorskip("trl")
-    logps, mask, ref = _per_token(seed=int(beta * 10))
-    if smoothing:
-        theirs = _trl_cdpo(beta, smoothing, logps, mask, ref)
-    else:
-        theirs = _trl_dpo({"dpo": "sigmoid"}.get(name, name), beta, logps, mask, ref)
-    (g_theirs,) = torch.autograd.grad(theirs, logps)
-    ours = _ours(name, beta, smoothing, logps, mask, ref)
-    (g_ours,) = torch.autograd.grad(ours, logps)
-    assert abs(float(ours) - float(theirs)) < 1e-6
-    assert (g_ours - g_theirs).abs().max() < 1e-6
+def test_losses_and_gradients_match_trls_documented_formulas(name, eps, beta):
+    policy, ref, tokens = _pairs(seed=LOSSES.index((name, eps)) + int(beta * 10))
+    ours, theirs = (f(name, beta, eps, policy, ref, tokens) for f in (_ours, _documented))
+    assert ours.shape == theirs.shape == (8,)
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    if name == "hinge":  # both sides of the kink: some pairs past the margin, some not
+        assert 0 < int((theirs == 0).sum()) < len(theirs)
+    (g_ours,) = torch.autograd.grad(ours.sum(), policy)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), policy)
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,eps", LOSSES)
+def test_losses_match_trls_public_cpo_loss_fed_log_ratios(name, eps):
+    """CPOTrainer.cpo_loss is DPO without a reference: given the log-ratios instead of the
+    log-probs, its sigmoid (with label smoothing), hinge and IPO losses are DPO's."""
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    beta = 0.3
+    policy, ref, tokens = _pairs(seed=10 + LOSSES.index((name, eps)))
+    chosen, rejected = policy[0] - ref[0], policy[1] - ref[1]
+    if name == "ipo":  # TRL's DPO averages IPO's log-probs over tokens; CPO leaves that to us
+        chosen, rejected = chosen / tokens[0], rejected / tokens[1]
+    trainer = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device="cpu"), beta=beta,
+                              loss_type={"dpo": "sigmoid"}.get(name, name), label_smoothing=eps)  # fmt: skip
+    theirs = cpo.CPOTrainer.cpo_loss(trainer, chosen, rejected)[0]
+    assert torch.allclose(_ours(name, beta, eps, policy, ref, tokens), theirs, rtol=1e-12, atol=0)
 
 
 # ---- scoring pairs: one row per pair equals scoring each sequence alone ----------------------
