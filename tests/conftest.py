@@ -4,4 +4,16 @@ $TUNELAB_CACHE moves). Tests of `auto` set their own environment."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("TUNELAB_ONEDNN", "1")
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny Q8_0 GGUF file with an untied head, and the HF weights it was written from."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf_files import write_tiny
+
+    path = tmp_path / "tiny-q8.gguf"
+    return path, write_tiny(path, Q.Q8_0, tied=False)
