@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from tunelab.errors import ConfigError
 
 
 def nearest_existing(path: Path) -> Path:
@@ -11,3 +14,16 @@ def nearest_existing(path: Path) -> Path:
     while not parent.exists():
         parent = parent.parent
     return parent
+
+
+def check_folder_out(path: str | Path, what: str, flag: str = "--out", error=ConfigError) -> None:
+    """Refuse a folder output that could not be made or written: a file, or a path whose
+    nearest existing parent is a file or not writable. `what`: what the folder is for."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file; give a folder for {what}")
+    parent = nearest_existing(path)
+    if not parent.is_dir():
+        raise error(f"{flag} {path}: cannot write in {parent} (a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"{flag} {path}: cannot write in {parent} (permission denied)")

@@ -99,8 +99,10 @@ def cmd_export(a) -> None:
 def cmd_tokenizer_train(a) -> None:
     """Train our byte-level BPE on text files; writes tokenizer.json + tokenizer_config.json."""
     from tunelab.evaluate.perplexity import read_texts
+    from tunelab.paths import check_folder_out
     from tunelab.tokenizer.bpe import BPETokenizer
 
+    check_folder_out(a.out, "the tokenizer")  # before training it, not after
     text = read_texts(a.data)
     tok = BPETokenizer.train(text.split("\n\n"), a.vocab_size, special_tokens=a.special)
     tok.save(a.out)

@@ -22,7 +22,7 @@ from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
 from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
-from tunelab.paths import nearest_existing
+from tunelab.paths import check_folder_out
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
@@ -46,8 +46,7 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
     """Refuse an output folder whose replacement would remove what tunelab did not write:
     a file, a non-empty folder that is not a model, a model folder unless force."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ModelError(f"--out {path} is a file; give a folder for the model")
+    check_folder_out(path, "the model", error=ModelError)
     if path.is_dir() and any(path.iterdir()):
         if not is_model_dir(path):
             raise ModelError(
@@ -55,9 +54,6 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
             )
         if not force:
             raise ModelError(f"--out {path} already holds a model; pass --force to replace it")
-    parent = nearest_existing(path)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ModelError(f"--out {path}: cannot write in {parent} (permission denied)")
 
 
 def _readable(folder: Path) -> None:

@@ -89,7 +89,8 @@ class AlignTask:
         collate = lambda b: collate_pairs(b, pad)  # noqa: E731
         common = dict(collate_fn=collate, rank=rank, world_size=world)
         train_b = Batches(parts["train"], t.batch_size, seed=t.seed, **common)
-        val_b = Batches(parts["val"], t.batch_size, shuffle=False, **common) if val else None
+        val_b = (Batches(parts["val"], t.batch_size, shuffle=False, keep_all=True, **common)
+                 if val else None)  # fmt: skip
         stats = {"kind": "preference", "train_examples": len(parts["train"]),
                  "val_examples": len(parts.get("val", [])),
                  "train_tokens": sum(map(pair_tokens, parts["train"])),

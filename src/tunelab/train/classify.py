@@ -108,7 +108,7 @@ class ClassifyTask:
         b = cfg.train.batch_size
         train_b = Batches(train, b, seed=cfg.train.seed,
                           group_by_length=cfg.data.group_by_length, **common)  # fmt: skip
-        val_b = Batches(val, b, shuffle=False, **common) if val else None
+        val_b = Batches(val, b, shuffle=False, keep_all=True, **common) if val else None
         # finish() scores the whole validation set on every rank (torchrun shards val_b)
         self.all_val = Batches(val, b, shuffle=False, pad_id=pad) if val else None
         counts = {name: sum(e["label"] == i for e in train) for i, name in enumerate(self.labels)}

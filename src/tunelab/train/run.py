@@ -231,7 +231,9 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
     train_b = Batches(
         train_ex, t.batch_size, seed=t.seed, group_by_length=d.group_by_length, **common
     )
-    val_b = Batches(val_ex, t.batch_size, shuffle=False, **common) if val_ex else None
+    val_b = (
+        Batches(val_ex, t.batch_size, shuffle=False, keep_all=True, **common) if val_ex else None
+    )
     stats = {"kind": kind, "train_examples": len(train_ex), "val_examples": len(val_ex),
              "train_tokens": sum(len(e["input_ids"]) for e in train_ex)}  # fmt: skip
     return train_b, val_b, stats

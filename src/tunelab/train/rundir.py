@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import ConfigError
-from tunelab.paths import nearest_existing
+from tunelab.paths import check_folder_out
 
 LOCK = ".lock"
 # What atomic_dir (model/checkpoint.py) leaves beside its target when a write is killed.
@@ -46,11 +46,7 @@ def _try_lock(fd: int, out: Path) -> None:
 
 def check_run_dir(out: Path) -> None:
     """Before any work: out can become a run directory and no running run owns it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the run")
-    parent = nearest_existing(out)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
+    check_folder_out(out, "the run")
     lock = out / LOCK
     if lock.exists():  # probe: take and drop the lock
         fd = os.open(lock, os.O_RDONLY)
