@@ -89,9 +89,9 @@ def sampling(a):
 
 
 def load_model(a):
-    import tunelab
+    from tunelab.loading import load
 
-    return tunelab.load(a.model, precision=a.precision, device=a.device)
+    return load(a.model, precision=a.precision, device=a.device)
 
 
 def emit(a, result: dict, text: str) -> None:

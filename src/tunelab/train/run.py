@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunelab import DTYPES
 from tunelab.errors import ConfigError
+from tunelab.loading import DTYPES, load
 from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 
@@ -25,7 +25,6 @@ log = logging.getLogger("tunelab")
 
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
-    import tunelab
     from tunelab.adapt.estimate import check_memory
     from tunelab.model.config import preset
     from tunelab.model.heads import build_model
@@ -37,9 +36,7 @@ def load_for_training(cfg: RunConfig, device: torch.device):
                 "training from scratch (arch) needs a tokenizer: --tokenizer DIR_OR_MODEL"
             )
         path = Path(cfg.tokenizer)
-        tokenizer = (
-            Tokenizer.from_dir(path) if path.is_dir() else tunelab.load(cfg.tokenizer).tokenizer
-        )
+        tokenizer = Tokenizer.from_dir(path) if path.is_dir() else load(cfg.tokenizer).tokenizer
         ids = {
             "eos_token_id": tokenizer.eos_id,
             "bos_token_id": tokenizer.bos_id,
@@ -69,7 +66,7 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         from tunelab.adapt.lora import quantization
 
         quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
-    lm = tunelab.load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
+    lm = load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
                       runtime=cfg.runtime)  # fmt: skip
     return lm.model, lm.tokenizer
 
