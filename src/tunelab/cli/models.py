@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tunelab.adapt import METHODS
 from tunelab.cli.common import (
     EPILOG,
     at_least,
@@ -228,7 +229,7 @@ def register(sub) -> None:
         description=ESTIMATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     model_args(p)
-    p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
+    p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--seq-len", type=at_least(1), default=512)
     p.add_argument("--batch", type=at_least(1), default=1)
     p.add_argument("--lora-r", type=at_least(1), default=8)

@@ -7,16 +7,16 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from tunelab.data.templates import IGNORE
 from tunelab.errors import DataError
+from tunelab.files import atomic_file
 from tunelab.tokenizer.tokenizer import Tokenizer
 
-IGNORE = -100
 # Marks a batch that `Batches(keep_all=True)` hands a rank with no examples left: the rank
 # runs it only to stay in step with the others (FSDP gathers weights in every forward).
 FILLER = "filler"
@@ -256,18 +256,6 @@ def cached_encode(key_parts: dict, fn: Callable[[], list[dict]]) -> list[dict]:
             pass  # a damaged entry is recomputed and overwritten, never fatal
     examples = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temp file and renamed, so a kill never leaves a half entry to be read.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; the cache reads like any file
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {"key": key_parts, "examples": examples}, f, separators=(",", ":"), default=str
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:  # a kill never leaves a half entry
+        json.dump({"key": key_parts, "examples": examples}, f, separators=(",", ":"), default=str)
     return examples

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import ModelError
+from tunelab.files import umask
 from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
@@ -26,12 +27,6 @@ from tunelab.paths import check_folder_out
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def is_model_dir(path: Path) -> bool:
@@ -58,7 +53,7 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
 
 def _readable(folder: Path) -> None:
     """The user's umask on a folder and its files: mkdtemp (and safetensors) make them private."""
-    mask = _umask()
+    mask = umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

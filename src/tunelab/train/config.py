@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import ConfigError, closest
+from tunelab.files import read_yaml
 
 
 def opt(default, doc: str, **kw):
@@ -200,15 +201,6 @@ def _convert(value: Any, tp, key: str):
         return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     target = args[0] if args else tp
-    if isinstance(target, str):
-        target = {
-            "int": int,
-            "float": float,
-            "str": str,
-            "bool": bool,
-            "list": list,
-            "dict": dict,
-        }.get(target, str)
     try:
         if target is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -271,14 +263,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of options at the top level")
     for dotted, value in (overrides or {}).items():

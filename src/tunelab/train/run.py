@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError
+from tunelab.files import atomic_write
 from tunelab.loading import DTYPES, load
 from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
@@ -166,9 +167,7 @@ def resume_notes(run_dir: Path, checkpoint: Path | None, step: int) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def encode_options(cfg: RunConfig, kind: str) -> dict:
@@ -189,20 +188,14 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
         detect_kind,
         encode_records,
         file_fingerprint,
-        load_records,
+        load_split,
         pack,
-        split_records,
         tokenizer_fingerprint,
     )
 
     d, t = cfg.data, cfg.train
-    if not d.path:
-        raise ConfigError("no training data: give --data PATH (or data.path in the recipe)")
-    records = load_records(d.path, fmt=d.format, text_mode=d.text_mode)
-    if d.val_path:
-        train, val = records, load_records(d.val_path, fmt=d.format, text_mode=d.text_mode)
-    else:
-        train, val = split_records(records, d.val_fraction, t.seed)
+    records, train, val = load_split(d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format,
+                                     text_mode=d.text_mode)  # fmt: skip
     kind = detect_kind(records, d.text_field) if kind == "auto" else kind
     options = encode_options(cfg, kind)
 
@@ -223,7 +216,7 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
             pack(train_ex, t.seq_len, split=kind == "text"),
             pack(val_ex, t.seq_len, split=kind == "text"),
         )
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+    pad = tokenizer.batch_pad_id
     common = dict(pad_id=pad, rank=rank, world_size=world)
     train_b = Batches(
         train_ex, t.batch_size, seed=t.seed, group_by_length=d.group_by_length, **common

@@ -15,12 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import ConfigError
+from tunelab.files import atomic_write, temporary_pattern
 from tunelab.paths import check_folder_out
 
 LOCK = ".lock"
-# What atomic_dir (model/checkpoint.py) leaves beside its target when a write is killed.
+# What atomic_dir (model/checkpoint.py) and atomic_file leave beside their target when a write
+# is killed.
 TEMPORARIES = (("checkpoints", ".step-*"), (".", ".final.*"), (".", ".adapter.*"),
-               (".", "summary.json.tmp"), (".", "metrics.jsonl.tmp"))  # fmt: skip
+               (".", temporary_pattern("summary.json")),
+               (".", temporary_pattern("metrics.jsonl")))  # fmt: skip
 
 
 def _owner(path: Path) -> str:
@@ -97,7 +100,5 @@ def truncate_metrics(out: Path, step: int) -> int:
         else:
             keep.append(line + "\n")
     if dropped:
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        atomic_write(path, "".join(keep))
     return dropped
