@@ -136,7 +136,7 @@ class AlignTask:
     def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
         """Agreement with the validation pairs and perplexity on eval.domain/eval.general texts,
         recorded before and after training."""
-        from tunelab.train.run import perplexities
+        from tunelab.train.lm import perplexities
         from tunelab.train.loop import autocast
 
         out = {}
@@ -159,7 +159,7 @@ class AlignTask:
         return out | ({"perplexity": ppl} if ppl else {})
 
     def evaluators(self, cfg: RunConfig, tokenizer) -> list:
-        from tunelab.train.run import sampler
+        from tunelab.train.lm import sampler
 
         sample = sampler(cfg, tokenizer, chat=tokenizer.chat_template is not None)
         return [lambda model: {"samples": sample(model)}] if sample else []

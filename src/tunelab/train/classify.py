@@ -61,7 +61,7 @@ def load_labeled(cfg: RunConfig):
 
 
 class ClassifyTask:
-    """The classification task for `run_training` (see LMTask in train/run.py for the shape)."""
+    """The classification task for `run_training` (see LMTask in train/lm.py for the shape)."""
 
     def __init__(self, records: tuple | None = None):
         self.records = records  # (train, val, labels) given by k-fold; else read from the config
