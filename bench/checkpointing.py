@@ -137,12 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "are the same either way.",
     ])  # fmt: skip
     print("\n" + table)
-    if a.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            common.write_section(TITLE, body, Path(tmp) / "BENCHMARKS.md")
-    elif not a.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}", file=sys.stderr)
+    common.publish(TITLE, body, a.smoke, not a.no_write, file=sys.stderr)
     print(json.dumps(rows))
 
 

@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +137,17 @@ def write_section(title: str, body: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + section
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def publish(title: str, body: str, smoke: bool, write: bool = True, file=None) -> None:
+    """The section into docs/BENCHMARKS.md when `write`, saying so on `file` (stdout); a smoke
+    run writes it into a scratch copy instead: the writer runs, docs/ stay as they are."""
+    if smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_section(title, body, Path(tmp) / "BENCHMARKS.md")
+    elif write:
+        write_section(title, body)
+        print(f"\nwritten to {DOC}", file=file or sys.stdout)
 
 
 # -- statistics --------------------------------------------------------------------------------

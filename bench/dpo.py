@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
-from train import Meter, batch_plan  # noqa: E402  (bench/train.py: the same step meter)
+from measure import Meter, batch_plan, clock, train_counting  # noqa: E402  (the same step meter as bench/train.py)
 
 DATA = common.SHARED / "preferences" / "instruction-data-with-preference.json"
 MODEL = "smollm2-135m-instruct"
@@ -154,7 +154,7 @@ def worker_trl(a: dict) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     total = a["warmup"] + a["steps"]
@@ -171,15 +171,6 @@ def worker_trl(a: dict) -> dict:
         return out
 
     DPOTrainer._precompute_ref_logps = timed
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            common.reset_peak()
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
-            rss.append((common.peak_rss_mb(), common.train_peak_mb()))
 
     same = dict(gradient_checkpointing=False, bf16=False, fp16=False,
                 precompute_ref_log_probs=a["precompute"])  # fmt: skip
@@ -202,17 +193,8 @@ def worker_trl(a: dict) -> dict:
         peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                           target_modules=LORA["targets"], task_type="CAUSAL_LM")  # fmt: skip
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft, callbacks=[Clock()])  # fmt: skip
-        tokens, collate = [], trainer.data_collator
-
-        def counting(examples):
-            batch = collate(examples)
-            tokens.append(int(batch["attention_mask"].sum()))
-            return batch
-
-        trainer.data_collator = counting
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+                             processing_class=tokenizer, peft_config=peft, callbacks=[clock(marks, rss)])  # fmt: skip
+        tokens, losses = train_counting(trainer)
         settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16",
                                                   "precompute_ref_log_probs")}  # fmt: skip
     out = result(a, tokens[-total:], marks, losses, spent["precompute"])
@@ -362,10 +344,7 @@ def run(a, argv, tmp: Path) -> None:
     print("\n" + table(runs) + "\n\n" + ratios(runs))
     if a.smoke:
         print("\n" + body)
-        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")
-    elif not a.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}")
+    common.publish(TITLE, body, a.smoke, not a.no_write)
 
 
 if __name__ == "__main__":

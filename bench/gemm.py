@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,12 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         *tables,
     ])  # fmt: skip
     print("\n\n".join(tables))
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            common.write_section(TITLE, body, Path(tmp) / "BENCHMARKS.md")
-    elif not args.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}")
+    common.publish(TITLE, body, args.smoke, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -158,11 +158,7 @@ def report(a, rows: list[dict], sitting, tmp: Path) -> None:
         "Identical rows: rows whose tokens equal transformers' (bf16 rounding may differ).",
     ])  # fmt: skip
     print("\n" + table(rows))
-    if a.smoke:
-        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
-    elif not a.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}")
+    common.publish(TITLE, body, a.smoke, not a.no_write)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from scale_workers import LORA, SHORT, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+DOC = common.DOC
 SHAPES = list(shapes.CONFIGS)
 LOAD_METHODS, TRAIN_METHODS = ("load", "nf4"), ("full", "lora", "qlora")
 TRAIN = dict(seq_len=256, batch=1, lr=1e-4, seed=0)
@@ -254,13 +254,7 @@ def train_table(rows: list[dict], warmup: int) -> str:
 
 
 def machine(threads) -> str:
-    cpu = "unknown CPU"
-    try:
-        found = re.search(r"^Model name:\s*(.+)$", subprocess.run(["lscpu"], capture_output=True,
-                          text=True).stdout, re.M)  # fmt: skip
-        cpu = found[1].strip() if found else cpu
-    except OSError:
-        pass
+    cpu = common.cpu_model()
     versions = []
     for pkg in ("torch", "transformers", "peft"):
         versions.append(f"{pkg} {md.version(pkg)}")

@@ -112,7 +112,7 @@ def tunelab_batches(job: dict) -> list[dict]:
     """The first batches tunelab's command trains on, from its own pipeline and seed."""
     from tunelab.tokenizer.tokenizer import Tokenizer
     from tunelab.train.config import load_config
-    from tunelab.train.run import build_data
+    from tunelab.train.lm import build_data
 
     cfg = load_config(None, {
         "task": "finetune", "model": job["model"], "data.path": job["data"],

@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "one `encode()` over the whole text; batch is `encode_batch` over lines on all cores.",
     ])  # fmt: skip
     print(table)
-    if args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            common.write_section(TITLE, body, Path(tmp) / "BENCHMARKS.md")
-    elif not args.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}")
+    common.publish(TITLE, body, args.smoke, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -68,26 +68,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/common.py)
+from measure import batch_plan  # noqa: E402
+from train_workers import HANDLERS, METHODS, PRECISIONS  # noqa: E402  (what each process runs)
 
 DATA = common.SHARED / "instructions" / "instruction-data.json"
 MODEL = "smollm2-135m-instruct"
 TITLE = "Training"
-
-# name -> (tunelab method options, peft target_modules or None for full)
-METHODS = {
-    "full": ({}, None),
-    "lora-qv": ({"name": "lora", "targets": "q_proj,v_proj"}, ["q_proj", "v_proj"]),
-    "lora-all": ({"name": "lora", "targets": "all-linear"}, "all-linear"),
-    "qlora": ({"name": "qlora", "targets": "all-linear", "bits": "nf4"}, None),
-}
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-# precision row -> (tunelab train options, TRL flags, label)
-PRECISIONS = {
-    "fp32": ({"train.precision": "fp32", "train.autocast": "off"}, {"bf16": False, "fp16": False},
-             "fp32"),
-    "bf16": ({"train.precision": "fp32", "train.autocast": "bf16"}, {"bf16": True, "fp16": False},
-             "bf16 autocast, fp32 weights"),
-}  # fmt: skip
 # variant -> (worker, environment, label)
 VARIANTS = {
     "tunelab": ("tunelab", "shipped", "tunelab (as shipped)"),
@@ -95,195 +81,6 @@ VARIANTS = {
     "trl": ("trl", "reference", "TRL SFTTrainer, same work"),
     "trl-defaults": ("trl", "reference", "TRL as its defaults ship"),
 }
-
-
-def batch_plan(n_records: int, batch: int, seed: int, steps: int) -> list[list[int]]:
-    """Record indices of the first `steps` batches tunelab's Batches takes (all records train)."""
-    from tunelab.data.batching import Batches
-
-    b = Batches([{"input_ids": [0]}] * n_records, batch, pad_id=0, seed=seed)
-    plan, epoch = [], 0
-    while len(plan) < steps:
-        plan += b.plan(epoch)
-        epoch += 1
-    return plan[:steps]
-
-
-def count_params(model) -> dict:
-    """Base (frozen or not, quantized or not) and trainable parameter counts."""
-    from tunelab.adapt.estimate import param_report
-
-    report = param_report(model)  # counts NF4 weights (buffers) too, tied weights once
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return {"base": report["total_params"] - lora, "trainable": report["trainable_params"]}
-
-
-class Meter:
-    """A loop callback that only observes: clock, tokens and RSS at the start of each step;
-    optionally a torch.profiler over step `profile_at`."""
-
-    def __init__(self, end: int, profile_at: int | None = None):
-        self.end, self.profile_at, self.prof = end, profile_at, None
-        self.marks: list[float] = []
-        self.tokens: list[int] = []
-        self.peaks = (0.0, 0.0)
-        self.params: dict = {}
-        self.profile = ""
-
-    def on_start(self, trainer) -> None:
-        self.params = count_params(trainer.model)
-
-    def on_step(self, trainer, step: int) -> None:
-        if step == 0:
-            common.reset_peak()
-        if self.prof is not None:
-            self.prof.__exit__(None, None, None)
-            self.profile = self.prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=30
-            )
-            self.prof = None
-        if step == self.end:
-            self.peaks = (common.peak_rss_mb(), common.train_peak_mb())
-        self.marks.append(time.perf_counter())
-        self.tokens.append(trainer.tokens)
-        if step == self.profile_at:
-            from torch.profiler import ProfilerActivity, profile
-
-            self.prof = profile(activities=[ProfilerActivity.CPU])
-            self.prof.__enter__()
-
-    def on_resume(self, trainer, step: int) -> None:
-        pass
-
-    def on_optimizer(self, trainer) -> None:
-        pass
-
-
-# -- workers: one framework per process ---------------------------------------------------------
-def worker_tunelab(a: dict) -> dict:
-    from tunelab.train.config import load_config
-    from tunelab.train.run import run_training
-
-    total = a["warmup"] + a["steps"]
-    method = METHODS[a["method"]][0]
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        cfg = load_config(None, {
-            "task": "finetune", "model": a["model"], "data.path": a["data"],
-            "data.val_fraction": 0.0, "data.pack": False, "data.group_by_length": False,
-            "train.seq_len": a["seq_len"], "train.batch_size": a["batch"], "train.grad_accum": 1,
-            "train.max_steps": total + 1, "train.lr": a["lr"], "train.warmup_steps": 0,
-            "train.schedule": "constant", "train.weight_decay": 0.0, "train.clip": 1.0,
-            "train.betas": [0.9, 0.999], "train.dropout": 0.0,
-            "train.activation_checkpointing": False, "train.eval_every": None,
-            "train.save_every": None, "train.log_every": 1, "train.device": "cpu",
-            "train.seed": a["seed"], "out": str(Path(tmp) / "run"),
-            **PRECISIONS[a["precision"]][0],
-            **{f"method.{k}": v for k, v in ({**method, **LORA} if method else {}).items()},
-        })  # fmt: skip
-        meter = Meter(total, profile_at=a["warmup"] if a.get("profile") else None)
-        summary = run_training(cfg, callbacks=[meter])
-        records = [
-            json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
-        ]
-    if summary["data"]["train_examples"] != a["n_records"]:
-        raise SystemExit(f"tunelab kept {summary['data']['train_examples']} of {a['n_records']} "
-                         "records, so TRL's batch order would not match")  # fmt: skip
-    real = [b - a_ for a_, b in zip(meter.tokens, meter.tokens[1:])]
-    losses = [r["loss"] for r in records if "loss" in r and r.get("split") != "val"][:total]
-    out = result(a, real, meter.marks[1:], losses, meter.params)
-    out["peak_rss_mb"], out["train_peak_mb"] = meter.peaks
-    out["profile"] = meter.profile
-    return out
-
-
-def worker_trl(a: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    from tunelab.data.templates import instruction_messages
-
-    total = a["warmup"] + a["steps"]
-    records = json.loads(Path(a["data"]).read_text())
-    rows = []
-    for i in (i for batch in a["plan"] for i in batch):
-        r = records[i]
-        user, answer = instruction_messages(r["instruction"], r.get("input") or "", r["output"])
-        rows.append({"prompt": [user], "completion": [answer]})
-    torch.manual_seed(a["seed"])
-    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(a["model"])
-    marks, rss = [], []
-    peft_config = None
-    if METHODS[a["method"]][1] is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                 lora_dropout=LORA["dropout"], bias="none", task_type="CAUSAL_LM",
-                                 target_modules=METHODS[a["method"]][1])  # fmt: skip
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            common.reset_peak()
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
-            rss.append((common.peak_rss_mb(), common.train_peak_mb()))
-
-    # like for like: every setting that changes the work, set; "defaults" leaves gradient
-    # checkpointing and bf16/fp16 as TRL ships them
-    same = {"gradient_checkpointing": False, **PRECISIONS[a["precision"]][1]}
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        args = SFTConfig(
-            output_dir=tmp, max_length=a["seq_len"], truncation_mode="keep_start",
-            per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
-            max_steps=total, learning_rate=a["lr"], lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-            weight_decay=0.0, max_grad_norm=1.0, packing=False, padding_free=False,
-            pad_to_multiple_of=None, completion_only_loss=True, assistant_only_loss=False,
-            loss_type="nll", activation_offloading=False, use_liger_kernel=False,
-            torch_compile=False, use_cpu=True, report_to="none",
-            logging_steps=1, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
-            seed=a["seed"], train_sampling_strategy="sequential", shuffle_dataset=False,
-            disable_tqdm=True, **({} if a["trl_mode"] == "defaults" else same),
-        )  # fmt: skip
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[Clock()],
-                             peft_config=peft_config)  # fmt: skip
-        real, collate = [], trainer.data_collator
-
-        def counting(examples):
-            batch = collate(examples)
-            real.append(int(batch["attention_mask"].sum()))
-            return batch
-
-        trainer.data_collator = counting
-        trainer.train()
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        params = count_params(trainer.model)
-        settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16", "fp16")}
-    out = result(a, real[:total], marks[1:], losses, params)
-    out["peak_rss_mb"], out["train_peak_mb"] = rss[total - 1]  # at the end of the last timed step
-    out["settings"] = settings
-    return out
-
-
-def result(a, real, ends, losses, params) -> dict:
-    """Figures from the real tokens and end time of each step (ends[k]: end of step k)."""
-    w, total = a["warmup"], a["warmup"] + a["steps"]
-    if len(real) < total or len(ends) < total:
-        raise SystemExit(f"saw {len(real)} batches and {len(ends)} steps, expected {total}")
-    first = max(w, 1)  # with no warm-up, step 0 is still untimed: its start is not marked alike
-    seconds = ends[total - 1] - ends[first - 1]
-    return dict(tokens_per_s=sum(real[first:total]) / seconds, seconds=seconds,
-                real_per_batch=statistics.mean(real[:total]), load_peak_mb=common.PEAK_BEFORE_RESET[0],
-                first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                params=params, batch_tokens=real[:total])  # fmt: skip
-
-
-HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}
 
 
 # -- the parent: machine peak, subprocesses, the table ---------------------------------------------
@@ -488,10 +285,7 @@ def run(a, argv, tmp: Path) -> None:
     print("\n" + table(rows, peak))
     if a.smoke:
         print("\n" + body)
-        common.write_section(TITLE, body, tmp / "BENCHMARKS.md")  # the writer runs, docs/ do not
-    elif not a.no_write:
-        common.write_section(TITLE, body)
-        print(f"\nwritten to {common.DOC}")
+    common.publish(TITLE, body, a.smoke, not a.no_write)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,48 @@ def test_the_command_restarts_after_parsing_and_not_for_help_or_system(monkeypat
     assert (
         "keep_freed_memory" not in Trainer.__init__.__code__.co_names
     )  # the command's, not the loop's
+
+
+def test_auto_keeps_freed_memory_below_a_billion_parameters_only():
+    assert allocator.for_model("auto", None) == "keep"  # unknown size: the small-model setting
+    assert allocator.for_model("auto", allocator.LARGE - 1) == "keep"
+    assert allocator.for_model("auto", allocator.LARGE) == "system"
+    assert allocator.for_model("keep", 10 * allocator.LARGE) == "keep"  # asked for: as asked
+    assert allocator.for_model("system", 1) == "system"
+
+
+def test_the_command_decides_auto_by_the_size_of_the_model_it_names(monkeypatch, tmp_path):
+    import json
+
+    from tunelab.cli import main
+
+    calls = []
+
+    def execve(*a):
+        calls.append(a[1][3:])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(allocator.os, "execve", execve)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    for k in [*allocator.MALLOC_ENV, "TUNELAB_MALLOC"]:
+        monkeypatch.delenv(k, raising=False)
+    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000,
+              intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+              max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+    for name, (width, layers) in {"big": (2048, 22), "small": (256, 2)}.items():
+        (tmp_path / name).mkdir()
+        cfg = dict(hf, hidden_size=width, num_hidden_layers=layers)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    big, small = str(tmp_path / "big"), str(tmp_path / "small")
+    # 1.1B parameters from the config alone (no weights needed): glibc's defaults, no restart
+    assert main(["finetune", "--model", big, "--max-steps", "0"], restart=True) == 2
+    assert calls == []
+    recipe = tmp_path / "study.yaml"
+    recipe.write_text(
+        f"study: s\nexperiments:\n  - name: a\n    task: pretrain\n    models: [{big}]\n"
+    )
+    main(["study", str(recipe), "--out", str(tmp_path / "s")], restart=True)
+    assert calls == []  # a study sized by the largest model of its recipe
+    with pytest.raises(SystemExit):
+        main(["finetune", "--model", small, "--max-steps", "0"], restart=True)
+    assert calls and calls[-1][:3] == ["finetune", "--model", small]

@@ -60,6 +60,13 @@ CASES = [
     ("evaluate counting --model {model} --counter yolo --out {out}", 2, "--counter 'yolo'"),
     ("image generate --model {missing} --prompt x --out {out}", 2, "no such model folder"),
     ("image generate --model {user} --prompt x --out {out}", 2, "not an image model"),
+    ("study {recipe} --out {file}", 2, "is a file; give a folder for the study"),
+    ("study {recipe} --out {file}/s", 2, "(a file, not a folder)"),
+    ("compare --models {model} --eval perplexity --out {file}/s", 2, "(a file, not a folder)"),
+    ("tokenizer train --data {corpus} --out {file}", 2, "is a file; give a folder for the tokenizer"),
+    ("tokenizer train --data {corpus} --out {file}/tok", 2, "cannot write in"),
+    ("generate --model {model} --max-new-tokens 1 --prompt " + "the-film-" * 60, 2,
+     "prompt is 240 tokens, longer than the model's context of 128"),
 ]  # fmt: skip
 
 
@@ -85,11 +92,13 @@ def paths(tmp_path_factory):
     (root / "a-file").write_text("keep me")
     recipe = {"experiments": [{"name": "../escape", "task": "perplexity", "models": ["x"]}]}
     (root / "bad.yaml").write_text(json.dumps(recipe))
+    ppl = {"name": "ppl", "task": "perplexity", "models": [str(root / "decoder")]}
+    (root / "good.yaml").write_text(json.dumps({"experiments": [ppl]}))
     yield {"model": root / "decoder", "corpus": root / "corpus.txt", "out": root / "new-out",
            "reviews": root / "reviews.jsonl", "oneclass": root / "oneclass.jsonl",
            "empty": root / "empty.jsonl", "user": root / "user", "file": root / "a-file",
-           "missing": root / "missing.txt", "badrecipe": root / "bad.yaml", "root": root,
-           "unicorn": root / "unicorn.yaml", "nonumber": root / "nonumber.yaml"}  # fmt: skip
+           "missing": root / "missing.txt", "badrecipe": root / "bad.yaml", "recipe": root / "good.yaml",
+           "root": root, "unicorn": root / "unicorn.yaml", "nonumber": root / "nonumber.yaml"}  # fmt: skip
     if saved is None:
         os.environ.pop("TUNELAB_CACHE")
     else:

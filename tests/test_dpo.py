@@ -1,314 +1,25 @@
-"""Preference alignment: losses against TRL, pair scoring, references, agreement, the CLI."""
+"""Alignment runs: the DPO reference model (precomputed or live, LoRA or full, cached), and
+training end to end through the loop and the CLI."""
 
 import json
-import os
-import random
-from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_prefs import align_cfg  # noqa: I001 - tests/ is on sys.path
 
 from tunelab.adapt import apply_method
 from tunelab.cli import main
 from tunelab.data import load_records
 from tunelab.data.preference import collate_pairs, pair_logps
-from tunelab.errors import DataError
-from tunelab.model.checkpoint import save_model_dir
-from tunelab.model.config import ModelConfig, preset
+from tunelab.model.config import preset
 from tunelab.model.heads import build_model
-from tunelab.tokenizer.bpe import BPETokenizer
 from tunelab.tokenizer.tokenizer import Tokenizer
 from tunelab.train.align import AlignTask
 from tunelab.train.config import load_config
-from tunelab.train.objectives import preference_loss
-from tunelab.train.pairs import encode_pairs, split_prompt
+from tunelab.train.pairs import encode_pairs
 from tunelab.train.reference import REFERENCE_FILE, cached_reference, live_reference
-from tunelab.train.run import init_weights, run_training
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences"
-WORDS = "the a film plot hero villain city storm love war ship island night river king".split()
-GOOD, BAD = "hero king ship .", "storm war night ."
-
-
-def _words(rng, n):
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    saved = os.environ.get("TUNELAB_CACHE")
-    os.environ["TUNELAB_CACHE"] = str(root / "cache")
-    rng = random.Random(0)
-    tok = BPETokenizer.train([_words(rng, 12) + "." for _ in range(200)], vocab_size=300,
-                             special_tokens=["<|endoftext|>"])  # fmt: skip
-    tok.save(root / "tok")
-    (root / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    tokenizer = Tokenizer.from_dir(root / "tok")
-    torch.manual_seed(0)
-    cfg = preset("llama-tiny", vocab_size=tokenizer.vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                 d_model=64, d_ff=128, max_seq_len=256, eos_token_id=tokenizer.eos_id)  # fmt: skip
-    model = build_model(cfg)
-    init_weights(model)
-    save_model_dir(model, tokenizer, root / "base")
-    # Learnable preference: the chosen answer always ends with GOOD, the rejected with BAD.
-    with open(root / "prefs.jsonl", "w") as f:
-        for i in range(80):
-            head = _words(rng, rng.randint(1, 4))
-            f.write(json.dumps({"prompt": f"{_words(rng, 4)} {i}?", "chosen": f" {head} {GOOD}",
-                                "rejected": f" {head} {BAD}"}) + "\n")  # fmt: skip
-    yield root
-    if saved is None:
-        os.environ.pop("TUNELAB_CACHE")
-    else:
-        os.environ["TUNELAB_CACHE"] = saved
-
-
-def align_cfg(setup, out, **over):
-    base = {"task": "align", "model": str(setup / "base"), "data.path": str(setup / "prefs.jsonl"),
-            "out": str(out), "train.seq_len": 64, "train.batch_size": 4, "train.lr": 1e-3,
-            "train.max_steps": 3, "train.warmup_steps": 0, "train.device": "cpu",
-            "data.val_fraction": 0.2}  # fmt: skip
-    return load_config(None, {**base, **over})
-
-
-# ---- losses: value and gradient equal TRL's on the same log-probs -----------------------------
-
-
-def _per_token(b=5, t=9, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(2 * b, t - 1, generator=g) > 0.3).double()
-    mask[:, 0] = 1
-    logps = (-3 * torch.rand(2 * b, t - 1, generator=g, dtype=torch.float64)).requires_grad_()
-    ref = -10 * torch.rand(2, b, generator=g, dtype=torch.float64)
-    return logps, mask, ref
-
-
-def _trl_dpo(loss_type, beta, logps, mask, ref):
-    """TRL DPOTrainer._compute_loss on given per-token log-probs (precomputed reference)."""
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    n, t = mask.shape[0], mask.shape[1] + 1
-    completion = torch.zeros(n, t, dtype=torch.long)
-    completion[:, 1:] = mask.long()
-    out = SimpleNamespace(log_probs=logps * mask, entropy=torch.zeros(n, t - 1),
-                          mean_logits=torch.zeros(n, t - 1),
-                          is_top1=torch.zeros(n, t - 1, dtype=torch.bool))  # fmt: skip
-    acc = SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x)
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=acc, precompute_ref_logps=True,
-        ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=0.0, use_weighting=False, aux_loss_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
-    )  # fmt: skip
-    inputs = dict(input_ids=torch.zeros(n, t, dtype=torch.long), attention_mask=completion * 0 + 1,
-                  completion_mask=completion, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1])  # fmt: skip
-    return DPOTrainer._compute_loss(trainer, lambda **kw: out, inputs, False)
-
-
-def _trl_cdpo(beta, smoothing, logps, mask, ref):
-    """Conservative DPO as TRL writes it (its sigmoid loss with label smoothing, in CPOTrainer),
-    fed the log-ratios so that its margin is DPO's."""
-    from trl.experimental.cpo.cpo_trainer import CPOTrainer
-
-    b = ref.shape[1]
-    seq = (logps * mask).sum(1)
-    trainer = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device="cpu"),
-                              loss_type="sigmoid", beta=beta, label_smoothing=smoothing)  # fmt: skip
-    return CPOTrainer.cpo_loss(trainer, seq[:b] - ref[0], seq[b:] - ref[1])[0].mean()
-
-
-def _ours(name, beta, smoothing, logps, mask, ref):
-    b = ref.shape[1]
-    seq, tokens = (logps * mask).sum(1), mask.sum(1)
-    loss = preference_loss(name, seq[:b], seq[b:], ref[0], ref[1], beta=beta,
-                           label_smoothing=smoothing, chosen_tokens=tokens[:b],
-                           rejected_tokens=tokens[b:])  # fmt: skip
-    return loss.sum() / b  # the loop sums over pairs and divides by the pair count
-
-
-@pytest.mark.parametrize(
-    "name,smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
-)
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_losses_and_gradients_match_trl(name, smoothing, beta):
-    pytest.importorskip("trl")
-    logps, mask, ref = _per_token(seed=int(beta * 10))
-    if smoothing:
-        theirs = _trl_cdpo(beta, smoothing, logps, mask, ref)
-    else:
-        theirs = _trl_dpo({"dpo": "sigmoid"}.get(name, name), beta, logps, mask, ref)
-    (g_theirs,) = torch.autograd.grad(theirs, logps)
-    ours = _ours(name, beta, smoothing, logps, mask, ref)
-    (g_ours,) = torch.autograd.grad(ours, logps)
-    assert abs(float(ours) - float(theirs)) < 1e-6
-    assert (g_ours - g_theirs).abs().max() < 1e-6
-
-
-# ---- scoring pairs: one row per pair equals scoring each sequence alone ----------------------
-
-
-FAMILIES = {
-    "llama": dict(family="llama", n_kv_head=2),
-    "gpt2": dict(family="gpt2", pos="learned", norm="layernorm", mlp="gelu", act="gelu_tanh",
-                 qkv_bias=True, tie_embeddings=True),
-    "mistral": dict(family="mistral", n_kv_head=2, sliding_window=5),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_pair_logps_equal_hand_computation(family):
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, d_ff=64,
-                                    max_seq_len=64, **FAMILIES[family])).eval()  # fmt: skip
-    g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
-    pairs = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
-             for p, c, r in ((5, 3, 6), (1, 4, 1), (9, 2, 2))]  # fmt: skip
-    with torch.no_grad():
-        chosen, rejected = pair_logps(model, collate_pairs(pairs, pad_id=0))
-        for i, pair in enumerate(pairs):
-            for side, got in (("chosen", chosen[i]), ("rejected", rejected[i])):
-                seq = pair["prompt"] + pair[side]
-                logp = torch.log_softmax(model(torch.tensor([seq])).float(), -1)[0]
-                # every response token, the last (EOS) included; no prompt token
-                hand = sum(float(logp[j - 1, seq[j]]) for j in range(len(pair["prompt"]), len(seq)))
-                assert abs(float(got) - hand) < 1e-4, (family, i, side)
-
-
-# ---- data: pairs, splitting, errors -----------------------------------------------------------
-
-
-def test_encoding_plain_chat_and_split(setup):
-    tok = Tokenizer.from_dir(setup / "tok")
-    cfg = load_config(None, {"train.seq_len": 64})
-    recs = [{"prompt": "the film", "chosen": " hero.", "rejected": " storm.", "_source": "x", "_line": 1},
-            {"prompt": [{"role": "user", "content": "the film"}], "chosen": "hero.",
-             "rejected": [{"role": "assistant", "content": "storm."}], "_source": "x", "_line": 2},
-            {"instruction": "the film", "input": "", "chosen": "a", "rejected": "a", "_line": 3},
-            {"chosen": "the film: hero king", "rejected": "the film: storm", "_line": 4}]  # fmt: skip
-    plain, chat, split = encode_pairs(recs, tok, cfg)  # the identical pair (line 3) is dropped
-    assert plain["prompt"] == tok.encode("the film", False)
-    assert plain["chosen"][-1] == tok.eos_id and plain["rejected"][-1] == tok.eos_id
-    assert tok.decode(plain["chosen"][:-1]) == " hero."
-    assert tok.decode(chat["prompt"], False).endswith("<|im_start|>assistant\n")
-    assert tok.decode(split["chosen"][:-1]) == " hero king"
-    assert split_prompt("Q: a? A: yes I do", "Q: a? A: yes I don't") == ("Q: a? A: yes I", " do", " don't")  # fmt: skip
-    assert split_prompt([1, 2, 3], [1, 2, 4]) == ([1, 2], [3], [4])
-
-
-@pytest.mark.parametrize("line,what", [('{"prompt": "a", "chosen": "b"}', "rejected"),
-                                       ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
-                                       ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}', "chosen")])  # fmt: skip
-def test_malformed_pair_is_a_one_line_error(setup, capsys, line, what):
-    bad = setup / "bad.jsonl"
-    bad.write_text('{"prompt": "the", "chosen": " a", "rejected": " b"}\n' + line + "\n")
-    args = ["align", "--model", str(setup / "base"), "--data", str(bad), "--out",
-            str(setup / "bad-run"), "--max-steps", "1", "--train.device", "cpu"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "bad.jsonl:2" in err and what in err and len(err.splitlines()) == 1
-    with pytest.raises(DataError, match="bad.jsonl:2"):
-        encode_pairs(load_records(bad), Tokenizer.from_dir(setup / "tok"), load_config())
-
-
-# ---- HH-RLHF dialogues and skipped pairs ------------------------------------------------------
-
-
-def _hh(*turns: str) -> str:
-    """An HH-RLHF transcript from alternating human/assistant turns."""
-    return "".join(
-        f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns)
-    )
-
-
-HH_ODD = [  # (record, why it is skipped or None)
-    ({"chosen": _hh("the film?", "a hero.", "and then?", "the king ship."),
-      "rejected": _hh("the film?", "a hero.", "and then?", "storm war night.")}, None),
-    ({"chosen": _hh("thanks.", "You're welcome.  I'd be happy to help again."),
-      "rejected": _hh("thanks.", "You're welcome.")}, None),  # rejected a strict prefix of chosen
-    ({"chosen": _hh("the city?", "a river."), "rejected": _hh("the city?", "a river.")},
-     "identical"),
-    ({"chosen": _hh("the war?", "no.", "why?", "the storm."),
-      "rejected": _hh("the war?", "yes.", "why?", "the night.")}, "prompt_mismatch"),
-    ({"chosen": _hh("the love?", ""), "rejected": _hh("the love?", "a king.")}, "empty_response"),
-    ({"prompt": "the", "chosen": " ", "rejected": " a"}, "empty_response"),
-]  # fmt: skip
-
-
-def _records(rows, source="hh.jsonl"):
-    return [{**r, "_source": source, "_line": i} for i, r in enumerate(rows, 1)]
-
-
-@pytest.mark.parametrize("template", [False, True])
-def test_hh_dialogues_split_at_the_last_assistant_turn(setup, template):
-    from tunelab.tokenizer.chat import CHATML
-
-    tok = Tokenizer.from_dir(setup / "tok")
-    tok.chat_template = CHATML if template else None
-    skipped = {}
-    recs = _records([r for r, _ in HH_ODD])
-    multi, prefix = encode_pairs(recs, tok, load_config(None, {"train.seq_len": 256}), skipped)
-    assert skipped == {"identical": ["hh.jsonl:3"], "prompt_mismatch": ["hh.jsonl:4"],
-                       "empty_response": ["hh.jsonl:5", "hh.jsonl:6"]}  # fmt: skip
-    text = lambda ids: tok.decode(ids, False)  # noqa: E731
-    if template:  # the turns as messages: user/assistant, the last assistant turn the response
-        assert text(multi["prompt"]).count("<|im_start|>user\n") == 2
-        assert text(multi["prompt"]).endswith("a hero.<|im_end|>\n<|im_start|>user\nand then?"
-                                              "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
-        assert text(prefix["chosen"]).startswith("You're welcome.  I'd be happy")
-        assert text(prefix["rejected"]).startswith("You're welcome.<|im_end|>")
-    else:  # plain text as published: the prompt ends with the last "\n\nAssistant:"
-        assert text(multi["prompt"]) == _hh("the film?", "a hero.", "and then?") + "\n\nAssistant:"
-        assert text(multi["chosen"][:-1]) == " the king ship."
-        assert text(prefix["chosen"][:-1]) == " You're welcome.  I'd be happy to help again."
-        assert text(prefix["rejected"][:-1]) == " You're welcome."
-        assert prefix["rejected"][-1] == tok.eos_id
-
-
-def test_transcript_messages_join_turns_of_one_role():
-    from tunelab.data.dialogue import is_transcript, split_transcript, transcript_messages
-
-    text = "\n\nHuman: hi\n\nAssistant: hello\n\nAssistant: again\n\nHuman: ok\n\nAssistant: x"
-    assert is_transcript(text) and not is_transcript("Human: hi") and not is_transcript("a")
-    prompt, response = split_transcript(text)
-    assert prompt.endswith("\n\nAssistant:") and response == " x"
-    assert transcript_messages(prompt) == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello\n\nagain"},
-        {"role": "user", "content": "ok"}]  # fmt: skip
-
-
-def test_unusable_pairs_are_skipped_and_counted_or_stop_a_strict_run(setup, caplog, capsys):
-    rng = random.Random(1)
-    rows = [r for r, _ in HH_ODD]
-    for _ in range(20):
-        q, a = _words(rng, 3), _words(rng, 2)
-        rows.append({"chosen": _hh(q, a, "and?", GOOD), "rejected": _hh(q, a, "and?", BAD)})
-    path = setup / "hh.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    over = {"data.path": str(path), "train.max_steps": 1, "data.val_fraction": 0.25}
-    with caplog.at_level("WARNING", logger="tunelab"):
-        summary = run_training(align_cfg(setup, setup / "hh-run", **over), task=AlignTask())
-    data = json.loads((setup / "hh-run" / "summary.json").read_text())["data"]
-    assert data == summary["data"]
-    assert data["skipped_pairs"] == 4 and data["train_examples"] + data["val_examples"] == 22
-    assert data["skipped_reasons"] == {"identical": 1, "prompt_mismatch": 1, "empty_response": 2}
-    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(lines) == 1 and "4 of 26 pairs skipped" in lines[0]
-    assert "first at hh.jsonl:3, hh.jsonl:4, hh.jsonl:5, hh.jsonl:6" in lines[0]
-    args = ["align", "--model", str(setup / "base"), "--data", str(path), "--out",
-            str(setup / "hh-strict"), "--max-steps", "1", "--train.device", "cpu", "--strict"]  # fmt: skip
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "hh.jsonl:3" in err and "same" in err and len(err.splitlines()) == 1
-    cfg = load_config(None, {"align.strict": True})
-    with pytest.raises(DataError, match="hh.jsonl:1: the dialogues differ"):
-        encode_pairs(_records(rows[3:]), Tokenizer.from_dir(setup / "tok"), cfg)
-    with pytest.raises(DataError, match="no usable preference pair left: 1 of 1 pairs skipped"):
-        encode_pairs(_records(rows[2:3]), Tokenizer.from_dir(setup / "tok"), load_config())
-
+from tunelab.train.run import run_training
 
 # ---- the reference model ----------------------------------------------------------------------
 
@@ -319,15 +30,15 @@ def _losses(out):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_precomputed_and_live_reference_give_the_same_losses(setup, method):
+def test_precomputed_and_live_reference_give_the_same_losses(prefs, method):
     over = {"method.name": method, "train.lr": 1e-2 if method == "lora" else 1e-3}
     if method == "lora":
         over["method.r"] = 4
     runs = {}
     for pre in (True, False):
-        out = setup / f"ref-{method}-{pre}"
+        out = prefs / f"ref-{method}-{pre}"
         task = AlignTask()
-        run_training(align_cfg(setup, out, **over, **{"align.precompute_ref": pre}), task=task)
+        run_training(align_cfg(prefs, out, **over, **{"align.precompute_ref": pre}), task=task)
         runs[pre], rows = _losses(out)
         assert rows[0]["reward_accuracy"] == 0.5  # step 1: every pair a tie, float noise aside
         assert ("precomputed" in task.info["reference"]) == pre
@@ -337,26 +48,26 @@ def test_precomputed_and_live_reference_give_the_same_losses(setup, method):
     assert runs[True][-1] != pytest.approx(runs[True][0], abs=1e-4)  # the policy did move
 
 
-def test_lora_reference_is_the_merged_sft_model_not_the_base(setup):
+def test_lora_reference_is_the_merged_sft_model_not_the_base(prefs):
     import tunelab
 
-    sft = setup / "sft"
-    records = [json.loads(x) for x in (setup / "prefs.jsonl").read_text().splitlines()]
-    with open(setup / "sft.jsonl", "w") as f:
+    sft = prefs / "sft"
+    records = [json.loads(x) for x in (prefs / "prefs.jsonl").read_text().splitlines()]
+    with open(prefs / "sft.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps({"instruction": r["prompt"], "output": r["chosen"]}) + "\n")
-    cfg = align_cfg(setup, sft, **{"task": "finetune", "data.path": str(setup / "sft.jsonl"),
+    cfg = align_cfg(prefs, sft, **{"task": "finetune", "data.path": str(prefs / "sft.jsonl"),
                                    "method.name": "lora", "method.r": 4, "train.lr": 3e-2,
                                    "train.max_steps": 10, "train.seq_len": 256})  # fmt: skip
     run_training(cfg)  # writes sft/final: the merged SFT weights
-    cfg = align_cfg(setup, setup / "after-sft", **{"model": str(sft / "final"),
+    cfg = align_cfg(prefs, prefs / "after-sft", **{"model": str(sft / "final"),
                                                    "method.name": "lora", "method.r": 4})  # fmt: skip
     start = tunelab.load(sft / "final")
     task = AlignTask()
     model = task.prepare(start.model, start.tokenizer, cfg)
     apply_method(model, cfg.method)
-    parts = {"train": encode_pairs(load_records(setup / "prefs.jsonl")[:8], start.tokenizer, cfg)}
-    precomputed = cached_reference(model, parts, cfg, 0, setup / "ref.safetensors")["train"]
+    parts = {"train": encode_pairs(load_records(prefs / "prefs.jsonl")[:8], start.tokenizer, cfg)}
+    precomputed = cached_reference(model, parts, cfg, 0, prefs / "ref.safetensors")["train"]
     reference, how = live_reference(model)
     assert "LoRA disabled" in how
     with torch.no_grad():  # training moves the adapter; the reference must not move with it
@@ -365,7 +76,7 @@ def test_lora_reference_is_the_merged_sft_model_not_the_base(setup):
                 p.normal_(0, 0.5)
     batch = collate_pairs(parts["train"], 0)
     sft_model = tunelab.load(sft / "final").model.eval()
-    base_model = tunelab.load(setup / "base").model.eval()
+    base_model = tunelab.load(prefs / "base").model.eval()
     with torch.no_grad():
         live = torch.stack(reference(batch))
         expected = torch.stack(pair_logps(sft_model, batch))
@@ -391,14 +102,14 @@ def test_a_frozen_adapter_is_never_disabled_for_the_reference():
     assert live_reference(model)[1].startswith("frozen copy")
 
 
-def test_reference_cache_is_reused_and_keyed(setup, monkeypatch):
+def test_reference_cache_is_reused_and_keyed(prefs, monkeypatch):
     import tunelab.train.reference as reference
 
-    cfg = align_cfg(setup, setup / "unused")
+    cfg = align_cfg(prefs, prefs / "unused")
     lm_model = build_model(preset("llama-tiny", vocab_size=300, n_layer=1, d_model=32, d_ff=64))
-    parts = {"train": encode_pairs(load_records(setup / "prefs.jsonl")[:4],
-                                   Tokenizer.from_dir(setup / "tok"), cfg)}  # fmt: skip
-    path = setup / "cache-test.safetensors"
+    parts = {"train": encode_pairs(load_records(prefs / "prefs.jsonl")[:4],
+                                   Tokenizer.from_dir(prefs / "tok"), cfg)}  # fmt: skip
+    path = prefs / "cache-test.safetensors"
     first = cached_reference(lm_model, parts, cfg, 0, path)
     monkeypatch.setattr(reference, "compute_reference", lambda *a: pytest.fail("recomputed"))
     again = cached_reference(lm_model, parts, cfg, 0, path)
@@ -413,9 +124,9 @@ def test_reference_cache_is_reused_and_keyed(setup, monkeypatch):
 # ---- end to end -------------------------------------------------------------------------------
 
 
-def test_agreement_rises_on_a_learnable_preference(setup):
-    out = setup / "learn"
-    cfg = align_cfg(setup, out, **{"train.max_steps": 30, "train.lr": 3e-3, "train.eval_every": 10,
+def test_agreement_rises_on_a_learnable_preference(prefs):
+    out = prefs / "learn"
+    cfg = align_cfg(prefs, out, **{"train.max_steps": 30, "train.lr": 3e-3, "train.eval_every": 10,
                                    "align.beta": 0.5})  # fmt: skip
     summary = run_training(cfg, task=AlignTask())
     acc, margin = summary["preference_accuracy"], summary["reward_margin"]
@@ -434,9 +145,9 @@ def test_agreement_rises_on_a_learnable_preference(setup):
 
 
 @pytest.mark.parametrize("loss", ["ipo", "hinge"])
-def test_cli_align_on_a_tiny_model_dir(setup, capsys, loss):
-    out = setup / f"cli-{loss}"
-    args = ["align", "--model", str(setup / "base"), "--data", str(setup / "prefs.jsonl"),
+def test_cli_align_on_a_tiny_model_dir(prefs, capsys, loss):
+    out = prefs / f"cli-{loss}"
+    args = ["align", "--model", str(prefs / "base"), "--data", str(prefs / "prefs.jsonl"),
             "--method", "lora", "--method.r", "4", "--loss", loss, "--beta", "0.1",
             "--label-smoothing", "0", "--precompute-ref", "--max-steps", "2", "--seq-len", "64",
             "--out", str(out), "--train.device", "cpu", "--json"]  # fmt: skip
@@ -453,23 +164,3 @@ def test_cli_align_on_a_tiny_model_dir(setup, capsys, loss):
 def test_recipe_is_a_valid_align_config(recipe):
     cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / recipe)
     assert cfg.task == "align" and cfg.align.loss in ("dpo", "ipo", "hinge")
-
-
-@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data/preferences")
-def test_shared_preference_files_encode(setup):
-    from tunelab.tokenizer.chat import CHATML
-
-    tok = Tokenizer.from_dir(setup / "tok")
-    cfg = load_config(None, {"train.seq_len": 4096})
-    rasbt = load_records(SHARED / "instruction-data-with-preference.json")
-    assert len(encode_pairs(rasbt, tok, cfg)) == len(rasbt) - 6  # 6 have chosen == rejected
-    hh = load_records(SHARED / "hh_rlhf_harmless_test_part_a.jsonl")
-    for template in (None, CHATML):  # plain text as published; messages through a template
-        tok.chat_template, skipped = template, {}
-        pairs = encode_pairs(hh, tok, cfg, skipped)
-        # PROVENANCE_hh_rlhf.md: 4 rows end on an empty Assistant turn, 4 differ earlier on
-        assert {k: len(v) for k, v in skipped.items()} == {"empty_response": 4,
-                                                           "prompt_mismatch": 4}  # fmt: skip
-        assert len(pairs) == len(hh) - 8 == 1804
-        tail = "<|im_start|>assistant\n" if template else "\n\nAssistant:"
-        assert all(tok.decode(p["prompt"], False).endswith(tail) for p in pairs)

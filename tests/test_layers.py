@@ -16,6 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 LAYERS = {
     "errors": 0,
     "paths": 0,  # output-path checks shared by model, train and cli
+    "files": 0,  # atomic writes and YAML reading, for every layer
     "tokenizer": 1,
     "hub": 1,
     # runtime/ prepares a built model's linears (FastLinear) and picks the attention backend
@@ -32,22 +33,16 @@ LAYERS = {
     "image": 3,  # text-to-image: pipelines, the tiny model, counters, counting (beside evaluate)
     "adapt": 3,
     "evaluate": 3,
+    "loading": 3,  # tunelab.load: hub, model, quantization (adapt) and runtime put together
     "train": 4,
     "study": 5,
     "cli": 6,
-    "": 7,  # tunelab/__init__.py: the public API (tunelab.load), a facade over everything
+    "": 7,  # tunelab/__init__.py: the public API, re-exporting tunelab.loading
     "__main__": 8,
 }
 
 # (importing file relative to src/tunelab, imported module) -> why it is allowed for now.
-ALLOWED = {
-    # The public API's tunelab.load used below it. Issue 19 asks that the loop not call it:
-    # load_for_training should read the model through model/checkpoint.py itself, and DTYPES
-    # (precision names) should live with the model, not in the package's __init__.
-    ("train/run.py", "tunelab"): "DTYPES and tunelab.load in load_for_training",
-    ("study/evaluations.py", "tunelab"): "tunelab.load for icl/perplexity cells",
-    ("cli/common.py", "tunelab"): "tunelab.load for the evaluate/generate commands",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def layer_of(module: str) -> str:

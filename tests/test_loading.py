@@ -155,6 +155,44 @@ def test_loading_peak_is_the_weights_plus_little(wide):
         assert held == n * size
         # the target is 1.15 x weights + 0.5 GB; at this size hold it to a far tighter bound
         assert peak - base <= 1.15 * held + 40 * 2**20, (precision, peak - base, held)
+        if precision == "bf16":  # stored as used: mapped, nothing read until it is touched
+            assert peak - base < 0.25 * held, (peak - base, held)
+
+
+def _mapped_ranges(files) -> list[tuple[int, int]]:
+    names = {str(f.resolve()) for f in files}
+    ranges = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] in names:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_weights_in_the_stored_dtype_are_mapped_in_place_and_private(tmp_path):
+    import gc
+
+    _, path = _sharded(tmp_path)  # bf16 shards
+    files = sorted(path.glob("*.safetensors"))
+    before = [f.read_bytes() for f in files]
+    model = tunelab.load(path, precision="bf16").model
+    ranges = _mapped_ranges(files)
+    params = list(model.parameters())
+    inside = [any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in params]
+    assert all(inside), f"{inside.count(False)} of {len(params)} parameters were copied"
+    with torch.no_grad():
+        for p in params:  # an optimizer step writes to the process's own copy, never the file
+            p.add_(1.0)
+    assert [f.read_bytes() for f in files] == before
+    del model, params, p
+    gc.collect()
+    assert _mapped_ranges(files) == []  # the mappings go with the tensors
+    converted = tunelab.load(path, precision="fp32").model
+    gc.collect()
+    assert _mapped_ranges(files) == []  # converted as read: no mapping is kept
+    assert {p.dtype for p in converted.parameters()} == {torch.float32}
 
 
 def test_nf4_on_read_never_holds_the_float_model(wide):

@@ -128,3 +128,17 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
     ]
     assert la != lb  # autocast really ran in bf16
     assert all(abs(x - y) < 0.05 * x for x, y in zip(la, lb))
+
+
+def test_evaluation_discards_a_ranks_filler_batch(tmp_path):
+    """Rank 1 of 2 on 5 examples scores 1 and 3, then a filler that must not count."""
+    val = [{"input_ids": x, "labels": x} for x in examples(5, seed=4)]
+    cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant")
+
+    def loss(batches):
+        trainer = Trainer(tiny_model(), causal_lm, ListBatches(examples(), 4), cfg, tmp_path,
+                          total_steps=1, val_batches=batches)  # fmt: skip
+        return trainer.evaluate()["val_loss"]
+
+    shard = Batches(val, 2, pad_id=0, shuffle=False, rank=1, world_size=2, keep_all=True)
+    assert loss(shard) == pytest.approx(loss(Batches([val[1], val[3]], 2, pad_id=0)), rel=1e-6)

@@ -108,3 +108,28 @@ def test_autocast_and_precision_choices():
     for key, bad in (("train.precision", "fp64"), ("train.autocast", "yes")):
         with pytest.raises(ConfigError, match=f"'{bad}': expected one of"):
             check_options(load_config(None, {key: bad}))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_precision_auto_takes_bf16_only_where_the_cpu_has_amx(
+    setup, tmp_path, capsys, monkeypatch, amx
+):
+    import yaml
+
+    import tunelab
+    from tunelab.runtime import precision
+
+    monkeypatch.setattr(precision, "has_amx", lambda: amx)
+    want = "bf16" if amx else "fp32"
+    out = tmp_path / "run"
+    args = ["pretrain", "--model", str(setup / "bf16"), "--data", str(setup / "text.txt"),
+            "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--seq-len", "16",
+            "--precision", "auto", "--json"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["precision"]["weights"] == want
+    assert ("AMX (amx_bf16)" if amx else "no AMX") in summary["precision"]["auto"]
+    # the run's config holds the dtype chosen, so a resume elsewhere keeps it
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == want
+    model = tunelab.load(setup / "bf16", precision="auto", runtime=None).model
+    assert next(model.parameters()).dtype == (torch.bfloat16 if amx else torch.float32)

@@ -15,6 +15,7 @@ from tiny import make_models, review
 
 from tunelab.cli import main
 from tunelab.errors import ConfigError
+from tunelab.paths import slug
 from tunelab.study.study import cells
 from tunelab.train.rundir import check_run_dir, own_run_dir
 
@@ -80,6 +81,17 @@ def test_study_names_are_slugs(name):
         cells(bad_run)
     assert cells({"experiments": [{"name": "ok-1.5", "task": "pretrain",
                                    "runs": [{"name": "lora_r8+x"}]}]})  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "name"), [
+    ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"), ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
+    ("/models/tiny.gguf", "tiny.gguf"), ("${run:domain/decoder-lora}", "decoder-lora"),
+    ("lora_r8+x", "lora-r8-x"), ("org/..hidden", "hidden"), ("a..b", "a.b"), ("a/..", ""),
+])  # fmt: skip
+def test_slug_names_a_folder_that_stays_in_its_parent(text, name):
+    assert slug(text) == name
+    grid = cells({"experiments": [{"name": "e", "task": "pretrain", "models": [text]}]})
+    assert [c["cell"] for c in grid] == ([f"{name}-full"] if name else ["full"])
 
 
 def test_lock_refuses_a_second_owner_and_never_goes_stale(tmp_path):

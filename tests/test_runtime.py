@@ -137,7 +137,7 @@ def test_a_run_records_its_runtime(monkeypatch, tmp_path, capsys):
     assert (
         rt["attention"] == "mask"
         and rt["attention_backend"] == "mask"
-        and rt["allocator"] == "keep"
+        and rt["allocator"] == "auto"
     )
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["runtime"] == {"linear": "torch", "allocator": "keep", "attention": "mask"}
+    assert config["runtime"] == {"linear": "torch", "allocator": "auto", "attention": "mask"}

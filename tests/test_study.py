@@ -125,6 +125,9 @@ def test_recipe_errors_name_the_key(setup, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="modles.*did you mean 'models'"):
         load_recipe(path)
+    path.write_text("study: x\nexperiments: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML \("):
+        load_recipe(path)
     ref = recipe(setup)
     ref["experiments"][1]["runs"][0]["model"] = "${run:domain/decoder-lroa}"
     with pytest.raises(ConfigError, match="names no earlier cell.*decoder-lora"):

@@ -75,6 +75,10 @@ def generate_ids(
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ConfigError("empty prompt: give at least one token")
     b, width = len(prompts), max(len(p) for p in prompts)
+    if width > model.cfg.max_seq_len:  # rotary models would go on, past what they were taught
+        which = f" {[len(p) for p in prompts].index(width) + 1} of {b}" if b > 1 else ""
+        raise ConfigError(f"prompt{which} is {width} tokens, longer than the model's context "
+                          f"of {model.cfg.max_seq_len}")  # fmt: skip
     total = width + s.max_new_tokens
     if total > model.cfg.max_seq_len and model.cfg.pos == "learned":
         raise ConfigError(

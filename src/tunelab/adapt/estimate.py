@@ -12,10 +12,10 @@ import os
 
 import torch
 
+from tunelab.adapt import METHODS
 from tunelab.errors import ConfigError, MemoryLimitError
 from tunelab.model.config import ModelConfig
 
-METHODS = ("full", "lora", "qlora", "freeze")
 LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its grads in backward)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quantization: int8 absmax, fp32 per 256

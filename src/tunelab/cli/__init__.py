@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tunelab.errors import TunelabError, closest
+from tunelab.errors import ConfigError, TunelabError, closest
 from tunelab.runtime import allocator
 
 
@@ -35,24 +35,51 @@ def entry() -> int:
 
 
 def _allocator(args) -> str:
-    """runtime.allocator as this command sets it: a flag, else its --config or --resume run's
-    config.yaml, else keep (TUNELAB_MALLOC overrides, in allocator_choice)."""
-    import yaml
-
+    """keep or system for this command: runtime.allocator from a flag, else its --config or
+    --resume run's config.yaml, else auto (TUNELAB_MALLOC overrides, in allocator_choice);
+    auto decides by the size of the largest model the command names."""
     chosen = getattr(args, "runtime.allocator", None)
-    files = [getattr(args, "config", None)]
+    configs = [_yaml(getattr(args, "config", None))]
     if getattr(args, "resume", None) and isinstance(args.resume, str):
-        files.append(Path(args.resume) / "config.yaml")
-    for path in files if chosen is None else []:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) if path else None
-        except (OSError, yaml.YAMLError):
-            continue  # the command itself reports an unreadable config
-        section = data.get("runtime") if isinstance(data, dict) else None
+        configs.append(_yaml(Path(args.resume) / "config.yaml"))
+    for data in configs if chosen is None else []:
+        section = data.get("runtime")
         if isinstance(section, dict) and section.get("allocator"):
             chosen = section["allocator"]
             break
-    return allocator.allocator_choice(chosen)
+    choice = allocator.allocator_choice(chosen)
+    if choice != "auto":
+        return choice
+    if getattr(args, "command", None) == "study" and isinstance(getattr(args, "recipe", None), str):
+        configs.append(_yaml(args.recipe))
+    return allocator.for_model("auto", _largest(args, configs))
+
+
+def _yaml(path) -> dict:
+    from tunelab.files import read_yaml
+
+    try:
+        data = read_yaml(path) if path else None
+    except (OSError, ConfigError):
+        return {}  # the command itself reports an unreadable file
+    return data if isinstance(data, dict) else {}
+
+
+def _largest(args, configs: list[dict]) -> int | None:
+    """Parameters of the largest model named by --model, a config's model or a recipe's models
+    (None when none can be sized, e.g. offline with a hub id)."""
+    from tunelab.model.inspect import param_count
+
+    names = [getattr(args, "model", None)] + [c.get("model") for c in configs]
+    for exp in (e for c in configs for e in c.get("experiments") or [] if isinstance(e, dict)):
+        names += list(exp.get("models") or []) + [(exp.get("config") or {}).get("model")]
+    sizes = []
+    for name in {n for n in names if isinstance(n, str) and n}:
+        try:
+            sizes.append(param_count(name))
+        except (TunelabError, OSError, ValueError):
+            continue
+    return max(sizes, default=None)
 
 
 def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
@@ -94,7 +121,8 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
                 sub.error(f"unrecognized arguments: {' '.join(rest)}{closest(unknown, options)}")
             for flag, value in zip(rest[::2], rest[1::2]):
                 setattr(args, flag.lstrip("-"), value)
-        if restart and _allocator(args) == "keep":  # parsed: --help and usage errors never get here
+        # parsed: --help and usage errors never get here; a restarted process does not size again
+        if restart and not allocator.active() and _allocator(args) == "keep":
             allocator.reexec(sys.argv[1:] if argv is None else argv)
         args.func(args)
     except TunelabError as e:

@@ -61,7 +61,10 @@ def model_args(p: argparse.ArgumentParser) -> None:
         "--model", default="smollm2-135m-instruct", help="model name, directory, .gguf or hub id"
     )
     p.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype"
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "auto"],
+        help="weights dtype; auto: bf16 on CPUs with AMX and GPUs with bf16, else fp32 [fp32]",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -86,9 +89,9 @@ def sampling(a):
 
 
 def load_model(a):
-    import tunelab
+    from tunelab.loading import load
 
-    return tunelab.load(a.model, precision=a.precision, device=a.device)
+    return load(a.model, precision=a.precision, device=a.device)
 
 
 def emit(a, result: dict, text: str) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tunelab.adapt import METHODS
 from tunelab.cli.common import (
     EPILOG,
     at_least,
@@ -99,8 +100,10 @@ def cmd_export(a) -> None:
 def cmd_tokenizer_train(a) -> None:
     """Train our byte-level BPE on text files; writes tokenizer.json + tokenizer_config.json."""
     from tunelab.evaluate.perplexity import read_texts
+    from tunelab.paths import check_folder_out
     from tunelab.tokenizer.bpe import BPETokenizer
 
+    check_folder_out(a.out, "the tokenizer")  # before training it, not after
     text = read_texts(a.data)
     tok = BPETokenizer.train(text.split("\n\n"), a.vocab_size, special_tokens=a.special)
     tok.save(a.out)
@@ -226,7 +229,7 @@ def register(sub) -> None:
         description=ESTIMATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     model_args(p)
-    p.add_argument("--method", default="full", choices=["full", "lora", "qlora", "freeze"])
+    p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--seq-len", type=at_least(1), default=512)
     p.add_argument("--batch", type=at_least(1), default=1)
     p.add_argument("--lora-r", type=at_least(1), default=8)

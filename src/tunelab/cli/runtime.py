@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--rerun", action="store_true", help="measure again (a few seconds)")
     p.add_argument("--linear", default="auto", choices=["auto", "torch", "onednn"],
                    help="resolve this runtime.linear value [auto]")  # fmt: skip
-    p.add_argument("--allocator", default="keep", choices=["keep", "system"], help="[keep]")
+    p.add_argument("--allocator", default="auto", choices=["auto", "keep", "system"], help="[auto]")
     p.add_argument("--attention", default="auto", choices=["auto", "rows", "mask", "nested"],
                    help="[auto]")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

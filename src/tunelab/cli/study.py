@@ -52,10 +52,12 @@ def _finish(a, study_dir: Path, results: dict) -> None:
 
 
 def cmd_study(a) -> None:
+    from tunelab.paths import check_folder_out
     from tunelab.study.study import Study, load_recipe
 
     recipe = load_recipe(a.recipe, quick=a.quick)
     out = Path(a.out or f"studies/{recipe.get('study', Path(a.recipe).stem)}")
+    check_folder_out(out, "the study")
     results = Study(recipe, out).run()
     _finish(a, out, results)
 
@@ -113,8 +115,10 @@ def print_paired(pairs: list[dict]) -> None:
 
 def cmd_compare(a) -> None:
     from tunelab.errors import ConfigError
+    from tunelab.paths import check_folder_out
     from tunelab.study.study import Study
 
+    check_folder_out(a.out, "the study")
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     evals = [e.strip() for e in a.eval.split(",")]
     for e in evals:

@@ -26,6 +26,7 @@ SWITCHES = {"--activation-checkpointing": "train.activation_checkpointing"}
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from tunelab.adapt import METHODS
     from tunelab.train.config import option_docs
 
     p.add_argument("--config", type=Path, help="YAML recipe (see recipes/); flags override it")
@@ -36,7 +37,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     docs = {key: (default, doc) for key, default, doc, _ in option_docs()}
     docs["method.name"] = (
         "full",
-        "full, lora, qlora or freeze; options as --method.KEY VALUE (e.g. --method.r 16)",
+        f"{', '.join(METHODS[:-1])} or {METHODS[-1]}; options as --method.KEY VALUE "
+        "(e.g. --method.r 16)",
     )
     short = p.add_argument_group("common options (aliases of the dotted keys below)")
     for flag, key in ALIASES.items():

@@ -9,7 +9,7 @@ from tunelab.data.batching import (
     pack,
     tokenizer_fingerprint,
 )
-from tunelab.data.load import load_records, require_fields, split_records, where
+from tunelab.data.load import load_records, load_split, require_fields, split_records, where
 from tunelab.data.templates import (
     IGNORE,
     EncodeStats,
@@ -36,6 +36,7 @@ __all__ = [
     "encode_texts",
     "file_fingerprint",
     "load_records",
+    "load_split",
     "pack",
     "require_fields",
     "split_records",

@@ -7,16 +7,19 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from tunelab.data.templates import IGNORE
 from tunelab.errors import DataError
+from tunelab.files import atomic_file
 from tunelab.tokenizer.tokenizer import Tokenizer
 
-IGNORE = -100
+# Marks a batch that `Batches(keep_all=True)` hands a rank with no examples left: the rank
+# runs it only to stay in step with the others (FSDP gathers weights in every forward).
+FILLER = "filler"
 _SEQUENCE_KEYS = ("input_ids", "labels", "segment_ids", "position_ids")
 
 
@@ -103,6 +106,11 @@ class Batches:
     shards per rank, and a resumable position (state_dict / load_state_dict).
 
     Iterating runs the rest of the current epoch and then moves to the next one.
+
+    keep_all (for evaluation): no example is dropped to even out the shards, so the ranks
+    together see the whole set whatever its size. Every rank still gets the same number of
+    batches; one whose share of the last global batch is empty gets a batch marked FILLER,
+    whose results it must discard.
     """
 
     def __init__(
@@ -120,6 +128,7 @@ class Batches:
         pad_to_multiple_of: int | None = None,
         mega_batch_mult: int = 50,
         collate_fn: Callable[[list[dict]], dict] | None = None,
+        keep_all: bool = False,
     ):
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be >= 1")
@@ -130,7 +139,7 @@ class Batches:
         self.examples, self.batch_size = examples, batch_size
         self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.mega_batch_mult = mega_batch_mult
+        self.mega_batch_mult, self.keep_all = mega_batch_mult, keep_all
         self.collate_fn = collate_fn or (
             lambda b: collate(b, pad_id, pad_to_multiple_of=pad_to_multiple_of)
         )
@@ -143,18 +152,21 @@ class Batches:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        usable = len(self.examples) - len(self.examples) % self.world_size
+        usable = len(self.examples)
+        if not self.keep_all:
+            usable -= usable % self.world_size
         per_step = self.batch_size * self.world_size
         return usable // per_step if self.drop_last else -(-usable // per_step)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        """This rank's batches in an epoch, as example indices."""
+        """This rank's batches in an epoch, as example indices (keep_all: [] for a filler)."""
         order = list(range(len(self.examples)))
         rng = random.Random(f"{self.seed}/{epoch}")  # str seeds are stable across processes
         if self.shuffle:
             rng.shuffle(order)
         # Equal shares keep ranks in lockstep; the few dropped differ from epoch to epoch.
-        order = order[: len(order) - len(order) % self.world_size]
+        if not self.keep_all:
+            order = order[: len(order) - len(order) % self.world_size]
         step = self.batch_size * self.world_size
         if self.group_by_length:
             mega = step * self.mega_batch_mult
@@ -178,6 +190,9 @@ class Batches:
             indices = plan[self.index]
             # Advance before yielding: a checkpoint taken after this batch resumes at the next.
             self.index += 1
+            if not indices:
+                yield self.collate_fn(self.examples[:1]) | {FILLER: True}
+                continue
             yield self.collate_fn([self.examples[i] for i in indices])
         self.epoch, self.index = self.epoch + 1, 0
 
@@ -241,18 +256,6 @@ def cached_encode(key_parts: dict, fn: Callable[[], list[dict]]) -> list[dict]:
             pass  # a damaged entry is recomputed and overwritten, never fatal
     examples = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temp file and renamed, so a kill never leaves a half entry to be read.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes it private; the cache reads like any file
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {"key": key_parts, "examples": examples}, f, separators=(",", ":"), default=str
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:  # a kill never leaves a half entry
+        json.dump({"key": key_parts, "examples": examples}, f, separators=(",", ":"), default=str)
     return examples

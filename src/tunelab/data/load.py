@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from tunelab.errors import DataError, closest
+from tunelab.errors import ConfigError, DataError, closest
 
 _SUFFIXES = {
     ".txt": "text",
@@ -270,3 +270,16 @@ def split_records(
     train = [r for i, r in enumerate(records) if i not in val_idx]
     val = [r for i, r in enumerate(records) if i in val_idx]
     return train, val
+
+
+def load_split(path: str | None, val_path: str | None, val_fraction: float, seed: int, *,
+               fmt: str | None = None, text_mode: str = "file",
+               what: str = "training") -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
+    """(every record of path, train, val): val_path's records validate when given, else a
+    seeded split of path's. `what` names the data in the error when there is no path."""
+    if not path:
+        raise ConfigError(f"no {what} data: give --data PATH (or data.path in the recipe)")
+    records = load_records(path, fmt=fmt, text_mode=text_mode)
+    if val_path:
+        return records, records, load_records(val_path, fmt=fmt, text_mode=text_mode)
+    return records, *split_records(records, val_fraction, seed)

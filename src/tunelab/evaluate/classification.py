@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.files import atomic_file
+
 
 def bootstrap_interval(correct: list[int], level: float = 0.95, resamples: int = 1000,
                        seed: int = 0) -> list[float]:  # fmt: skip
@@ -77,8 +79,7 @@ def predict(model, batches) -> tuple[list[int], torch.Tensor]:
 def write_predictions(path: str | Path, records: list[dict], gold: list[int], probs: torch.Tensor,
                       labels: list[str], text_field: str = "text") -> None:  # fmt: skip
     """One JSON line per example: id, text, gold, predicted, probabilities; for error analysis."""
-    path, tmp = Path(path), Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for i, (record, g, p) in enumerate(zip(records, gold, probs.tolist())):
             row = {
                 "id": record.get("id", i),
@@ -88,7 +89,6 @@ def write_predictions(path: str | Path, records: list[dict], gold: list[int], pr
                 "probabilities": {name: round(q, 6) for name, q in zip(labels, p)},
             }
             f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
 
 
 def summarize_folds(results: list[dict]) -> dict:

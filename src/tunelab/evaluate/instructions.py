@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from tunelab.files import atomic_file
 from tunelab.generate import Sampling, generate_from_ids
 from tunelab.instructions.score import score, summarize
 
@@ -57,8 +58,7 @@ def evaluate_instructions(model, tokenizer, records: list[dict], s: Sampling,
 
 def write_responses(path: Path, records: list[dict], responses: list[str], scores: list) -> None:
     """responses.jsonl: prompt, response and each instruction's verdicts, strict and loose."""
-    tmp = Path(path).with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r, text, sc in zip(records, responses, scores):
             verdicts = [{"id": iid, "kwargs": kw, "strict": st, "loose": lo}
                         for iid, kw, st, lo in zip(r["instruction_id_list"], r["kwargs"],
@@ -67,7 +67,6 @@ def write_responses(path: Path, records: list[dict], responses: list[str], score
                                 "follow_all_strict": all(sc["strict"]),
                                 "follow_all_loose": all(sc["loose"]),
                                 "instructions": verdicts}, ensure_ascii=False) + "\n")  # fmt: skip
-    tmp.replace(path)
 
 
 def measure_instructions(model, tokenizer, path: str, limit: int | None = None,

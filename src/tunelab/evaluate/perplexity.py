@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tunelab.data.templates import IGNORE
 from tunelab.errors import DataError
 from tunelab.model.heads import require_causal
 
@@ -66,7 +67,7 @@ def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_siz
         group = spans[i : i + batch_size]
         width = max(e - b for b, e, _ in group)
         x = torch.zeros(len(group), width, dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        labels = torch.full((len(group), width), IGNORE, dtype=torch.long)
         mask = torch.zeros(len(group), width, dtype=torch.long)
         for row, (b, e, n_new) in enumerate(group):
             x[row, : e - b] = torch.tensor(ids[b:e])
@@ -77,9 +78,9 @@ def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_siz
         targets = labels[:, 1:].to(device)  # the first token of a window has no prediction
         # (N, V) rows: the (B, V, T) layout takes a log-softmax path that loses ~1e-4 in fp32.
         flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-        losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="sum")
+        losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
         nll += losses.item()
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE).sum())
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "window": window, "stride": stride}  # fmt: skip
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from tunelab.data.batching import FILLER
 from tunelab.data.preference import pair_logps
 
 METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected",
@@ -57,6 +58,8 @@ def preference_metrics(
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             pc, pr = pair_logps(model, batch)
+            if batch.get(FILLER):  # a rank's turn with nothing left of the set: scored, unused
+                continue
             if "ref_chosen" in batch:
                 rc, rr = batch["ref_chosen"], batch["ref_rejected"]
             elif reference is not None:

@@ -18,20 +18,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import ModelError
+from tunelab.files import umask
 from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
 from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
-from tunelab.paths import nearest_existing
+from tunelab.paths import check_folder_out
 from tunelab.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "tunelab.json"  # marks a directory written by tunelab (tunelab weight names)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def is_model_dir(path: Path) -> bool:
@@ -46,8 +41,7 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
     """Refuse an output folder whose replacement would remove what tunelab did not write:
     a file, a non-empty folder that is not a model, a model folder unless force."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ModelError(f"--out {path} is a file; give a folder for the model")
+    check_folder_out(path, "the model", error=ModelError)
     if path.is_dir() and any(path.iterdir()):
         if not is_model_dir(path):
             raise ModelError(
@@ -55,14 +49,11 @@ def check_model_out(path: str | Path, force: bool = False) -> None:
             )
         if not force:
             raise ModelError(f"--out {path} already holds a model; pass --force to replace it")
-    parent = nearest_existing(path)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ModelError(f"--out {path}: cannot write in {parent} (permission denied)")
 
 
 def _readable(folder: Path) -> None:
     """The user's umask on a folder and its files: mkdtemp (and safetensors) make them private."""
-    mask = _umask()
+    mask = umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from tunelab.errors import ModelError
+from tunelab.tokenizer.bpe import BYTE_TO_CHAR
 
 # Bump when the conversion changes, so stale caches are rebuilt instead of reused.
 CACHE_FORMAT = 1
@@ -308,16 +309,6 @@ def _check_complete(tensors: dict[str, torch.Tensor], config: dict, path: Path) 
         raise ModelError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    table = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in table)
-    table.update({b: chr(256 + n) for n, b in enumerate(extra)})
-    return table
-
-
 def _tokenizer(meta: dict, path: Path) -> tuple[Tokenizer, dict[str, Any]]:
     """A byte-level BPE tokenizer built as transformers builds it from GGUF metadata."""
     kind = meta.get("tokenizer.ggml.model")
@@ -327,7 +318,7 @@ def _tokenizer(meta: dict, path: Path) -> tuple[Tokenizer, dict[str, Any]]:
             f"{path}: tokenizer {kind!r} is not supported (only byte-level BPE, 'gpt2', with merges); "
             "use the model's HF tokenizer.json instead"
         )
-    table = _byte_alphabet()
+    table = BYTE_TO_CHAR  # GPT-2's byte alphabet, which byte-level BPE vocabularies are spelled in
     alphabet = set(table.values())
     # Some converters store a token as raw text instead of in the byte alphabet; respell it.
     vocab = {

@@ -82,7 +82,7 @@ class EncoderModel(nn.Module):
             self.mlm_head.decoder.weight = self.transformer.tok_embed.weight
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Hidden states (B, T, d); pool() and mlm_head read them."""
+        """Hidden states (B, T, d); the pooler and mlm_head read them."""
         return self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
 
 

@@ -149,3 +149,13 @@ def _summary(by_dtype: dict, largest: dict, files: list[Path]) -> dict:
 def bytes_per_param(weights: dict) -> float:
     """Average stored bytes per parameter (e.g. 2.0 for a bf16 checkpoint)."""
     return weights["total_bytes"] / max(weights["params"], 1)
+
+
+def param_count(source: str | Path) -> int:
+    """Parameters of the model `source` names, counted on the meta device from its config."""
+    import torch
+
+    from tunelab.model.heads import build_model
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(read_config(source)).parameters())

@@ -3,9 +3,13 @@
 A model is built on the meta device (no memory), then each tensor is read, converted to its
 target dtype (or handed to a hook that quantizes its layer) and put in place. safetensors'
 own `safe_open` maps a whole file, and every page it has read stays resident until the file is
-closed (a 5 GB shard counts 5 GB on top of the weights); reading each tensor's bytes straight
-into its own buffer does not. The format is a little-endian u64 header length, a JSON header
-of {name: {dtype, shape, data_offsets}}, then the data.
+closed (a 5 GB shard counts 5 GB on top of the weights). Here each tensor gets a private
+(copy-on-write) mapping of its own bytes: a tensor stored in the target dtype is used in place,
+no copy, its pages read when first touched and, while unchanged, shared with the page cache
+(the system may drop and re-read them under memory pressure); a tensor that is converted,
+transposed or quantized is copied and its mapping goes with it. Where a file cannot be mapped
+its bytes are read into a buffer. The format is a little-endian u64 header length, a JSON
+header of {name: {dtype, shape, data_offsets}}, then the data.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import mmap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,15 +95,34 @@ def hf_entries(path: Path, whole: bool = True) -> dict[str, Entry]:
     raise ModelError(f"{path}: no model.safetensors or sharded index (weights not present)")
 
 
-def read_tensors(entries: dict[str, Entry]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in file order, each read into a buffer of its own."""
+def read_tensors(
+    entries: dict[str, Entry], mapped: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in file order, each over a private mapping of its bytes (mapped=False:
+    read into a buffer of its own)."""
     by_file: dict[Path, list[tuple[str, Entry]]] = {}
     for name, e in entries.items():
         by_file.setdefault(e.file, []).append((name, e))
     for file, items in by_file.items():
         with open(file, "rb", buffering=0) as f:
             for name, e in sorted(items, key=lambda item: item[1].offset):
-                yield name, _read(f, e)
+                tensor = _mapped(f, e) if mapped else None
+                yield name, _read(f, e) if tensor is None else tensor
+
+
+def _mapped(f, e: Entry) -> torch.Tensor | None:
+    """The tensor over a private mapping of its own bytes (None where that cannot be done);
+    the mapping lives as long as the tensor or a view of it."""
+    start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+    delta = e.offset - start
+    if e.nbytes == 0 or delta % e.dtype.itemsize:  # an unaligned tensor cannot be viewed as dtype
+        return None
+    try:
+        m = mmap.mmap(f.fileno(), delta + e.nbytes, access=mmap.ACCESS_COPY, offset=start)
+    except (OSError, ValueError):  # a file system without mmap, or a file shorter than its header
+        return None
+    raw = torch.frombuffer(m, dtype=torch.uint8, count=e.nbytes, offset=delta)
+    return raw.view(e.dtype).reshape(e.shape)
 
 
 def _read(f, e: Entry) -> torch.Tensor:

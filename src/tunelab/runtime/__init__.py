@@ -3,7 +3,7 @@ kept between steps, how packed rows attend. Chosen once, from the run config's `
 section, when a model is prepared (`prepare_runtime`), and recorded in summary.json.
 
   linear     auto | torch | onednn          TUNELAB_ONEDNN=0 forces torch, =1 onednn
-  allocator  keep | system                  TUNELAB_MALLOC=0 means system, =1 keep
+  allocator  auto | keep | system           TUNELAB_MALLOC=0 means system, =1 keep
   attention  auto | rows | mask | nested    TUNELAB_VARLEN=rows|mask|nested
 
 The environment variables are overrides of these keys and nothing more. `linear: auto` takes,
@@ -38,7 +38,7 @@ class Runtime:
     linear: str = "torch"
     kernels: dict = field(default_factory=lambda: {c: "torch" for c in choose.CLASSES})
     source: str = "forced"
-    allocator: str = "keep"
+    allocator: str = "auto"
     attention: str = "auto"
     machine: dict | None = None
 
@@ -70,7 +70,7 @@ def _env(name: str, value: str, mapping: dict | None = None) -> tuple[str, str |
     return (mapping or {}).get(got, got), name
 
 
-def resolve(linear: str = "auto", allocator: str = "keep", attention: str = "auto",
+def resolve(linear: str = "auto", allocator: str = "auto", attention: str = "auto",
             device: str | torch.device = "cpu", sharded: bool = False, rerun: bool = False) -> Runtime:  # fmt: skip
     """The choices for a model on `device`, environment overrides applied; `linear: auto`
     reads this machine's measured table (measuring it the first time)."""
@@ -109,7 +109,7 @@ def prepare_runtime(model: nn.Module, config=None, *, sharded: bool = False) -> 
     the chosen kernels, its transformer gets the attention backend. Returns the choices."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    runtime = resolve(getattr(config, "linear", "auto"), getattr(config, "allocator", "keep"),
+    runtime = resolve(getattr(config, "linear", "auto"), getattr(config, "allocator", "auto"),
                       getattr(config, "attention", "auto"), device, sharded)  # fmt: skip
     prepare_linears(model, runtime.kernels)
     for m in model.modules():

@@ -7,7 +7,8 @@ tied embedding's gradient, activations. On a 2-core CPU that was a fifth of a Sm
 (bench/train.py). PyTorch's CPU tuning guide suggests preloading a caching allocator (jemalloc,
 tcmalloc); raising glibc's thresholds gets the same reuse with no extra package. The process then
 keeps its peak resident size until it exits. `runtime.allocator: system` (or TUNELAB_MALLOC=0)
-leaves glibc's defaults.
+leaves glibc's defaults; `auto`, the default, keeps freed memory for models below LARGE
+parameters and leaves glibc's defaults from there.
 
 glibc reads its settings when the process starts, so the `tunelab` command, once its arguments
 are parsed, starts itself again with them set (`reexec`); a library user calls
@@ -28,19 +29,31 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
 _done = False
 
 
-CHOICES = ("keep", "system")
+CHOICES = ("auto", "keep", "system")
+# From here on a kept heap costs more than the page faults it saves: a Mistral-7B-shaped QLoRA
+# step grew past 9.4 GiB with it against 6.2 GiB without (every 117 MB dequantized weight and
+# activation came from a fragmenting heap; docs/BENCHMARKS.md "Model size"), while the faults
+# it saves are a fifth of a step only where steps are short (SmolLM2-135M).
+LARGE = 1_000_000_000
 
 
-def allocator_choice(configured: str | None = "keep") -> str:
-    """keep or system: TUNELAB_MALLOC (0: system, 1: keep) overrides the configured value."""
+def allocator_choice(configured: str | None = "auto") -> str:
+    """auto, keep or system: TUNELAB_MALLOC (0: system, 1: keep) overrides the configured value."""
     env = os.environ.get("TUNELAB_MALLOC")
     if env in ("0", "1"):
         return "system" if env == "0" else "keep"
-    return configured or "keep"
+    return configured or "auto"
+
+
+def for_model(choice: str, params: int | None) -> str:
+    """keep or system for a model of `params` parameters (None: unknown, taken as small)."""
+    if choice != "auto":
+        return choice
+    return "system" if params is not None and params >= LARGE else "keep"
 
 
 def _applies(configured: str | None = "keep") -> bool:
-    return sys.platform.startswith("linux") and allocator_choice(configured) == "keep"
+    return sys.platform.startswith("linux") and allocator_choice(configured) != "system"
 
 
 def active() -> bool:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tunelab.files import atomic_write
 from tunelab.model.weights import release_freed
 from tunelab.runtime.kernels import _OneDNNLinear, free_memory, onednn_linear, onednn_works, reorder
 
@@ -210,9 +211,7 @@ def measured(rerun: bool = False) -> dict:
             log.warning(f"the machine was busy (load {found['load']}): the kernel times are noisy; "
                         "`tunelab runtime --rerun` when it is idle")  # fmt: skip
         try:
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(found, indent=1))
-            os.replace(tmp, path)  # whole or not at all: a concurrent reader never sees half
+            atomic_write(path, json.dumps(found, indent=1))  # a concurrent reader never sees half
         except OSError:  # a read-only cache: measure again next time
             pass
     return found

@@ -15,16 +15,16 @@ from tunelab.errors import ConfigError, closest
 def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
                    run_dir: Path) -> dict:  # fmt: skip
     """Evaluate `model` as the cell says and write run_dir/summary.json."""
-    import tunelab
+    from tunelab.loading import load
     from tunelab.train.run import write_summary
 
     if not model:
         raise ConfigError(f"{run_dir}: an evaluation cell needs a model")
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if task == "counting":  # an image model: not a language model for tunelab.load
+    if task == "counting":  # an image model: not a language model for load
         return _counting(model, config, method, seed, run_dir, t0)
-    lm = tunelab.load(model)
+    lm = load(model)
     if task == "icl":
         summary = _icl(lm, config, method, seed)
     elif task == "instructions":

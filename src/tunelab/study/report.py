@@ -9,10 +9,10 @@ import html
 import importlib.util
 import io
 import json
-import re
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.paths import slug
 from tunelab.study.counting import blocks as counting_blocks
 from tunelab.study.instructions import blocks as instruction_blocks
 from tunelab.study.results import LOWER_IS_BETTER, group_rows
@@ -179,10 +179,6 @@ def preference_figure(runs: list[tuple[str, list[dict]]]) -> bytes:
 
 
 # -- the document ------------------------------------------------------------------------------
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
-
-
 def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
     """The report as a list of blocks (heading, paragraph, note, table, image), rendered twice."""
     rows, ents = results["rows"], entries(results)

@@ -8,6 +8,8 @@ import math
 import re
 from pathlib import Path
 
+from tunelab.files import atomic_file, atomic_write
+
 COST_KEYS = ("trainable_params", "total_params", "wall_time_s", "tokens_per_s", "peak_memory_mb")
 MAIN_METRIC = {"classify": "accuracy", "icl": "accuracy", "align": "preference_accuracy",
                "pretrain": "ppl_in_domain", "finetune": "final_val_loss",
@@ -126,15 +128,11 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 def write_results(out: Path, results: dict) -> None:
     """results.json and results.csv (one line per run), each written atomically."""
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    atomic_write(out / "results.json", json.dumps(results, indent=2))
     keys: list[str] = []
     for r in results["rows"]:
         keys += [k for k in r if k not in keys]
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(results["rows"])
-    tmp.replace(out / "results.csv")

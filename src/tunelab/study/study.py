@@ -35,6 +35,8 @@ from pathlib import Path
 import yaml
 
 from tunelab.errors import ConfigError, TunelabError, closest
+from tunelab.files import read_yaml
+from tunelab.paths import slug
 
 log = logging.getLogger("tunelab")
 TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions",
@@ -55,13 +57,7 @@ def merge(base: dict, over: dict) -> dict:
 def load_recipe(path: str | Path, quick: bool = False) -> dict:
     """The recipe with `quick:` merged in when asked; unknown keys name the closest valid one."""
     path = Path(path)
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such recipe") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    recipe = read_yaml(path, "recipe") or {}
     allowed = ("study", "description", "seeds", "defaults", "quick", "experiments")
     for key in recipe:
         if key not in allowed:
@@ -87,10 +83,6 @@ def load_recipe(path: str | Path, quick: bool = False) -> dict:
     if not recipe.get("experiments"):
         raise ConfigError(f"{path}: no experiments")
     return recipe
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(str(text)).name if "/" in str(text) else str(text)).strip("-")  # fmt: skip
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")

@@ -82,6 +82,11 @@ class Tokenizer:
         """The pad id, never confused with EOS when the model has a pad token of its own."""
         return self.token_id(self.special["pad_token"])
 
+    @property
+    def batch_pad_id(self) -> int:
+        """What batches are padded with: the pad id, else EOS (labels are -100 there), else 0."""
+        return self.pad_id if self.pad_id is not None else self.eos_id or 0
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 

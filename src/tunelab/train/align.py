@@ -55,16 +55,12 @@ class AlignTask:
 
     def data(self, cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
         """Train/val pairs; the reference log-probs of the model as it is now (method applied)."""
-        from tunelab.data import Batches, load_records, split_records
+        from tunelab.data import Batches, load_split
 
         d, t = cfg.data, cfg.train
-        if not d.path:
-            raise ConfigError("no preference data: give --data PATH (or data.path in the recipe)")
-        records = load_records(d.path, fmt=d.format)
-        if d.val_path:
-            train, val = records, load_records(d.val_path, fmt=d.format)
-        else:
-            train, val = split_records(records, d.val_fraction, t.seed)
+        # No text_mode: a text file holds no preference pairs (they come from JSON, CSV, the hub).
+        _, train, val = load_split(d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format,
+                                   what="preference")  # fmt: skip
         skipped: dict[str, list[str]] = {}
         parts = {"train": self._encode(train, "train", tokenizer, cfg, skipped)}
         if val:
@@ -72,7 +68,7 @@ class AlignTask:
         if skipped:
             log.warning("%s: %s (align.strict stops at the first instead)", d.path,
                         skip_summary(skipped, len(train) + len(val)))  # fmt: skip
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+        pad = tokenizer.batch_pad_id
         model = self.model
         started = time.perf_counter()
         if cfg.align.precompute_ref:
@@ -89,7 +85,8 @@ class AlignTask:
         collate = lambda b: collate_pairs(b, pad)  # noqa: E731
         common = dict(collate_fn=collate, rank=rank, world_size=world)
         train_b = Batches(parts["train"], t.batch_size, seed=t.seed, **common)
-        val_b = Batches(parts["val"], t.batch_size, shuffle=False, **common) if val else None
+        val_b = (Batches(parts["val"], t.batch_size, shuffle=False, keep_all=True, **common)
+                 if val else None)  # fmt: skip
         stats = {"kind": "preference", "train_examples": len(parts["train"]),
                  "val_examples": len(parts.get("val", [])),
                  "train_tokens": sum(map(pair_tokens, parts["train"])),
@@ -139,8 +136,8 @@ class AlignTask:
     def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
         """Agreement with the validation pairs and perplexity on eval.domain/eval.general texts,
         recorded before and after training."""
+        from tunelab.train.lm import perplexities
         from tunelab.train.loop import autocast
-        from tunelab.train.run import perplexities
 
         out = {}
         if val_batches is not None:
@@ -162,7 +159,7 @@ class AlignTask:
         return out | ({"perplexity": ppl} if ppl else {})
 
     def evaluators(self, cfg: RunConfig, tokenizer) -> list:
-        from tunelab.train.run import sampler
+        from tunelab.train.lm import sampler
 
         sample = sampler(cfg, tokenizer, chat=tokenizer.chat_template is not None)
         return [lambda model: {"samples": sample(model)}] if sample else []

@@ -46,18 +46,12 @@ def to_classifier(model: nn.Module, labels: list[str], pooling: str | None = Non
 
 def load_labeled(cfg: RunConfig):
     """(train records, validation records, label names) from the data section."""
-    from tunelab.data import load_records, split_records
+    from tunelab.data import load_split
     from tunelab.data.templates import label_names
 
     d = cfg.data
-    if not d.path:
-        raise ConfigError("no training data: give --data PATH (or data.path in the recipe)")
-    records = load_records(d.path, fmt=d.format, text_mode=d.text_mode)
-    if d.val_path:
-        val = load_records(d.val_path, fmt=d.format, text_mode=d.text_mode)
-        train = records
-    else:
-        train, val = split_records(records, d.val_fraction, cfg.train.seed)
+    records, train, val = load_split(d.path, d.val_path, d.val_fraction, cfg.train.seed,
+                                     fmt=d.format, text_mode=d.text_mode)  # fmt: skip
     labels = label_names(records, cfg.classify.label_field, cfg.classify.labels)
     seen = {str(r.get(cfg.classify.label_field)) for r in train}
     if len(seen) == 1:
@@ -67,7 +61,7 @@ def load_labeled(cfg: RunConfig):
 
 
 class ClassifyTask:
-    """The classification task for `run_training` (see LMTask in train/run.py for the shape)."""
+    """The classification task for `run_training` (see LMTask in train/lm.py for the shape)."""
 
     def __init__(self, records: tuple | None = None):
         self.records = records  # (train, val, labels) given by k-fold; else read from the config
@@ -103,12 +97,12 @@ class ClassifyTask:
 
         train = self._encode(self.train_records, cfg, tokenizer)
         val = self._encode(self.val_records, cfg, tokenizer) if self.val_records else []
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
+        pad = tokenizer.batch_pad_id
         common = dict(pad_id=pad, rank=rank, world_size=world)
         b = cfg.train.batch_size
         train_b = Batches(train, b, seed=cfg.train.seed,
                           group_by_length=cfg.data.group_by_length, **common)  # fmt: skip
-        val_b = Batches(val, b, shuffle=False, **common) if val else None
+        val_b = Batches(val, b, shuffle=False, keep_all=True, **common) if val else None
         # finish() scores the whole validation set on every rank (torchrun shards val_b)
         self.all_val = Batches(val, b, shuffle=False, pad_id=pad) if val else None
         counts = {name: sum(e["label"] == i for e in train) for i, name in enumerate(self.labels)}

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import ConfigError, closest
+from tunelab.files import read_yaml
 
 
 def opt(default, doc: str, **kw):
@@ -70,7 +71,8 @@ class TrainConfig:
     precision: str = opt(
         "fp32",
         "dtype the weights are stored in: fp32, bf16 or fp16 (frozen weights stay in it, "
-        "trainable ones get fp32 master copies, compute autocasts to it)",
+        "trainable ones get fp32 master copies, compute autocasts to it); auto: bf16 on CPUs "
+        "with AMX and GPUs with bf16, else fp32 (the choice and why go in summary.json)",
     )
     autocast: str = opt(
         "auto",
@@ -147,10 +149,11 @@ class RuntimeConfig:
         choices=("auto", "torch", "onednn"),
     )
     allocator: str = opt(
-        "keep",
+        "auto",
         "keep: the command keeps freed memory for the next step (glibc thresholds); system: "
-        "glibc's defaults (TUNELAB_MALLOC=0/1 overrides)",
-        choices=("keep", "system"),
+        "glibc's defaults; auto: keep below 1B parameters, system from there "
+        "(TUNELAB_MALLOC=0/1 overrides)",
+        choices=("auto", "keep", "system"),
     )
     attention: str = opt(
         "auto",
@@ -198,15 +201,6 @@ def _convert(value: Any, tp, key: str):
         return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     target = args[0] if args else tp
-    if isinstance(target, str):
-        target = {
-            "int": int,
-            "float": float,
-            "str": str,
-            "bool": bool,
-            "list": list,
-            "dict": dict,
-        }.get(target, str)
     try:
         if target is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -269,14 +263,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     data: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of options at the top level")
     for dotted, value in (overrides or {}).items():
@@ -315,7 +302,7 @@ LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, F
           ("eval.instructions_limit", "--eval.instructions_limit", 1, False),
           ("eval.instructions_max_new_tokens", "--eval.instructions_max_new_tokens", 1, False),
           ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
-CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16")),
+CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16", "auto")),
            "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
            "train.schedule": ("--train.schedule", ("cosine", "linear", "constant"))}  # fmt: skip
 

@@ -124,6 +124,7 @@ class Dist:
         self.strategy, self.rank, self.world = strategy, rank, world
         self.device, self.precision = device or torch.device("cpu"), precision
         self.owner = owner  # False when the caller initialised the group: the caller ends it
+        self.auto_precision: str | None = None  # why precision auto chose what it did
         self._ddp, self._ddp_params = None, ()  # the DDP wrapper and the parameters it covers
 
     @property
@@ -295,9 +296,14 @@ def launch(cfg):
     """A Dist from a TrainConfig for the body of a run; a failing rank ends the whole job.
 
     The error is logged with its rank and recorded for torchrun's summary, the group aborted,
-    and the error re-raised so the process exits non-zero and torchrun stops the other ranks."""
-    # FSDP gathers weights in the compute dtype (its mixed-precision policy)
-    d = setup(getattr(cfg, "dist", "auto"), cfg.device, compute_precision(cfg))
+    and the error re-raised so the process exits non-zero and torchrun stops the other ranks.
+    precision auto becomes its choice for this rank's device here (cfg.precision is set to it,
+    so config.yaml records it; Dist.auto_precision says why)."""
+    from tunelab.runtime.precision import resolve_precision
+
+    d = setup(getattr(cfg, "dist", "auto"), cfg.device)
+    cfg.precision, d.auto_precision = resolve_precision(cfg.precision, d.device)
+    d.precision = compute_precision(cfg)  # FSDP gathers weights in it (mixed-precision policy)
     try:
         yield d
     except BaseException as e:

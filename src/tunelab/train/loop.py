@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.data.batching import FILLER
 from tunelab.errors import TunelabError
 from tunelab.model.checkpoint import atomic_dir
 from tunelab.train.config import TrainConfig, compute_precision
@@ -242,6 +243,8 @@ class Trainer:
                 }
                 with autocast(self.device, self.compute):
                     loss, n, metrics = self.objective(self.model, batch)
+                if batch.get(FILLER):  # run only to keep this rank in step with the others
+                    continue
                 loss_sum += loss.float()
                 count += n
                 sums = _add_metrics(sums, metrics)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.data.templates import IGNORE
+
 
 def causal_lm(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
     """Next-token cross-entropy over tokens whose label is not -100.
@@ -17,7 +19,7 @@ def causal_lm(model, batch: dict) -> tuple[torch.Tensor, int, dict]:
     padding (see Packed), so padded batches cost about what their real tokens cost.
     """
     labels = batch["labels"][:, 1:]
-    keep = labels != -100
+    keep = labels != IGNORE
     select = torch.zeros_like(batch["labels"], dtype=torch.bool)
     select[:, :-1] = keep
     mask = batch.get("attention_mask")

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tunelab.data.preference import collate_pairs, pair_logps, pair_tokens
+from tunelab.files import atomic_file
 from tunelab.train.config import RunConfig, compute_precision
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -124,8 +125,7 @@ def cached_reference(model, parts: dict, cfg: RunConfig, pad_id: int, path: Path
     ref = compute_reference(model, parts, cfg, pad_id)
     tensors = {f"{n}.{side}": t.contiguous() for n, (c, r) in ref.items()
                for side, t in (("chosen", c), ("rejected", r))}  # fmt: skip
-    tmp = path.with_suffix(".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)  # before the run directory is opened
-    save_file(tensors, str(tmp), metadata={"key": key})
-    tmp.replace(path)  # renamed into place, so a kill never leaves a half-written cache
+    with atomic_file(path) as tmp:  # a kill never leaves a half-written cache
+        save_file(tensors, str(tmp), metadata={"key": key})
     return ref

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunelab import DTYPES
 from tunelab.errors import ConfigError
+from tunelab.files import atomic_write
+from tunelab.loading import DTYPES, load
 from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
+from tunelab.train.lm import LMTask
 
 log = logging.getLogger("tunelab")
 
 
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
-    import tunelab
     from tunelab.adapt.estimate import check_memory
     from tunelab.model.config import preset
     from tunelab.model.heads import build_model
@@ -37,9 +38,7 @@ def load_for_training(cfg: RunConfig, device: torch.device):
                 "training from scratch (arch) needs a tokenizer: --tokenizer DIR_OR_MODEL"
             )
         path = Path(cfg.tokenizer)
-        tokenizer = (
-            Tokenizer.from_dir(path) if path.is_dir() else tunelab.load(cfg.tokenizer).tokenizer
-        )
+        tokenizer = Tokenizer.from_dir(path) if path.is_dir() else load(cfg.tokenizer).tokenizer
         ids = {
             "eos_token_id": tokenizer.eos_id,
             "bos_token_id": tokenizer.bos_id,
@@ -69,7 +68,7 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         from tunelab.adapt.lora import quantization
 
         quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
-    lm = tunelab.load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
+    lm = load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
                       runtime=cfg.runtime)  # fmt: skip
     return lm.model, lm.tokenizer
 
@@ -169,150 +168,13 @@ def resume_notes(run_dir: Path, checkpoint: Path | None, step: int) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
-
-
-def encode_options(cfg: RunConfig, kind: str) -> dict:
-    d = cfg.data
-    return {
-        "text": {"text_field": d.text_field},
-        "instruction": {"instruction_field": d.instruction_field, "input_field": d.input_field,
-                        "output_field": d.output_field},
-        "chat": {"messages_field": d.messages_field},
-    }[kind]  # fmt: skip
-
-
-def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int = 1):
-    """(train batches, validation batches, data stats) from the data section of the config."""
-    from tunelab.data import (
-        Batches,
-        cached_encode,
-        detect_kind,
-        encode_records,
-        file_fingerprint,
-        load_records,
-        pack,
-        split_records,
-        tokenizer_fingerprint,
-    )
-
-    d, t = cfg.data, cfg.train
-    if not d.path:
-        raise ConfigError("no training data: give --data PATH (or data.path in the recipe)")
-    records = load_records(d.path, fmt=d.format, text_mode=d.text_mode)
-    if d.val_path:
-        train, val = records, load_records(d.val_path, fmt=d.format, text_mode=d.text_mode)
-    else:
-        train, val = split_records(records, d.val_fraction, t.seed)
-    kind = detect_kind(records, d.text_field) if kind == "auto" else kind
-    options = encode_options(cfg, kind)
-
-    # Packed raw text is cut into rows by pack(); cutting documents here would drop their tails.
-    cut = None if d.pack and kind == "text" else t.seq_len
-
-    def encode(part: list[dict], name: str) -> list[dict]:
-        key = dict(data=file_fingerprint([p for p in (d.path, d.val_path) if p]), part=name,
-                   val=d.val_fraction, seed=t.seed, tok=tokenizer_fingerprint(tokenizer), kind=kind,
-                   seq_len=cut, options=options, n=len(part))  # fmt: skip
-        return cached_encode(
-            key, lambda: encode_records(part, tokenizer, kind=kind, seq_len=cut, **options)[0]
-        )
-
-    train_ex, val_ex = encode(train, "train"), encode(val, "val") if val else []
-    if d.pack:
-        train_ex, val_ex = (
-            pack(train_ex, t.seq_len, split=kind == "text"),
-            pack(val_ex, t.seq_len, split=kind == "text"),
-        )
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0
-    common = dict(pad_id=pad, rank=rank, world_size=world)
-    train_b = Batches(
-        train_ex, t.batch_size, seed=t.seed, group_by_length=d.group_by_length, **common
-    )
-    val_b = Batches(val_ex, t.batch_size, shuffle=False, **common) if val_ex else None
-    stats = {"kind": kind, "train_examples": len(train_ex), "val_examples": len(val_ex),
-             "train_tokens": sum(len(e["input_ids"]) for e in train_ex)}  # fmt: skip
-    return train_b, val_b, stats
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def total_steps(cfg: RunConfig, batches) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * len(batches) / cfg.train.grad_accum))
-
-
-def perplexities(cfg: RunConfig, model, tokenizer) -> dict:
-    """Perplexity on the in-domain and general evaluation texts named in the config."""
-    from tunelab.evaluate.perplexity import perplexity, read_texts
-
-    out = {}
-    for name, path in (("in_domain", cfg.eval.domain), ("general", cfg.eval.general)):
-        if path:
-            e = cfg.eval
-            r = perplexity(model, tokenizer, read_texts([path]), e.window, e.stride, e.max_tokens)
-            out[name] = r["perplexity"]
-    model.train()
-    return out
-
-
-def sampler(cfg: RunConfig, tokenizer, chat: bool):
-    """A function generating from the configured prompts, for evaluations of generative runs."""
-    if not cfg.train.samples:
-        return None
-    from tunelab.generate import Sampling, generate
-
-    def sample(model) -> list[str]:
-        s = Sampling(max_new_tokens=cfg.train.sample_tokens, seed=cfg.train.seed)
-        return [
-            r["text"] for r in generate(model, tokenizer, list(cfg.train.samples), s, chat=chat)
-        ]
-
-    return sample
-
-
-class LMTask:
-    """Causal language modelling: raw text (pretrain) or instructions/chat (finetune).
-
-    A task is what a training command plugs into `run_training`: how the model is prepared
-    before the method is applied, the data, the objective, and what is measured before and
-    after training and at each evaluation. Classification and alignment are tasks too.
-    """
-
-    def __init__(self, kind: str = "auto"):
-        from tunelab.train.objectives import causal_lm
-
-        self.kind, self.objective = kind, causal_lm
-
-    def prepare(self, model, tokenizer, cfg: RunConfig):
-        return model
-
-    def data(self, cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
-        kind = "text" if cfg.task == "pretrain" else self.kind
-        return build_data(cfg, tokenizer, kind, rank, world)
-
-    def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
-        """Metrics recorded before and after training: {name: value or {sub-name: value}}."""
-        ppl = perplexities(cfg, model, tokenizer)
-        out = {"perplexity": ppl} if ppl else {}
-        if cfg.eval.instructions:
-            from tunelab.evaluate.instructions import measure_instructions
-
-            e = cfg.eval
-            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
-                                                       e.instructions_limit,
-                                                       e.instructions_max_new_tokens)  # fmt: skip
-        return out
-
-    def evaluators(self, cfg: RunConfig, tokenizer) -> list:
-        chat = cfg.task == "finetune" and tokenizer.chat_template is not None
-        sample = sampler(cfg, tokenizer, chat)
-        return [lambda model: {"samples": sample(model)}] if sample else []
-
-    def finish(self, model, tokenizer, cfg: RunConfig, val_batches, run_dir: Path) -> dict:
-        """Top-level summary entries computed on the final model (e.g. accuracy)."""
-        return {}
 
 
 def before_after(before: dict, after: dict) -> dict:
@@ -386,6 +248,8 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary["params"] = params
         summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
                                     compute=compute_precision(cfg.train))  # fmt: skip
+        if dist.auto_precision:
+            summary["precision"]["auto"] = dist.auto_precision
         summary["runtime"] = runtime.record(model)
         summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
                        method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip

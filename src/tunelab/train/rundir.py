@@ -15,12 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import ConfigError
-from tunelab.paths import nearest_existing
+from tunelab.files import atomic_write, temporary_pattern
+from tunelab.paths import check_folder_out
 
 LOCK = ".lock"
-# What atomic_dir (model/checkpoint.py) leaves beside its target when a write is killed.
+# What atomic_dir (model/checkpoint.py) and atomic_file leave beside their target when a write
+# is killed.
 TEMPORARIES = (("checkpoints", ".step-*"), (".", ".final.*"), (".", ".adapter.*"),
-               (".", "summary.json.tmp"), (".", "metrics.jsonl.tmp"))  # fmt: skip
+               (".", temporary_pattern("summary.json")),
+               (".", temporary_pattern("metrics.jsonl")))  # fmt: skip
 
 
 def _owner(path: Path) -> str:
@@ -46,11 +49,7 @@ def _try_lock(fd: int, out: Path) -> None:
 
 def check_run_dir(out: Path) -> None:
     """Before any work: out can become a run directory and no running run owns it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the run")
-    parent = nearest_existing(out)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
+    check_folder_out(out, "the run")
     lock = out / LOCK
     if lock.exists():  # probe: take and drop the lock
         fd = os.open(lock, os.O_RDONLY)
@@ -101,7 +100,5 @@ def truncate_metrics(out: Path, step: int) -> int:
         else:
             keep.append(line + "\n")
     if dropped:
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        atomic_write(path, "".join(keep))
     return dropped
