@@ -105,6 +105,13 @@ def prompt_args(q) -> None:
         "text; auto: chat when the model has a template [auto]",
     )
     q.add_argument(
+        "--layout",
+        choices=("auto", "turns", "inline"),
+        default="auto",
+        help="chat format: demonstrations as prior user/assistant turns (turns) or listed in "
+        "the example's user turn (inline) [auto]",
+    )
+    q.add_argument(
         "--instruction",
         default=None,
         help="instruction before each example; default names the labels "
@@ -118,7 +125,7 @@ def prompt_args(q) -> None:
     q.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="divide out the prompt's label prior, estimated from content-free inputs "
-        "(Zhao et al. 2021) [on]",
+        "(Zhao et al. 2021) [at 0 shots only]",
     )
