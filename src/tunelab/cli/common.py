@@ -101,15 +101,16 @@ def prompt_args(q) -> None:
         "--format",
         choices=("auto", "chat", "plain"),
         default="auto",
-        help="chat: through the model's chat template; plain: 'Field: {text}\\nLabel:' "
-        "text; auto: chat when the model has a template [auto]",
+        help="plain: 'Field: {text}\\nSentiment:' text, for chat models too (auto: it "
+        "scored higher than chat templates, docs/BENCHMARKS.md); chat: through the model's "
+        "chat template with an instruction naming the labels [auto]",
     )
     q.add_argument(
         "--layout",
         choices=("auto", "turns", "inline"),
         default="auto",
         help="chat format: demonstrations as prior user/assistant turns (turns) or listed in "
-        "the example's user turn (inline) [auto]",
+        "the example's user turn (inline) [auto: turns]",
     )
     q.add_argument(
         "--instruction",

@@ -74,8 +74,8 @@ def default_instruction(words: list[str], text_field: str, label_field: str) -> 
 
 def default_template(chat: bool, text_field: str, label_field: str, words: list[str]) -> str:
     """'Review: {text}' in a chat turn; 'Review: {text}\\nSentiment:' as plain text. A generic
-    label field is 'Sentiment' where the labels are polarities, as in the instruction: 'Label:'
-    scored at chance on IMDB reviews where 'Sentiment:' scored 72-84% (issue 21)."""
+    label field is 'Sentiment' where the labels are polarities, as in the instruction: with
+    'Label:' SmolLM2 was at chance on IMDB (issue 21), with 'Sentiment:' at 78% (0 shots)."""
     text = _noun(text_field).capitalize() or "Text"
     if label_field.lower() not in GENERIC:
         label = _noun(label_field).capitalize()
