@@ -161,7 +161,7 @@ def test_demonstrations_are_balanced_and_seeded():
     assert sorted(gold[i] for i in picked) == [0, 0, 1, 1]
     assert picked == demonstrations(list(range(13)), gold, 4, seed=3)
     assert picked != demonstrations(list(range(13)), gold, 4, seed=4)
-    # alternating: the same reviews, labels taking turns, the seed choosing the last label
+    # alternating: the same reviews, labels taking turns from label seed % 2
     for seed in (3, 4):
         turns = demonstrations(list(range(13)), gold, 4, seed, order="alternate")
         assert sorted(turns) == sorted(demonstrations(list(range(13)), gold, 4, seed))

@@ -1,9 +1,9 @@
 """Prompts for classification by prompting (icl.py): plain `Field: {text}\\nLabel:` text
-derived from the field names by default, for chat models too; or through the model's chat
-template (an instruction naming the labels, demonstrations as prior user/assistant turns or
-listed in the example's turn). On IMDB, SmolLM2-135M-Instruct scored higher with the plain
-prompt at 0 and at 4 shots than with any chat layout, which fell apart with demonstrations
-(docs/BENCHMARKS.md, Prompting), hence plain for `auto`.
+derived from the field names (`Sentiment:` for polarity labels) by default, for chat models
+too; or through the model's chat template (an instruction naming the labels, demonstrations as
+prior user/assistant turns or listed in the example's turn). On IMDB, SmolLM2-135M-Instruct
+scored higher with the plain prompt at 0 and at 4 shots than with any chat layout, which fell
+apart with demonstrations (docs/BENCHMARKS.md, Prompting), hence plain for `auto`.
 
 A prompt is its format, its template (pre- and post-modifiers around `{text}`), an instruction
 and the words that stand for the labels; `describe()` is what results record as "prompt".
