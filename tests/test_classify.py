@@ -161,6 +161,11 @@ def test_demonstrations_are_balanced_and_seeded():
     assert sorted(gold[i] for i in picked) == [0, 0, 1, 1]
     assert picked == demonstrations(list(range(13)), gold, 4, seed=3)
     assert picked != demonstrations(list(range(13)), gold, 4, seed=4)
+    # alternating: the same reviews, labels taking turns from label seed % 2
+    for seed in (3, 4):
+        turns = demonstrations(list(range(13)), gold, 4, seed, order="alternate")
+        assert sorted(turns) == sorted(demonstrations(list(range(13)), gold, 4, seed))
+        assert [gold[i] for i in turns] == [[0, 1, 0, 1], [1, 0, 1, 0]][seed % 2]
 
 
 def test_icl_cli_reports_each_shot_count(setup, capsys):

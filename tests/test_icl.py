@@ -4,15 +4,24 @@ distribution and intervals, the CLI's report of the prompt, and a prompt sweep a
 import json
 import math
 import os
+import shutil
 
 import pytest
+import torch
 import yaml
 from tiny import make_models, write_reviews
 
 from tunelab.cli import main
 from tunelab.errors import ConfigError
 from tunelab.evaluate.classification import bootstrap_interval, metrics
-from tunelab.evaluate.icl import calibrate, label_prior, surface_forms
+from tunelab.evaluate.icl import (
+    calibrate,
+    label_log_probs,
+    label_prior,
+    score_texts,
+    surface_forms,
+    verbalizers,
+)
 from tunelab.evaluate.prompts import PromptSpec, resolve_prompt
 from tunelab.study.study import Study, cells, load_recipe
 from tunelab.tokenizer.tokenizer import Tokenizer
@@ -37,7 +46,8 @@ def setup(tmp_path_factory):
 
 def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
     tok = Tokenizer.from_dir(setup / "tok")  # no template of its own: ChatML
-    p = resolve_prompt(PromptSpec(format="chat"), tok, LABELS, "review", "sentiment")
+    p = resolve_prompt(PromptSpec(format="chat", layout="turns"), tok, LABELS, "review",
+                       "sentiment")  # fmt: skip
     ask = "Classify the sentiment of the review as negative or positive. Answer with one word."
     assert p.format == "chat" and p.instruction == ask and p.template == "Review: {text}"
     demos = [("dull plot", 0), ("great cast", 1)]
@@ -47,8 +57,7 @@ def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
             + turn.format("assistant", "positive") + turn.format("user", "Review: a film")
             + "<|im_start|>assistant\n")  # fmt: skip
     assert p.render(demos, "a film") == want
-    assert want.startswith(p.prefix(demos)) and p.prefix(demos).endswith("positive<|im_end|>\n")
-    assert p.prefix([]) == "" and p.space() == ""  # the label word opens the assistant turn
+    assert p.space() == ""  # the label word opens the assistant turn
     # generic field names: the instruction names the task by its polarity labels, or not at all
     assert resolve_prompt(PromptSpec(format="chat"), tok, LABELS).instruction.startswith(
         "Classify the sentiment of the text as negative or positive.")  # fmt: skip
@@ -59,13 +68,48 @@ def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
     assert "<|im_start|>user\nthe film\nGood or bad?<|im_end|>" in placed.render([], "the film")
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, tmp_path, capsys):
+    # the default measured on IMDB (docs/BENCHMARKS.md, Prompting): plain text with the
+    # demonstrations listed before the example, calibrated at 0 shots only; the chat layouts
+    # fell to 50-56% at 4 shots. evaluate icl, compare --eval icl and study icl cells share it.
+    model = tmp_path / "chat-decoder"
+    shutil.copytree(setup / "decoder", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    tok = Tokenizer.from_dir(model)
+    assert tok.chat_template == CHATML
+    p = resolve_prompt(None, tok, LABELS, "review", "sentiment")
+    assert (p.format, p.instruction) == ("plain", "")
+    assert p.render([("dull plot", 0), ("great cast", 1)], "a film") == (
+        "Review: dull plot\nSentiment: negative\n\nReview: great cast\nSentiment: positive\n\n"
+        "Review: a film\nSentiment:")  # fmt: skip
+    fields = ["--text-field", "review", "--label-field", "sentiment", "--shots", "0,2", "--json"]
+    assert main(["evaluate", "icl", "--model", str(model), "--data", str(setup / "test.jsonl"),
+                 "--demos", str(setup / "train.jsonl"), *fields]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    want = {("0", "Review: {text}\nSentiment:", True), ("2", "Review: {text}\nSentiment:", False)}
+    got = {(k, result["prompt"]["example"], m["calibrated"]) for k, m in result["shots"].items()}
+    assert got == want
+    assert main(["compare", "--models", str(model), "--eval", "icl", "--out", str(tmp_path / "cmp"),
+                 "--data", str(setup / "train.jsonl"), "--limit", "4", *fields]) == 0  # fmt: skip
+    capsys.readouterr()
+    cells = [json.loads(f.read_text()) for f in (tmp_path / "cmp").rglob("summary.json")]
+    assert {(str(c["shots"]), c["prompt"]["example"], c["calibrated"]) for c in cells} == want
+
+
 def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_turn(setup):
     tok = Tokenizer.from_dir(setup / "tok")
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                          "{{ raise_exception('System role not supported') }}{% endif %}"
                          "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
-    p = resolve_prompt(None, tok, LABELS, "review", "sentiment")
+    p = resolve_prompt(PromptSpec(format="chat"), tok, LABELS, "review", "sentiment")
     assert p.format == "chat" and not p.system
     assert p.render([("dull", 0)], "ok") == (f"[user] {p.instruction}\n\nReview: dull\n"
         f"[assistant] negative\n[user] {p.instruction}\n\nReview: ok\n[assistant] ")  # fmt: skip
@@ -73,18 +117,40 @@ def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_t
 
 def test_plain_prompt_is_derived_from_the_field_names(setup):
     tok = Tokenizer.from_dir(setup / "tok")
-    p = resolve_prompt(None, tok, LABELS, "review", "sentiment")  # no chat template: plain
+    p = resolve_prompt(None, tok, LABELS, "review", "sentiment")
     assert (p.format, p.instruction, p.template) == ("plain", "", "Review: {text}\nSentiment:")
     assert (
         p.render([("dull", 0)], "ok")
         == "Review: dull\nSentiment: negative\n\nReview: ok\nSentiment:"
     )
-    assert resolve_prompt(None, tok, LABELS).template == "Text: {text}\nLabel:"  # generic names
+    # generic field names: polarity labels are a sentiment, other labels a label
+    assert resolve_prompt(None, tok, LABELS).template == "Text: {text}\nSentiment:"
+    assert resolve_prompt(None, tok, ["ham", "spam"]).template == "Text: {text}\nLabel:"
     spec = PromptSpec.from_dict({"pre": "Film review: ", "post": "\nVerdict:",
                                  "label_words": "bad,good"})  # fmt: skip
     p = resolve_prompt(spec, tok, LABELS)
     assert p.template == "Film review: {text}\nVerdict:" and p.words == ["bad", "good"]
     assert p.describe()["example"] == "Film review: {text}\nVerdict:"
+
+
+@pytest.mark.parametrize("spec", [PromptSpec(format="chat", layout="turns"),
+                                  PromptSpec(format="chat", layout="inline"),
+                                  PromptSpec(format="plain", template="Review: {text}\n\nIt was")])  # fmt: skip
+def test_scores_with_shared_demonstrations_equal_a_whole_forward(setup, spec):
+    # the shared tokens are computed once; each input must score as if run whole, including
+    # where text joined at the demonstrations' end would tokenize differently than as a whole
+    from tunelab.model.checkpoint import load_model_dir
+
+    model, tok = load_model_dir(setup / "decoder")
+    p = resolve_prompt(spec, tok, LABELS, "review", "sentiment")
+    forms = [verbalizers(tok, f, p.space()) for f in surface_forms(p.words)]
+    demos, texts = [("dull plot", 0), ("great cast", 1)], ["a film", "the worst", "fine"]
+    cached = score_texts(model.eval(), tok, p, demos, texts, forms)
+    for text, got in zip(texts, cached):
+        ids = tok.encode(p.render(demos, text), add_special_tokens=p.format == "plain")
+        whole = iter(label_log_probs(model, ids, [v for f in forms for v in f]))
+        want = [float(torch.tensor([next(whole) for _ in f]).logsumexp(0)) for f in forms]
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -128,15 +194,18 @@ def test_icl_cli_reports_the_prompt_and_both_calibrations(setup, capsys):
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"]["format"] == "chat" and "<|im_start|>" in result["prompt"]["example"]
+    assert result["calibrate"] == "auto"  # calibrated at 0 shots, not after demonstrations
+    assert result["shots"]["0"]["calibrated"] is True
     m = result["shots"]["2"]
-    assert m["calibrated"] is True and sum(m["predicted"].values()) == m["examples"] == 8
+    assert m["calibrated"] is False and sum(m["predicted"].values()) == m["examples"] == 8
     assert set(m["label_prior"]) == set(LABELS) and sum(m["label_prior"].values()) == pytest.approx(
         1
     )
-    assert m["accuracy"] == m["with_calibration"]["accuracy"]
+    assert m["accuracy"] == m["without_calibration"]["accuracy"]
     assert main(args[:-1] + ["--no-calibrate", "--format", "plain"]) == 0
     text = capsys.readouterr().out
-    assert "prompt (plain)" in text and "uncalibrated" in text and "95% CI" in text
+    assert "prompt (plain)" in text and "0-shot" in text and "95% CI" in text
+    assert "calibrated," not in text.replace("uncalibrated,", "")  # off at every shot count
 
 
 def test_prompt_sweep_runs_as_a_study(setup, tmp_path, capsys):

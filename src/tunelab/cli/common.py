@@ -104,8 +104,16 @@ def prompt_args(q) -> None:
         "--format",
         choices=("auto", "chat", "plain"),
         default="auto",
-        help="chat: through the model's chat template; plain: 'Field: {text}\\nLabel:' "
-        "text; auto: chat when the model has a template [auto]",
+        help="plain: 'Field: {text}\\nSentiment:' text, for chat models too (auto: it "
+        "scored higher than chat templates, docs/BENCHMARKS.md); chat: through the model's "
+        "chat template with an instruction naming the labels [auto]",
+    )
+    q.add_argument(
+        "--layout",
+        choices=("auto", "turns", "inline"),
+        default="auto",
+        help="chat format: demonstrations as prior user/assistant turns (turns) or listed in "
+        "the example's user turn (inline) [auto: turns]",
     )
     q.add_argument(
         "--instruction",
@@ -121,7 +129,7 @@ def prompt_args(q) -> None:
     q.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="divide out the prompt's label prior, estimated from content-free inputs "
-        "(Zhao et al. 2021) [on]",
+        "(Zhao et al. 2021) [at 0 shots only]",
     )

@@ -102,7 +102,7 @@ def prompt_spec(a):
     from tunelab.evaluate.prompts import PromptSpec
 
     words = [w.strip() for w in a.label_words.split(",")] if a.label_words else None
-    return PromptSpec(a.format, a.template, a.instruction, words)
+    return PromptSpec(a.format, a.template, a.instruction, words, a.layout)
 
 
 def cmd_icl(a) -> None:
@@ -132,7 +132,7 @@ def cmd_icl(a) -> None:
                               [gold[i] for i in scored], labels, shots, demo_records=pool,
                               demo_gold=pool_gold, prompt=spec, calibrate_scores=a.calibrate,
                               text_field=a.text_field, label_field=a.label_field, seed=a.seed,
-                              progress=bar.advance)  # fmt: skip
+                              demo_order=a.demo_order, progress=bar.advance)  # fmt: skip
     if a.json:
         return print(json.dumps(result))
     p = result["prompt"]
@@ -249,6 +249,8 @@ def register(sub) -> None:
     q.add_argument("--demos", default=None, help="demonstration pool file; default: part of --data")
     q.add_argument("--limit", type=at_least(1), default=None, help="score at most N examples")
     q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
+    q.add_argument("--demo-order", choices=("shuffle", "alternate"), default="shuffle",
+                   help="demonstrations in seeded order, or alternating labels [shuffle]")  # fmt: skip
     prompt_args(q)
     q.set_defaults(func=cmd_icl)
 

@@ -136,7 +136,7 @@ def cmd_compare(a) -> None:
             "reviews_test": a.test_data or a.data or f"{demo}/reviews_test.jsonl",
             "text_field": a.text_field, "label_field": a.label_field, "calibrate": a.calibrate,
             "prompt": {"format": a.format, "template": a.template, "instruction": a.instruction,
-                       "label_words": a.label_words},
+                       "label_words": a.label_words, "layout": a.layout},
             "shots": [int(k) for k in a.shots.split(",")], "limit": a.limit,
             "prompts": ["What is the capital of France?"], "instructions": a.instructions,
             "max_new_tokens": a.max_new_tokens}  # fmt: skip

@@ -1,6 +1,9 @@
-"""Prompts for classification by prompting (icl.py): through the model's chat template when it
-has one (an instruction naming the labels, demonstrations as prior user/assistant turns), else
-plain `Field: {text}\\nLabel:` text derived from the field names.
+"""Prompts for classification by prompting (icl.py): plain `Field: {text}\\nLabel:` text
+derived from the field names (`Sentiment:` for polarity labels) by default, for chat models
+too; or through the model's chat template (an instruction naming the labels, demonstrations as
+prior user/assistant turns or listed in the example's turn). On IMDB, SmolLM2-135M-Instruct
+scored higher with the plain prompt at 0 and at 4 shots than with any chat layout, which fell
+apart with demonstrations (docs/BENCHMARKS.md, Prompting), hence plain for `auto`.
 
 A prompt is its format, its template (pre- and post-modifiers around `{text}`), an instruction
 and the words that stand for the labels; `describe()` is what results record as "prompt".
@@ -13,7 +16,8 @@ from dataclasses import dataclass, field
 from tunelab.errors import ConfigError, DataError, closest
 
 FORMATS = ("auto", "chat", "plain")
-SPEC_KEYS = ("format", "template", "pre", "post", "instruction", "label_words")
+LAYOUTS = ("auto", "turns", "inline")  # where a chat prompt's demonstrations go
+SPEC_KEYS = ("format", "template", "pre", "post", "instruction", "label_words", "layout")
 # Field names that say nothing about the task: the instruction leaves them out.
 GENERIC = {"text", "label", "label_name", "labels", "class", "target", "y", "x", "input",
            "output", "sentence", "content"}  # fmt: skip
@@ -24,10 +28,11 @@ POLARITY = {"negative", "positive", "neutral", "mixed"}
 class PromptSpec:
     """What the user asked for; None fields are derived from the model and the field names."""
 
-    format: str = "auto"  # auto: chat when the tokenizer has a chat template
+    format: str = "auto"  # auto: plain (measured better than chat for an instruct model)
     template: str | None = None  # the example around {text}, e.g. "Review: {text}\nSentiment:"
     instruction: str | None = None  # "" for none
     label_words: list[str] | None = None  # one word per label, in label order
+    layout: str = "auto"  # turns: prior user/assistant turns; inline: listed in the user turn
 
     @classmethod
     def from_dict(cls, options: dict, where: str = "prompt") -> PromptSpec:
@@ -45,7 +50,8 @@ class PromptSpec:
             words = words.split(",")
         return cls(format=options.get("format", "auto"), template=template,
                    instruction=options.get("instruction"),
-                   label_words=[str(w).strip() for w in words] if words else None)  # fmt: skip
+                   label_words=[str(w).strip() for w in words] if words else None,
+                   layout=options.get("layout", "auto"))  # fmt: skip
 
 
 def _noun(name: str) -> str:
@@ -66,10 +72,15 @@ def default_instruction(words: list[str], text_field: str, label_field: str) -> 
     return f"Classify {what}the {text} as {choices}. Answer with one word."
 
 
-def default_template(chat: bool, text_field: str, label_field: str) -> str:
-    """'Review: {text}' in a chat turn; 'Review: {text}\\nSentiment:' as plain text."""
+def default_template(chat: bool, text_field: str, label_field: str, words: list[str]) -> str:
+    """'Review: {text}' in a chat turn; 'Review: {text}\\nSentiment:' as plain text. A generic
+    label field is 'Sentiment' where the labels are polarities, as in the instruction: with
+    'Label:' SmolLM2 was at chance on IMDB (issue 21), with 'Sentiment:' at 78% (0 shots)."""
     text = _noun(text_field).capitalize() or "Text"
-    label = "Label" if label_field.lower() in GENERIC else _noun(label_field).capitalize()
+    if label_field.lower() not in GENERIC:
+        label = _noun(label_field).capitalize()
+    else:
+        label = "Sentiment" if {w.lower() for w in words} <= POLARITY else "Label"
     return f"{text}: {{text}}" if chat else f"{text}: {{text}}\n{label}:"
 
 
@@ -83,6 +94,7 @@ class Prompt:
     words: list[str]
     chat: object = field(default=None, repr=False)  # the tokenizer, for its chat template
     system: bool = True  # the instruction as a system turn (else at the top of each user turn)
+    layout: str = "turns"
 
     def fill(self, text: str) -> str:
         """The template around text; the instruction goes where {instruction} stands."""
@@ -97,38 +109,37 @@ class Prompt:
         placed = "{instruction}" in self.template
         return f"{self.instruction}\n\n" if self.instruction and not placed else ""
 
-    def _messages(self, demos: list[tuple[str, int]], text: str | None) -> list[dict]:
-        """The instruction as the system turn (where the template does not place it), each
-        demonstration a user turn and an assistant turn with its label word, then the example."""
+    def _messages(self, demos: list[tuple[str, int]], text: str) -> list[dict]:
+        """The instruction as the system turn (where the template does not place it), then each
+        demonstration as a user turn and an assistant turn with its label word (turns), or all
+        of them listed in the example's user turn before it (inline), then the example."""
         system = self.system and self.instruction and "{instruction}" not in self.template
         out = [{"role": "system", "content": self.instruction}] if system else []
-        user = self.fill if system else (lambda t: self.head() + self.fill(t))
+        head = "" if system else self.head()
+        if self.layout == "inline":
+            shown = "".join(f"{self.fill(t)}\nAnswer: {self.words[y]}\n\n" for t, y in demos)
+            return out + [{"role": "user", "content": head + shown + self.fill(text)}]
         for demo_text, label in demos:
-            out += [{"role": "user", "content": user(demo_text)},
+            out += [{"role": "user", "content": head + self.fill(demo_text)},
                     {"role": "assistant", "content": self.words[label]}]  # fmt: skip
-        if text is not None:
-            out.append({"role": "user", "content": user(text)})
-        return out
-
-    def prefix(self, demos: list[tuple[str, int]]) -> str:
-        """The part shared by every example: the demonstrations (and a plain instruction)."""
-        if self.format == "chat":
-            return self.chat.render_chat(self._messages(demos, None), False) if demos else ""
-        return self.head() + "".join(
-            f"{self.fill(t)}{self.space()}{self.words[y]}\n\n" for t, y in demos
-        )
+        return out + [{"role": "user", "content": head + self.fill(text)}]
 
     def render(self, demos: list[tuple[str, int]], text: str) -> str:
         """The whole input for one example; the label word is its continuation."""
         if self.format == "chat":
             return self.chat.render_chat(self._messages(demos, text), True)
-        return self.prefix(demos) + self.fill(text)
+        return (
+            self.head()
+            + "".join(f"{self.fill(t)}{self.space()}{self.words[y]}\n\n" for t, y in demos)
+            + self.fill(text)
+        )
 
     def describe(self) -> dict:
         """What results record: format, instruction, template, words and a 0-shot example."""
-        return {"format": self.format, "instruction": self.instruction,
-                "template": self.template, "label_words": self.words,
-                "example": self.render([], "{text}")}  # fmt: skip
+        out = {"format": self.format, "instruction": self.instruction,
+               "template": self.template, "label_words": self.words,
+               "example": self.render([], "{text}")}  # fmt: skip
+        return {**out, "layout": self.layout} if self.format == "chat" else out
 
 
 def resolve_prompt(spec: PromptSpec | None, tokenizer, labels: list[str], text_field: str = "text",
@@ -138,7 +149,10 @@ def resolve_prompt(spec: PromptSpec | None, tokenizer, labels: list[str], text_f
     if spec.format not in FORMATS:
         raise ConfigError(f"prompt format {spec.format!r}: expected one of {', '.join(FORMATS)}"
                           f"{closest(spec.format, FORMATS)}")  # fmt: skip
-    chat = spec.format == "chat" or (spec.format == "auto" and bool(tokenizer.chat_template))
+    if spec.layout not in LAYOUTS:
+        raise ConfigError(f"prompt layout {spec.layout!r}: expected one of {', '.join(LAYOUTS)}"
+                          f"{closest(spec.layout, LAYOUTS)}")  # fmt: skip
+    chat = spec.format == "chat"
     words = spec.label_words or list(labels)
     if len(words) != len(labels):
         raise ConfigError(f"label words {words}: expected one per label ({len(labels)}: "
@@ -146,15 +160,16 @@ def resolve_prompt(spec: PromptSpec | None, tokenizer, labels: list[str], text_f
     if len({w.strip().lower() for w in words}) != len(words) or not all(w.strip() for w in words):
         raise ConfigError(f"label words {words}: each must be non-empty and different")
     template = spec.template if spec.template is not None else default_template(
-        chat, text_field, label_field)  # fmt: skip
+        chat, text_field, label_field, words)  # fmt: skip
     if template.count("{text}") != 1:
         raise ConfigError(f"template {template!r}: must hold {{text}} exactly once")
     if spec.instruction is not None:
         instruction = spec.instruction
-    else:  # an instruction for chat models; base models get the plain format alone
+    else:  # an instruction in chat turns; plain text scored lower with one (65-66% on IMDB)
         instruction = default_instruction(words, text_field, label_field) if chat else ""
     prompt = Prompt("chat" if chat else "plain", template, instruction, words,
-                    tokenizer if chat else None)  # fmt: skip
+                    tokenizer if chat else None,
+                    layout=spec.layout if spec.layout != "auto" else "turns")  # fmt: skip
     if chat and instruction:
         try:  # some chat templates (Gemma's) refuse a system turn
             prompt.render([], "x")

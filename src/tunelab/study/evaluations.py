@@ -39,7 +39,12 @@ def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
 
 
 ICL_KEYS = ("limit", "shots", "prompt", "calibrate", "max_text_tokens", "format", "template",
-            "pre", "post", "instruction", "label_words")  # fmt: skip
+            "pre", "post", "instruction", "label_words", "layout")  # fmt: skip
+
+
+def _optional_bool(value) -> bool | None:
+    """A recipe's calibrate: true, false, or absent/auto for the default (at 0 shots only)."""
+    return None if value is None or value == "auto" else bool(value)
 
 
 def _icl(lm, config: dict, method: dict, seed: int) -> dict:
@@ -68,7 +73,7 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
     result = evaluate_icl(lm.model, lm.tokenizer, scored,
                           [label_index(r, label_field, labels) for r in scored], labels, [k],
                           demo_records=pool, demo_gold=[label_index(r, label_field, labels) for r in pool],
-                          prompt=spec, calibrate_scores=bool(options.get("calibrate", True)),
+                          prompt=spec, calibrate_scores=_optional_bool(options.get("calibrate")),
                           text_field=text_field, label_field=label_field, seed=seed,
                           max_text_tokens=int(options.get("max_text_tokens", 256)))  # fmt: skip
     metrics = result["shots"][str(k)]
