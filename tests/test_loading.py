@@ -201,3 +201,31 @@ def test_nf4_on_read_never_holds_the_float_model(wide):
     assert held < 0.3 * 2 * n  # embeddings and head stay bf16, the blocks are 4-bit
     # measured 55 MB over the 37 MB kept, for 132 MB of bf16 weights: never the float model
     assert peak - base < 0.6 * 2 * n, (peak - base, 2 * n)
+
+
+def test_our_safetensors_writer_is_read_back_by_safetensors_itself(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tunelab.model.weights import read_header, write_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "b.f32": torch.randn(7, generator=g),
+        "i.i64": torch.randint(-9, 9, (2, 2, 3), generator=g),
+        "m.bool": torch.rand(5, generator=g) > 0.5,
+        "h.f16": torch.randn(4, 1, generator=g).half(),
+        "s.scalar": torch.tensor(2.5),
+        "e.empty": torch.zeros(0, 4),
+        "t.strided": torch.randn(6, 4, generator=g).t(),  # a transposed view is written as laid out
+    }
+    write_file(tensors, tmp_path / "x.safetensors", {"format": "pt", "n": 3})
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "n": "3"}
+    entries = read_header(tmp_path / "x.safetensors")  # and by our reader, every offset aligned
+    assert all(e.offset % 8 == 0 for n, e in entries.items() if n == "w.bf16")

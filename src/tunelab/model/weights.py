@@ -190,17 +190,35 @@ def release_freed() -> None:
         libc.malloc_trim(0)
 
 
-# safetensors' save_file copies a shard into bytes before writing it, so a shard costs twice
-# its size while it is written: small shards keep saving a 7B model within a few GB.
+# A shard is held whole while it is written (its header needs every tensor's size), so small
+# shards keep saving a 7B model within a few hundred MB over the model itself.
 SHARD_BYTES = 512 * 2**20
+
+
+def write_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """One safetensors file, each tensor's bytes written straight from its own memory
+    (safetensors' save_file first copies the whole file's contents into one bytes object)."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}  # fmt: skip
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            if t.numel():
+                flat = t.detach().to("cpu").contiguous().reshape(-1)
+                f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
                  max_bytes: int | None = None, metadata: dict | None = None) -> None:  # fmt: skip
     """Write tensors as they come into safetensors shards of at most max_bytes (512 MiB), with
     HF's index when there is more than one, so saving holds one shard at most, never the model."""
-    from safetensors.torch import save_file
-
     max_bytes = max_bytes or SHARD_BYTES
     shard: dict[str, torch.Tensor] = {}
     size, files, weight_map = 0, [], {}
@@ -209,7 +227,7 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
         nonlocal shard, size
         if shard:
             files.append(directory / f"model-{len(files) + 1:05d}.safetensors")
-            save_file(shard, str(files[-1]), metadata=metadata)
+            write_file(shard, files[-1], metadata)
             weight_map.update(dict.fromkeys(shard, files[-1].name))
         shard, size = {}, 0
         release_freed()
@@ -225,7 +243,7 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
         if files:
             files[0].rename(directory / "model.safetensors")
         else:
-            save_file({}, str(directory / "model.safetensors"), metadata=metadata)
+            write_file({}, directory / "model.safetensors", metadata)
         return
     total = sum(f.stat().st_size for f in files)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

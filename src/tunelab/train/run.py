@@ -241,6 +241,10 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         if cfg.resume and dist.is_main:
             resume_notes(run_dir, checkpoint, trainer.step)
         summary = trainer.fit()
+        # the moments and gradients are done with (the last checkpoint keeps them): their memory
+        # goes to the evaluation and the final save, which would otherwise peak on top of them
+        trainer.optimizer.state.clear()
+        model.zero_grad(set_to_none=True)
         set_dropout(model, 0.0)
         model.eval()
         summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
