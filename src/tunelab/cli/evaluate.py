@@ -48,11 +48,11 @@ def _labeled(a, labels: list[str] | None):
 
 def _run_template(model_path: str) -> str | None:
     """The prompt modifiers a classifier was trained with, from its run's config.yaml."""
-    import yaml
+    from tunelab.files import read_yaml
 
     config = Path(model_path).parent / "config.yaml"
     if config.exists():
-        return (yaml.safe_load(config.read_text()).get("classify") or {}).get("template")
+        return ((read_yaml(config, "run config") or {}).get("classify") or {}).get("template")
     return None
 
 
@@ -77,7 +77,7 @@ def cmd_classification(a) -> None:
     examples = encode_classification(records, lm.tokenizer, labels, text_field=a.text_field,
                                      label_field=a.label_field, template=template,
                                      seq_len=a.seq_len)  # fmt: skip
-    pad = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else lm.tokenizer.eos_id or 0
+    pad = lm.tokenizer.batch_pad_id
     gold, probs = predict(lm.model, Batches(examples, a.batch_size, pad_id=pad, shuffle=False))
     result = metrics(gold, probs.argmax(-1).tolist(), labels)
     if a.predictions:
