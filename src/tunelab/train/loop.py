@@ -57,9 +57,21 @@ def _rng_state() -> dict:
 class Trainer:
     """Runs optimizer steps on a model with an objective; callbacks may change what trains."""
 
-    def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
-                 val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None,
-                 dist=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        objective,
+        batches,
+        cfg: TrainConfig,
+        run_dir: Path,
+        total_steps: int,
+        val_batches=None,
+        callbacks=(),
+        evaluators=(),
+        is_main: bool = True,
+        reduce=None,
+        dist=None,
+    ):
         # `dist` (train/distributed.py) wraps the model for DDP and brings rank and reduce.
         if dist is not None:
             is_main, reduce = dist.is_main, dist.reduce
@@ -120,10 +132,18 @@ class Trainer:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            state = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed,
-                         best_val=self.best_val, bad_evals=self.bad_evals, last_val=self.last_val,
-                         scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
-                         python_rng=random.getstate()[1], trainable=sorted(weights))  # fmt: skip
+            state = dict(
+                step=self.step,
+                tokens=self.tokens,
+                elapsed=self.elapsed,
+                best_val=self.best_val,
+                bad_evals=self.bad_evals,
+                last_val=self.last_val,
+                scheduler=self.scheduler.state_dict(),
+                data=self.batches.state_dict(),
+                python_rng=random.getstate()[1],
+                trainable=sorted(weights),
+            )
             (tmp / "state.json").write_text(json.dumps(state))
         old = sorted(_checkpoints(self.run_dir))[: -self.cfg.keep_checkpoints or None]
         for _, path in old:
@@ -336,12 +356,17 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return dict(
-            steps=self.step, stop_reason=stop_reason, wall_time_s=round(self.elapsed, 3),
-            tokens=self.tokens, tokens_per_s=self.tokens / self.elapsed if self.elapsed else 0.0,
-            peak_memory_mb=round(peak_memory_mb(self.device), 1), trainable_params=trainable,
-            total_params=total, final_val_loss=self.last_val,
+            steps=self.step,
+            stop_reason=stop_reason,
+            wall_time_s=round(self.elapsed, 3),
+            tokens=self.tokens,
+            tokens_per_s=self.tokens / self.elapsed if self.elapsed else 0.0,
+            peak_memory_mb=round(peak_memory_mb(self.device), 1),
+            trainable_params=trainable,
+            total_params=total,
+            final_val_loss=self.last_val,
             best_val_loss=None if math.isinf(self.best_val) else self.best_val,
-        )  # fmt: skip
+        )
 
 
 def _add_metrics(sums: dict, metrics: dict) -> dict:

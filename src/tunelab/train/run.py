@@ -68,8 +68,9 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         from tunelab.adapt.lora import quantization
 
         quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
-    lm = load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
-                      runtime=cfg.runtime)  # fmt: skip
+    lm = load(
+        cfg.model, precision=cfg.train.precision, device=str(device), **quant, runtime=cfg.runtime
+    )
     return lm.model, lm.tokenizer
 
 
@@ -231,9 +232,18 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         set_dropout(model, cfg.train.dropout)
         dist.shard(model)  # FSDP only; DDP wraps in the loop, which keeps the plain module
         steps = total_steps(cfg, train_b)
-        trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, steps, val_batches=val_b,
-                          callbacks=callbacks, evaluators=task.evaluators(cfg, tokenizer),
-                          dist=dist)  # fmt: skip
+        trainer = Trainer(
+            model,
+            task.objective,
+            train_b,
+            cfg.train,
+            run_dir,
+            steps,
+            val_batches=val_b,
+            callbacks=callbacks,
+            evaluators=task.evaluators(cfg, tokenizer),
+            dist=dist,
+        )
         checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
         checkpoint = dist.broadcast(checkpoint)  # rank 0's choice; other nodes need a shared disk
         if checkpoint is not None:
@@ -250,13 +260,18 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
         summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
         summary["params"] = params
-        summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
-                                    compute=compute_precision(cfg.train))  # fmt: skip
+        summary["precision"] = dict(
+            weights=cfg.train.precision, trainable="fp32", compute=compute_precision(cfg.train)
+        )
         if dist.auto_precision:
             summary["precision"]["auto"] = dist.auto_precision
         summary["runtime"] = runtime.record(model)
-        summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
-                       method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
+        summary.update(
+            task=cfg.task,
+            model=cfg.model if not cfg.arch else cfg.arch,
+            method=cfg.method.get("name", "full"),
+            data=data_stats,
+        )
 
         def rebuild():  # the model as it was before FSDP, to hold the gathered weights
             plain = task.prepare(load_for_training(cfg, torch.device("cpu"))[0], tokenizer, cfg)
