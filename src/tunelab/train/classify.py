@@ -65,7 +65,7 @@ def load_labeled(cfg: RunConfig):
 
 
 class ClassifyTask:
-    """The classification task for `run_training` (see LMTask in train/lm.py for the shape)."""
+    """The classification task for `run_training` (a `Task`: see train/tasks.py)."""
 
     def __init__(self, records: tuple | None = None):
         self.records = records  # (train, val, labels) given by k-fold; else read from the config

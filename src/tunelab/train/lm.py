@@ -116,9 +116,10 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
 class LMTask:
     """Causal language modelling: raw text (pretrain) or instructions/chat (finetune).
 
-    A task is what a training command plugs into `run_training`: how the model is prepared
-    before the method is applied, the data, the objective, and what is measured before and
-    after training and at each evaluation. Classification and alignment are tasks too.
+    A task is what a training command plugs into `run_training` (the `Task` protocol in
+    train/tasks.py): how the model is prepared before the method is applied, the data, the
+    objective, and what is measured before and after training and at each evaluation.
+    Classification and alignment are tasks too.
     """
 
     def __init__(self, kind: str = "auto"):

@@ -9,8 +9,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -21,6 +23,10 @@ from tunelab.loading import DTYPES, load
 from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 from tunelab.train.lm import LMTask
+from tunelab.train.tasks import Task
+
+if TYPE_CHECKING:
+    from tunelab.train.loop import Callback
 
 log = logging.getLogger("tunelab")
 
@@ -189,7 +195,12 @@ def before_after(before: dict, after: dict) -> dict:
     return out
 
 
-def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) -> dict:
+def run_training(
+    cfg: RunConfig,
+    kind: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    task: Task | None = None,
+) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked.
 
     Under torchrun every rank trains on its shard of the data; only rank 0 writes the run."""
