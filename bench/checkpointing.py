@@ -82,10 +82,15 @@ def worker(job: dict) -> dict:
                 started = time.perf_counter()
                 losses.append(trainer.train_step()["loss"])
                 times.append(time.perf_counter() - started)
-    return dict(checkpointing=job["checkpointing"], loaded_rss_mb=round(loaded, 1),
-                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                s_per_step=round(statistics.median(times[job["warmup"] :]), 3), losses=losses,
-                torch=torch.__version__, threads=torch.get_num_threads())  # fmt: skip
+    return dict(
+        checkpointing=job["checkpointing"],
+        loaded_rss_mb=round(loaded, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        s_per_step=round(statistics.median(times[job["warmup"] :]), 3),
+        losses=losses,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,31 +116,38 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(worker(variant) if a.smoke else common.spawn(__file__, "tunelab", variant))
         print(f"checkpointing {'on' if on else 'off'}: {rows[-1]}", file=sys.stderr, flush=True)
     off, on = rows
-    table = "\n".join([
-        "| activation checkpointing | peak RSS (MiB) | RSS after loading (MiB) | s/step | "
-        "loss per step |",
-        "|:---|---:|---:|---:|:---|",
-        *(f"| {'on' if r['checkpointing'] else 'off'} | {r['peak_rss_mb']:.0f} "
-          f"| {r['loaded_rss_mb']:.0f} | {r['s_per_step']:.2f} "
-          f"| {', '.join(f'{x:.4f}' for x in r['losses'])} |" for r in rows),
-        f"| **on / off** | **{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x** | "
-        f"| **{on['s_per_step'] / off['s_per_step']:.2f}x** | |",
-    ])  # fmt: skip
-    body = "\n".join([
-        sitting.preamble(),
-        "",
-        f"Work: {MODEL}, full fine-tuning, fp32, seq len {a.seq_len}, batch {a.batch} (full rows "
-        f"of random tokens), AdamW, clip 1.0, dropout 0; each variant in its own process (the "
-        f"`tunelab` command's glibc settings); {a.steps} timed steps after {a.warmup} untimed, "
-        "median s/step; one run of each variant (peak memory does not depend on the load).",
-        "",
-        table,
-        "",
-        "Peak RSS: ru_maxrss of the variant's process (model loading included). With "
-        "checkpointing each block keeps only its input for backward and runs again there "
-        "(`Transformer.checkpoint_blocks`, torch.utils.checkpoint, non-reentrant); the losses "
-        "are the same either way.",
-    ])  # fmt: skip
+    table = "\n".join(
+        [
+            "| activation checkpointing | peak RSS (MiB) | RSS after loading (MiB) | s/step | "
+            "loss per step |",
+            "|:---|---:|---:|---:|:---|",
+            *(
+                f"| {'on' if r['checkpointing'] else 'off'} | {r['peak_rss_mb']:.0f} "
+                f"| {r['loaded_rss_mb']:.0f} | {r['s_per_step']:.2f} "
+                f"| {', '.join(f'{x:.4f}' for x in r['losses'])} |"
+                for r in rows
+            ),
+            f"| **on / off** | **{on['peak_rss_mb'] / off['peak_rss_mb']:.2f}x** | "
+            f"| **{on['s_per_step'] / off['s_per_step']:.2f}x** | |",
+        ]
+    )
+    body = "\n".join(
+        [
+            sitting.preamble(),
+            "",
+            f"Work: {MODEL}, full fine-tuning, fp32, seq len {a.seq_len}, batch {a.batch} (full rows "
+            f"of random tokens), AdamW, clip 1.0, dropout 0; each variant in its own process (the "
+            f"`tunelab` command's glibc settings); {a.steps} timed steps after {a.warmup} untimed, "
+            "median s/step; one run of each variant (peak memory does not depend on the load).",
+            "",
+            table,
+            "",
+            "Peak RSS: ru_maxrss of the variant's process (model loading included). With "
+            "checkpointing each block keeps only its input for backward and runs again there "
+            "(`Transformer.checkpoint_blocks`, torch.utils.checkpoint, non-reentrant); the losses "
+            "are the same either way.",
+        ]
+    )
     print("\n" + table)
     common.publish(TITLE, body, a.smoke, not a.no_write, file=sys.stderr)
     print(json.dumps(rows))

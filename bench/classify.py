@@ -62,9 +62,11 @@ from classify_workers import (  # noqa: E402  (what each process runs)
 from measure import batch_plan  # noqa: E402
 
 TITLE = "Classification (IMDB)"
-SPEED = {"tunelab": ("tunelab", "shipped", "tunelab (as shipped)"),
-         "tunelab-glibc": ("tunelab", "glibc", "tunelab, glibc defaults"),
-         "hf": ("hf", "reference", "HF Trainer")}  # fmt: skip
+SPEED = {
+    "tunelab": ("tunelab", "shipped", "tunelab (as shipped)"),
+    "tunelab-glibc": ("tunelab", "glibc", "tunelab, glibc defaults"),
+    "hf": ("hf", "reference", "HF Trainer"),
+}
 
 
 def spawn(name: str, a: dict, environment: str | None = None) -> dict:
@@ -85,15 +87,24 @@ def loads() -> str:
 def smoke_data(tmp: Path) -> tuple[list[dict], list[dict]]:
     """A few short labelled reviews (no shared data needed)."""
     good, bad = "great wonderful superb moving".split(), "awful boring dreadful dull".split()
-    rows = [{"text": f"the film was {(good if i % 2 else bad)[i % 4]} and the story too",
-             "label": i % 2} for i in range(64)]  # fmt: skip
+    rows = [
+        {
+            "text": f"the film was {(good if i % 2 else bad)[i % 4]} and the story too",
+            "label": i % 2,
+        }
+        for i in range(64)
+    ]
     return rows[:48], rows[48:]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["speed", "minilm", "lora", "icl"],
-                    choices=["speed", "minilm", "lora", "icl"])  # fmt: skip
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["speed", "minilm", "lora", "icl"],
+        choices=["speed", "minilm", "lora", "icl"],
+    )
     ap.add_argument(
         "--examples",
         type=int,
@@ -122,8 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--icl-limit", type=int, default=200, help="test reviews scored (prompting)")
     ap.add_argument("--shots", default="0,1,4")
     ap.add_argument("--write", action="store_true", help="update docs/BENCHMARKS.md")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny random models and data, 2 steps, speed/minilm/lora parts, no docs")  # fmt: skip
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny random models and data, 2 steps, speed/minilm/lora parts, no docs",
+    )
     ap.add_argument("--worker", choices=list(HANDLERS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -141,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             missing = [p for p in [*TRAIN, TEST] if not p.is_file()]
             if missing:
-                raise SystemExit(f"{missing[0]}: IMDB not found; this benchmark reads "
-                                 "../shared/data/imdb")  # fmt: skip
+                raise SystemExit(
+                    f"{missing[0]}: IMDB not found; this benchmark reads ../shared/data/imdb"
+                )
             from tunelab.hub import resolve
 
             encoder_dir = str(resolve(ENCODER))
@@ -166,8 +181,14 @@ def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -
 
         if "speed" in a.parts:  # on all 6,000 training reviews (only the first batches run)
             steps = a.warmup + a.speed_steps
-            job = dict(base, train_file=str(all_file), steps=steps, warmup_lr=0,
-                       schedule="constant", plan=batch_plan(len(train_all), BATCH, 0, steps))  # fmt: skip
+            job = dict(
+                base,
+                train_file=str(all_file),
+                steps=steps,
+                warmup_lr=0,
+                schedule="constant",
+                plan=batch_plan(len(train_all), BATCH, 0, steps),
+            )
             job["speed"] = True
             names = [x for x in SPEED if not (SMOKE and x == "tunelab-glibc")]
             runs: dict[str, list] = {x: [] for x in names}
@@ -179,11 +200,15 @@ def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -
                 m["timed_cpu_s"] = m["cpu_marks"][steps] - m["cpu_marks"][w]
                 m["samples_cpu_s"] = BATCH * (steps - w) / m["timed_cpu_s"]
                 runs[variant].append(m)
-                print(f"speed {variant}: {m['samples_s']:.1f} samples/s, "
-                      f"{m['samples_cpu_s']:.1f} per CPU-s, training peak RSS "
-                      f"{m['train_peak_mb']:.0f} MiB (load {loads()})", flush=True)  # fmt: skip
-            res["speed"] = {k: sorted(v, key=lambda m: m["samples_s"])[len(v) // 2]
-                            for k, v in runs.items()}  # fmt: skip
+                print(
+                    f"speed {variant}: {m['samples_s']:.1f} samples/s, "
+                    f"{m['samples_cpu_s']:.1f} per CPU-s, training peak RSS "
+                    f"{m['train_peak_mb']:.0f} MiB (load {loads()})",
+                    flush=True,
+                )
+            res["speed"] = {
+                k: sorted(v, key=lambda m: m["samples_s"])[len(v) // 2] for k, v in runs.items()
+            }
             res["speed_runs"] = runs
             res["speed_all"] = {k: [m["samples_s"] for m in v] for k, v in runs.items()}
             res["speed_same"] = all(
@@ -199,8 +224,15 @@ def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -
         if "minilm" in a.parts:
             train_file = write_jsonl(Path(tmp) / "train.jsonl", train_all[:n])
             steps = a.epochs * n // BATCH
-            job = dict(base, train_file=str(train_file), steps=steps, warmup_lr=round(a.warmup_ratio * steps), schedule="linear",
-                       plan=batch_plan(n, BATCH, 0, steps), eval_file=str(test_file))  # fmt: skip
+            job = dict(
+                base,
+                train_file=str(train_file),
+                steps=steps,
+                warmup_lr=round(a.warmup_ratio * steps),
+                schedule="linear",
+                plan=batch_plan(n, BATCH, 0, steps),
+                eval_file=str(test_file),
+            )
             res["full"] = {}
             variants = [("tunelab", "tunelab", {}), ("hf", "hf", {})]
             if a.mean_row:
@@ -210,27 +242,45 @@ def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -
                 m["samples_s"] = BATCH * steps / m["wall_s"]
                 m["load"] = loads()
                 res["full"][name] = m
-                print(f"full {name}: {m['wall_s']:.0f} s training, {m['samples_s']:.1f} samples/s, "
-                      f"accuracy {m['accuracy']:.4f} on {m['eval_n']} (load {loads()})",
-                      flush=True)  # fmt: skip
-            res["full_same"] = res["full"]["tunelab"]["batch_tokens"] == res["full"]["hf"]["batch_tokens"]  # fmt: skip
+                print(
+                    f"full {name}: {m['wall_s']:.0f} s training, {m['samples_s']:.1f} samples/s, "
+                    f"accuracy {m['accuracy']:.4f} on {m['eval_n']} (load {loads()})",
+                    flush=True,
+                )
+            res["full_same"] = (
+                res["full"]["tunelab"]["batch_tokens"] == res["full"]["hf"]["batch_tokens"]
+            )
 
         if "lora" in a.parts:
             k = a.lora_examples - a.lora_examples % a.lora_batch
             lora_file = write_jsonl(Path(tmp) / "lora.jsonl", train_all[:k])
             lora_test = write_jsonl(Path(tmp) / "lora_test.jsonl", test_all[: a.lora_eval])
             steps = k // a.lora_batch
-            job = dict(model=DECODER, train_file=str(lora_file), batch=a.lora_batch, lr=a.lora_lr,
-                       steps=steps, warmup_lr=round(a.warmup_ratio * steps), schedule="linear",
-                       template=TEMPLATE,
-                       method={"name": "lora", "r": a.lora_r, "alpha": 2 * a.lora_r,
-                               "targets": "all-linear"},
-                       eval_file=str(lora_test))  # fmt: skip
+            job = dict(
+                model=DECODER,
+                train_file=str(lora_file),
+                batch=a.lora_batch,
+                lr=a.lora_lr,
+                steps=steps,
+                warmup_lr=round(a.warmup_ratio * steps),
+                schedule="linear",
+                template=TEMPLATE,
+                method={
+                    "name": "lora",
+                    "r": a.lora_r,
+                    "alpha": 2 * a.lora_r,
+                    "targets": "all-linear",
+                },
+                eval_file=str(lora_test),
+            )
             m = spawn("tunelab", job)
             m["samples_s"], m["steps"], m["examples"] = k / m["wall_s"], steps, k
             res["lora"] = m
-            print(f"lora: {m['wall_s']:.0f} s training, accuracy {m['accuracy']:.4f} "
-                  f"on {m['eval_n']} (load {loads()})", flush=True)  # fmt: skip
+            print(
+                f"lora: {m['wall_s']:.0f} s training, accuracy {m['accuracy']:.4f} "
+                f"on {m['eval_n']} (load {loads()})",
+                flush=True,
+            )
 
         if "icl" in a.parts:
             res["icl"] = run_icl(dict(shots=a.shots, limit=a.icl_limit))
@@ -246,12 +296,17 @@ def run(a, argv, encoder_dir: str, train_all: list, test_all: list, tmp: Path) -
 
 def memory_table(runs: dict) -> str:
     """Training-time memory of the MiniLM speed runs, per framework and process environment."""
-    lines = ["| MiniLM-L6 full fine-tuning, batch 16 x 256 | samples/s, median (range) "
-             "| training peak RSS (MiB) | process peak RSS (MiB) |", "|:---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| MiniLM-L6 full fine-tuning, batch 16 x 256 | samples/s, median (range) "
+        "| training peak RSS (MiB) | process peak RSS (MiB) |",
+        "|:---|---:|---:|---:|",
+    ]
     for variant, ms in runs.items():
-        lines.append(f"| {SPEED[variant][2]} | {common.spread([m['samples_s'] for m in ms])} "
-                     f"| {common.spread([m['train_peak_mb'] for m in ms], '{:.0f}')} "
-                     f"| {common.spread([m['peak_rss_mb'] for m in ms], '{:.0f}')} |")  # fmt: skip
+        lines.append(
+            f"| {SPEED[variant][2]} | {common.spread([m['samples_s'] for m in ms])} "
+            f"| {common.spread([m['train_peak_mb'] for m in ms], '{:.0f}')} "
+            f"| {common.spread([m['peak_rss_mb'] for m in ms], '{:.0f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -270,14 +325,17 @@ def report(a, n: int, res: dict, sitting) -> str:
         s = res["speed"]
         for name, label in ((k, SPEED[k][2]) for k in s):
             all_runs = ", ".join(f"{x:.1f}" for x in res["speed_all"][name])
-            lines.append(f"| MiniLM-L6 | full | {label} | speed: {a.speed_steps} steps x 16 "
-                         f"(runs: {all_runs}) | {s[name]['timed_s']:.1f} s "
-                         f"| {s[name]['timed_cpu_s']:.1f} s | {s[name]['samples_s']:.1f} "
-                         f"| {s[name]['samples_cpu_s']:.1f} | |")  # fmt: skip
+            lines.append(
+                f"| MiniLM-L6 | full | {label} | speed: {a.speed_steps} steps x 16 "
+                f"(runs: {all_runs}) | {s[name]['timed_s']:.1f} s "
+                f"| {s[name]['timed_cpu_s']:.1f} s | {s[name]['samples_s']:.1f} "
+                f"| {s[name]['samples_cpu_s']:.1f} | |"
+            )
         ratio = s["tunelab"]["samples_s"] / s["hf"]["samples_s"]
         cpu_ratio = s["tunelab"]["samples_cpu_s"] / s["hf"]["samples_cpu_s"]
-        lines.append(f"| MiniLM-L6 | full | **ratio** | | | | **{ratio:.2f}x** "
-                     f"| {cpu_ratio:.2f}x | |")  # fmt: skip
+        lines.append(
+            f"| MiniLM-L6 | full | **ratio** | | | | **{ratio:.2f}x** | {cpu_ratio:.2f}x | |"
+        )
     if "full" in res:
         f = res["full"]
         labels = [
@@ -287,23 +345,29 @@ def report(a, n: int, res: dict, sitting) -> str:
         ]
         for name, method, label in (x for x in labels if x[0] in f):
             m = f[name]
-            lines.append(f"| MiniLM-L6 | {method} | {label} | {n} reviews x {a.epochs} epoch, "
-                         f"{len(m['batch_tokens'])} steps (load after {m['load']}) | {m['wall_s']:.0f} s "
-                         f"| {m['cpu_s']:.0f} s | {m['samples_s']:.1f} "
-                         f"| {BATCH * len(m['batch_tokens']) / m['cpu_s']:.1f} "
-                         f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |")  # fmt: skip
+            lines.append(
+                f"| MiniLM-L6 | {method} | {label} | {n} reviews x {a.epochs} epoch, "
+                f"{len(m['batch_tokens'])} steps (load after {m['load']}) | {m['wall_s']:.0f} s "
+                f"| {m['cpu_s']:.0f} s | {m['samples_s']:.1f} "
+                f"| {BATCH * len(m['batch_tokens']) / m['cpu_s']:.1f} "
+                f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |"
+            )
     if "lora" in res:
         m = res["lora"]
-        lines.append(f"| SmolLM2-135M | LoRA r={a.lora_r}, all linear + head | tunelab "
-                     f"| {m['examples']} reviews x 1 epoch, batch {a.lora_batch}, {m['steps']} steps "
-                     f"| {m['wall_s']:.0f} s | {m['cpu_s']:.0f} s | {m['samples_s']:.2f} "
-                     f"| {m['examples'] / m['cpu_s']:.2f} "
-                     f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |")  # fmt: skip
+        lines.append(
+            f"| SmolLM2-135M | LoRA r={a.lora_r}, all linear + head | tunelab "
+            f"| {m['examples']} reviews x 1 epoch, batch {a.lora_batch}, {m['steps']} steps "
+            f"| {m['wall_s']:.0f} s | {m['cpu_s']:.0f} s | {m['samples_s']:.2f} "
+            f"| {m['examples'] / m['cpu_s']:.2f} "
+            f"| **{m['accuracy']:.1%}** ({m['eval_n']}) |"
+        )
     if "icl" in res:
         r = res["icl"]
         for k, m in r["shots"].items():
-            lines.append(f"| SmolLM2-135M | {k}-shot prompting | tunelab | none | | | | "
-                         f"| **{m['accuracy']:.1%}** ({m['examples']}) |")  # fmt: skip
+            lines.append(
+                f"| SmolLM2-135M | {k}-shot prompting | tunelab | none | | | | "
+                f"| **{m['accuracy']:.1%}** ({m['examples']}) |"
+            )
     lines.append("")
     notes = []
     if "speed" in res or "full" in res:
@@ -315,8 +379,11 @@ def report(a, n: int, res: dict, sitting) -> str:
             "runs hold it constant), clip 1.0, fp32, dropout 0 in the encoder and 0.1 before the "
             "head in both, no evaluation during training, each framework in its own process; "
             "both take the same reviews in the same batches"
-            + (" (identical real tokens per batch)." if same else
-               " (their tokenizations differ slightly in length).")
+            + (
+                " (identical real tokens per batch)."
+                if same
+                else " (their tokenizations differ slightly in length)."
+            )
             + f" Speed rows: {a.speed_steps} timed steps after {a.warmup} untimed, median of "
             f"{a.runs} runs alternating who goes first. Full rows: train wall time from the "
             "first step to the end of the last (model loading, tokenization, checkpointing and "
@@ -326,7 +393,7 @@ def report(a, n: int, res: dict, sitting) -> str:
             "another, so other jobs on the machine slow them unequally: compare the frameworks' "
             "speed in the speed rows; train CPU time is the process's user + system CPU seconds "
             "over the same span (2 cores: at most 2 s per second)."
-        )  # fmt: skip
+        )
     if "lora" in res:
         notes.append(
             f"SmolLM2 LoRA: `tunelab classify --method lora` (r {a.lora_r}, alpha "
@@ -363,25 +430,34 @@ def targets(a, res: dict) -> str:
     out = ["Targets (issue 5):"]
     if "full" in res:
         ours = [k for k in res["full"] if k != "hf"]
-        hits = [k for k in ours if res["full"][k]["accuracy"] >= 0.85
-                and res["full"][k]["wall_s"] <= a.budget]  # fmt: skip
+        hits = [
+            k
+            for k in ours
+            if res["full"][k]["accuracy"] >= 0.85 and res["full"][k]["wall_s"] <= a.budget
+        ]
         best = hits[0] if hits else "tunelab"
         m = res["full"][best]
         ok = bool(hits)
-        out.append(f"MiniLM >= 85% held-out accuracy within 5 minutes of CPU training: "
-                   f"**{'met' if ok else 'not met'}** ({m['accuracy']:.1%} after "
-                   f"{m['wall_s']:.0f} s{', mean pooling' if best == 'tunelab_mean' else ''}).")  # fmt: skip
+        out.append(
+            f"MiniLM >= 85% held-out accuracy within 5 minutes of CPU training: "
+            f"**{'met' if ok else 'not met'}** ({m['accuracy']:.1%} after "
+            f"{m['wall_s']:.0f} s{', mean pooling' if best == 'tunelab_mean' else ''})."
+        )
     if "speed" in res:
         s = res["speed"]
         ratio = s["tunelab"]["samples_s"] / s["hf"]["samples_s"]
-        out.append(f"tunelab >= 1.5x HF Trainer samples/s: **{'met' if ratio >= 1.5 else 'not met'}** "
-                   f"({ratio:.2f}x; {s['tunelab']['samples_s']:.1f} against "
-                   f"{s['hf']['samples_s']:.1f} samples/s).")  # fmt: skip
+        out.append(
+            f"tunelab >= 1.5x HF Trainer samples/s: **{'met' if ratio >= 1.5 else 'not met'}** "
+            f"({ratio:.2f}x; {s['tunelab']['samples_s']:.1f} against "
+            f"{s['hf']['samples_s']:.1f} samples/s)."
+        )
     if max(SEEN, default=0.0) > 3.0:  # this benchmark alone keeps both cores busy: about 2
-        out.append(f"Other jobs shared the machine during part of this run (1-minute load up to "
-                   f"{max(SEEN):.1f}, read after each stage; this benchmark alone gives about 2), "
-                   "so some wall times and samples/s are lower than on a quiet machine; the "
-                   "CPU-time columns are less sensitive to that.")  # fmt: skip
+        out.append(
+            f"Other jobs shared the machine during part of this run (1-minute load up to "
+            f"{max(SEEN):.1f}, read after each stage; this benchmark alone gives about 2), "
+            "so some wall times and samples/s are lower than on a quiet machine; the "
+            "CPU-time columns are less sensitive to that."
+        )
     return " ".join(out)
 
 

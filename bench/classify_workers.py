@@ -44,19 +44,35 @@ def timed(marks: list[float], warmup: int, steps: int) -> tuple[float, float]:
 
 def tunelab_config(a: dict, out: str) -> dict:
     return {
-        "task": "classify", "model": a["model"], "data.path": a["train_file"],
-        "data.val_fraction": 0.0, "train.seq_len": SEQ_LEN, "train.batch_size": a["batch"],
-        "train.grad_accum": 1, "train.max_steps": a["steps"] + bool(a.get("speed")),
+        "task": "classify",
+        "model": a["model"],
+        "data.path": a["train_file"],
+        "data.val_fraction": 0.0,
+        "train.seq_len": SEQ_LEN,
+        "train.batch_size": a["batch"],
+        "train.grad_accum": 1,
+        "train.max_steps": a["steps"] + bool(a.get("speed")),
         "train.lr": a["lr"],
-        "train.warmup_steps": a["warmup_lr"], "train.schedule": a["schedule"],
-        "train.min_lr_ratio": 0.0, "train.weight_decay": 0.0, "train.clip": 1.0,
-        "train.precision": "fp32", "train.autocast": "off", "train.dropout": 0.0,
-        "train.activation_checkpointing": False, "train.eval_every": None,
-        "train.save_every": None, "train.log_every": 1,
-        "train.device": "cpu", "train.seed": 0, "out": out,
-        "classify.labels": LABELS, "classify.template": a.get("template", "{text}"),
-        "classify.pooling": a.get("pooling"), "method": a.get("method", {}),
-    }  # fmt: skip
+        "train.warmup_steps": a["warmup_lr"],
+        "train.schedule": a["schedule"],
+        "train.min_lr_ratio": 0.0,
+        "train.weight_decay": 0.0,
+        "train.clip": 1.0,
+        "train.precision": "fp32",
+        "train.autocast": "off",
+        "train.dropout": 0.0,
+        "train.activation_checkpointing": False,
+        "train.eval_every": None,
+        "train.save_every": None,
+        "train.log_every": 1,
+        "train.device": "cpu",
+        "train.seed": 0,
+        "out": out,
+        "classify.labels": LABELS,
+        "classify.template": a.get("template", "{text}"),
+        "classify.pooling": a.get("pooling"),
+        "method": a.get("method", {}),
+    }
 
 
 class CpuMeter(Meter):
@@ -102,23 +118,36 @@ def worker_tunelab(a: dict) -> dict:
             ends = [r["time"] for r in steps]
             cpu_marks = [*meter.cpu[:n], cpu_end]
             peaks = (summary["peak_memory_mb"], summary["peak_memory_mb"])
-        out = dict(marks=ends, batch_tokens=[r["tokens_step"] for r in steps],
-                   losses=[r["loss"] for r in steps], wall_s=ends[-1], process_s=process_s,
-                   cpu_s=cpu_marks[-1] - cpu_marks[0], cpu_marks=cpu_marks,
-                   peak_rss_mb=peaks[0], train_peak_mb=peaks[1],
-                   trainable=meter.params["trainable"], params=meter.params["base"])  # fmt: skip
+        out = dict(
+            marks=ends,
+            batch_tokens=[r["tokens_step"] for r in steps],
+            losses=[r["loss"] for r in steps],
+            wall_s=ends[-1],
+            process_s=process_s,
+            cpu_s=cpu_marks[-1] - cpu_marks[0],
+            cpu_marks=cpu_marks,
+            peak_rss_mb=peaks[0],
+            train_peak_mb=peaks[1],
+            trainable=meter.params["trainable"],
+            params=meter.params["base"],
+        )
         if a.get("eval_file"):
             t = time.perf_counter()
             lm = tunelab.load(str(Path(cfg.out) / "final"))
             records = read_jsonl(Path(a["eval_file"]))
-            ex = encode_classification(records, lm.tokenizer, LABELS, template=cfg.classify.template,
-                                       seq_len=SEQ_LEN)  # fmt: skip
+            ex = encode_classification(
+                records, lm.tokenizer, LABELS, template=cfg.classify.template, seq_len=SEQ_LEN
+            )
             batches = Batches(ex, BATCH, pad_id=lm.tokenizer.batch_pad_id, shuffle=False)
             with torch.inference_mode():
                 gold, probs = predict(lm.model, batches)
             m = metrics(gold, probs.argmax(-1).tolist(), LABELS)
-            out.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"], eval_n=m["examples"],
-                       eval_s=time.perf_counter() - t)  # fmt: skip
+            out.update(
+                accuracy=m["accuracy"],
+                macro_f1=m["macro_f1"],
+                eval_n=m["examples"],
+                eval_s=time.perf_counter() - t,
+            )
     return out
 
 
@@ -147,9 +176,13 @@ def worker_hf(a: dict) -> dict:
     train_ds = dataset(rows)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        a["model"], num_labels=2, dtype=torch.float32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, classifier_dropout=0.1,
-    )  # fmt: skip
+        a["model"],
+        num_labels=2,
+        dtype=torch.float32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.1,
+    )
     marks: list[float] = []
     begin: list[float] = []
     cpu: list[float] = []
@@ -176,43 +209,98 @@ def worker_hf(a: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-classify-") as tmp:
         args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=a["batch"], per_device_eval_batch_size=BATCH,
-            gradient_accumulation_steps=1, max_steps=a["steps"], learning_rate=a["lr"],
-            lr_scheduler_type=a["schedule"], warmup_steps=a["warmup_lr"], weight_decay=0.0,
-            max_grad_norm=1.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999,
-            adam_epsilon=1e-8, gradient_checkpointing=False, bf16=False, fp16=False,
-            torch_compile=False, use_cpu=True, report_to="none", logging_steps=10,
-            save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=0,
-            train_sampling_strategy="sequential", disable_tqdm=True,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting,
-                          callbacks=[Clock()])  # fmt: skip
+            output_dir=tmp,
+            per_device_train_batch_size=a["batch"],
+            per_device_eval_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=a["steps"],
+            learning_rate=a["lr"],
+            lr_scheduler_type=a["schedule"],
+            warmup_steps=a["warmup_lr"],
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused",
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            torch_compile=False,
+            use_cpu=True,
+            report_to="none",
+            logging_steps=10,
+            save_strategy="no",
+            eval_strategy="no",
+            dataloader_num_workers=0,
+            seed=0,
+            train_sampling_strategy="sequential",
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            data_collator=counting,
+            callbacks=[Clock()],
+        )
         start = time.perf_counter()
         trainer.train()
         process_s = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        out = dict(marks=[m - begin[0] for m in marks], batch_tokens=real[: a["steps"]],
-                   losses=losses, wall_s=marks[-1] - begin[0], process_s=process_s,
-                   cpu_s=cpu[-1] - cpu[0], cpu_marks=cpu, peak_rss_mb=rss[-1][0],
-                   train_peak_mb=rss[-1][1],
-                   params=sum(p.numel() for p in model.parameters()))  # fmt: skip
+        out = dict(
+            marks=[m - begin[0] for m in marks],
+            batch_tokens=real[: a["steps"]],
+            losses=losses,
+            wall_s=marks[-1] - begin[0],
+            process_s=process_s,
+            cpu_s=cpu[-1] - cpu[0],
+            cpu_marks=cpu,
+            peak_rss_mb=rss[-1][0],
+            train_peak_mb=rss[-1][1],
+            params=sum(p.numel() for p in model.parameters()),
+        )
         out["trainable"] = out["params"]
         if a.get("eval_file"):
             t = time.perf_counter()
             pred = trainer.predict(dataset(read_jsonl(Path(a["eval_file"]))))
             guess = np.argmax(pred.predictions, -1)
-            out.update(accuracy=float((guess == pred.label_ids).mean()), eval_n=len(guess),
-                       eval_s=time.perf_counter() - t)  # fmt: skip
+            out.update(
+                accuracy=float((guess == pred.label_ids).mean()),
+                eval_n=len(guess),
+                eval_s=time.perf_counter() - t,
+            )
     return out
 
 
 def run_icl(a: dict) -> dict:
     """`tunelab evaluate icl` as a user runs it, timed."""
     # plain and uncalibrated: the setup the Classification rows were recorded with
-    cmd = [str(Path(sys.executable).parent / "tunelab"), "evaluate", "icl", "--model", DECODER,
-           "--data", str(TEST), "--demos", str(TRAIN[0]), "--labels", ",".join(LABELS),
-           "--template", TEMPLATE, "--format", "plain", "--no-calibrate", "--shots", a["shots"],
-           "--limit", str(a["limit"]), "--seed", "0", "--json"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "tunelab"),
+        "evaluate",
+        "icl",
+        "--model",
+        DECODER,
+        "--data",
+        str(TEST),
+        "--demos",
+        str(TRAIN[0]),
+        "--labels",
+        ",".join(LABELS),
+        "--template",
+        TEMPLATE,
+        "--format",
+        "plain",
+        "--no-calibrate",
+        "--shots",
+        a["shots"],
+        "--limit",
+        str(a["limit"]),
+        "--seed",
+        "0",
+        "--json",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

@@ -54,8 +54,12 @@ def cpu_flags() -> str:
         flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
     except (OSError, AttributeError):
         return "flags unknown"
-    names = [("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
-             ("avx2", "AVX2")]  # fmt: skip
+    names = [
+        ("amx_bf16", "AMX-BF16"),
+        ("avx512_bf16", "AVX512-BF16"),
+        ("avx512f", "AVX-512"),
+        ("avx2", "AVX2"),
+    ]
     found = [label for flag, label in names if flag in flags]
     return ", ".join(found) if found else "no AVX2"
 
@@ -63,10 +67,15 @@ def cpu_flags() -> str:
 def git_commit() -> str:
     """The commit measured, with '+changes' when the work tree differs from it."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               text=True, capture_output=True).stdout.strip()  # fmt: skip
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, capture_output=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
     except OSError:
         return "unknown commit"
     return (rev or "unknown commit") + (" +changes" if dirty else "")
@@ -89,8 +98,10 @@ def machine(libs: tuple[str, ...] = ()) -> str:
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpus} CPUs ({cpu_model()}; {cpu_flags()}), {torch.get_num_threads()} torch "
-            f"threads; {versions(libs)}; git {git_commit()}")  # fmt: skip
+    return (
+        f"{cpus} CPUs ({cpu_model()}; {cpu_flags()}), {torch.get_num_threads()} torch "
+        f"threads; {versions(libs)}; git {git_commit()}"
+    )
 
 
 def load() -> float:
@@ -109,12 +120,17 @@ class Sitting:
         """The 'how and where' paragraph that opens a section."""
         after = load()
         cpus = os.cpu_count() or 1
-        busy = (" **The machine was busy** (load above its CPU count): figures are slower and "
-                "noisier than on a quiet machine; compare only ratios within this section."
-                if max(self.load_before, after) > cpus else "")  # fmt: skip
-        return (f"`{self.command}` on {self.date}, {time.time() - self.started:.0f} s in all.\n\n"
-                f"Machine: {machine(self.libs)}. Load average {self.load_before:.2f} before, "
-                f"{after:.2f} after.{busy}")  # fmt: skip
+        busy = (
+            " **The machine was busy** (load above its CPU count): figures are slower and "
+            "noisier than on a quiet machine; compare only ratios within this section."
+            if max(self.load_before, after) > cpus
+            else ""
+        )
+        return (
+            f"`{self.command}` on {self.date}, {time.time() - self.started:.0f} s in all.\n\n"
+            f"Machine: {machine(self.libs)}. Load average {self.load_before:.2f} before, "
+            f"{after:.2f} after.{busy}"
+        )
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
@@ -242,8 +258,13 @@ def spawn(script: str, name: str, job: dict, environment: str | None = None) -> 
     """Run `script --worker name` with `job` on stdin in a fresh process; its 'RESULT {json}'.
     The environment defaults to "shipped" for tunelab workers and "reference" for the others."""
     environment = environment or ("shipped" if name == "tunelab" else "reference")
-    proc = subprocess.run([sys.executable, script, "--worker", name], env=worker_env(environment),
-                          input=json.dumps(job), capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, script, "--worker", name],
+        env=worker_env(environment),
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stderr[-6000:])
@@ -282,12 +303,22 @@ def tiny_causal_dir(root: Path) -> Path:
         return out
     source = smollm2_dir()
     cfg = json.loads((source / "config.json").read_text())
-    tiny = LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, max_position_embeddings=512, rms_norm_eps=cfg["rms_norm_eps"],
-                       rope_theta=cfg["rope_theta"], tie_word_embeddings=True,
-                       bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"],
-                       pad_token_id=cfg["pad_token_id"])  # fmt: skip
+    tiny = LlamaConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=cfg["rms_norm_eps"],
+        rope_theta=cfg["rope_theta"],
+        tie_word_embeddings=True,
+        bos_token_id=cfg["bos_token_id"],
+        eos_token_id=cfg["eos_token_id"],
+        pad_token_id=cfg["pad_token_id"],
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(tiny).save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -308,9 +339,14 @@ def tiny_encoder_dir(root: Path) -> Path:
     if (out / "config.json").exists():
         return out
     source = Path(resolve("minilm-l6"))
-    tiny = BertConfig(vocab_size=json.loads((source / "config.json").read_text())["vocab_size"],
-                      hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512)  # fmt: skip
+    tiny = BertConfig(
+        vocab_size=json.loads((source / "config.json").read_text())["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     BertModel(tiny).save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):

@@ -120,20 +120,43 @@ def worker_tunelab(a: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         data = Path(tmp) / "pairs.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in a["rows"]))
-        cfg = load_config(None, {
-            "task": "align", "model": a["model"], "data.path": str(data),
-            "data.val_fraction": 0.0, "train.seq_len": a["seq_len"], "train.batch_size": a["batch"],
-            "train.grad_accum": 1, "train.max_steps": total + 1, "train.lr": a["lr"],
-            "train.warmup_steps": 0, "train.schedule": "constant", "train.weight_decay": 0.0,
-            "train.clip": 1.0, "train.precision": "fp32", "train.autocast": "off",
-            "train.dropout": 0.0, "train.activation_checkpointing": False,
-            "train.eval_every": None, "train.save_every": None, "train.log_every": 1,
-            "train.device": "cpu", "train.seed": a["seed"], "out": str(Path(tmp) / "run"),
-            "align.loss": "dpo", "align.beta": a["beta"], "align.label_smoothing": 0.0,
-            "align.precompute_ref": a["precompute"], "method.name": "lora",
-            "method.r": LORA["r"], "method.alpha": LORA["alpha"], "method.dropout": 0.0,
-            "method.targets": LORA["targets"],
-        })  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "task": "align",
+                "model": a["model"],
+                "data.path": str(data),
+                "data.val_fraction": 0.0,
+                "train.seq_len": a["seq_len"],
+                "train.batch_size": a["batch"],
+                "train.grad_accum": 1,
+                "train.max_steps": total + 1,
+                "train.lr": a["lr"],
+                "train.warmup_steps": 0,
+                "train.schedule": "constant",
+                "train.weight_decay": 0.0,
+                "train.clip": 1.0,
+                "train.precision": "fp32",
+                "train.autocast": "off",
+                "train.dropout": 0.0,
+                "train.activation_checkpointing": False,
+                "train.eval_every": None,
+                "train.save_every": None,
+                "train.log_every": 1,
+                "train.device": "cpu",
+                "train.seed": a["seed"],
+                "out": str(Path(tmp) / "run"),
+                "align.loss": "dpo",
+                "align.beta": a["beta"],
+                "align.label_smoothing": 0.0,
+                "align.precompute_ref": a["precompute"],
+                "method.name": "lora",
+                "method.r": LORA["r"],
+                "method.alpha": LORA["alpha"],
+                "method.dropout": 0.0,
+                "method.targets": LORA["targets"],
+            },
+        )
         task, meter = AlignTask(), PairMeter(total)
         summary = run_training(cfg, task=task, callbacks=[meter])
         records = [
@@ -172,31 +195,73 @@ def worker_trl(a: dict) -> dict:
 
     DPOTrainer._precompute_ref_logps = timed
 
-    same = dict(gradient_checkpointing=False, bf16=False, fp16=False,
-                precompute_ref_log_probs=a["precompute"])  # fmt: skip
+    same = dict(
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        precompute_ref_log_probs=a["precompute"],
+    )
     rows = [a["rows"][i] for batch in a["plan"] for i in batch]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         args = DPOConfig(
-            output_dir=tmp, max_length=a["seq_len"], truncation_mode="keep_start",
-            per_device_train_batch_size=a["batch"], precompute_ref_batch_size=a["batch"],
-            gradient_accumulation_steps=1, max_steps=total, learning_rate=a["lr"],
-            lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
-            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-            max_grad_norm=1.0, beta=a["beta"], loss_type=["sigmoid"], label_smoothing=0.0,
-            use_weighting=False, disable_dropout=True, padding_free=False,
-            pad_to_multiple_of=None, sync_ref_model=False, activation_offloading=False,
-            use_liger_kernel=False, torch_compile=False, use_cpu=True, report_to="none",
-            logging_steps=1, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
-            seed=a["seed"], train_sampling_strategy="sequential", disable_tqdm=True,
+            output_dir=tmp,
+            max_length=a["seq_len"],
+            truncation_mode="keep_start",
+            per_device_train_batch_size=a["batch"],
+            precompute_ref_batch_size=a["batch"],
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            learning_rate=a["lr"],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            optim="adamw_torch_fused",
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=a["beta"],
+            loss_type=["sigmoid"],
+            label_smoothing=0.0,
+            use_weighting=False,
+            disable_dropout=True,
+            padding_free=False,
+            pad_to_multiple_of=None,
+            sync_ref_model=False,
+            activation_offloading=False,
+            use_liger_kernel=False,
+            torch_compile=False,
+            use_cpu=True,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            dataloader_num_workers=0,
+            seed=a["seed"],
+            train_sampling_strategy="sequential",
+            disable_tqdm=True,
             **({} if a["trl_mode"] == "defaults" else same),
-        )  # fmt: skip
-        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                          target_modules=LORA["targets"], task_type="CAUSAL_LM")  # fmt: skip
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=peft, callbacks=[clock(marks, rss)])  # fmt: skip
+        )
+        peft = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=0.0,
+            target_modules=LORA["targets"],
+            task_type="CAUSAL_LM",
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=[clock(marks, rss)],
+        )
         tokens, losses = train_counting(trainer)
-        settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16",
-                                                  "precompute_ref_log_probs")}  # fmt: skip
+        settings = {
+            k: getattr(args, k)
+            for k in ("gradient_checkpointing", "bf16", "precompute_ref_log_probs")
+        }
     out = result(a, tokens[-total:], marks, losses, spent["precompute"])
     out["peak_rss_mb"], out["train_peak_mb"] = rss[total - 1]
     out["settings"] = settings
@@ -210,10 +275,15 @@ def result(a, tokens, marks, losses, precompute_s) -> dict:
         raise SystemExit(f"saw {len(tokens)} batches and {len(marks) - 1} steps, expected {total}")
     steady = sum(tokens[w:total]) / (marks[total] - marks[w])
     train_s = marks[total] - marks[0]
-    return dict(steady=steady, precompute_s=precompute_s, train_s=train_s,
-                end_to_end=sum(tokens[:total]) / (train_s + precompute_s),
-                first_loss=losses[0], last_loss=losses[total - 1],
-                batch_tokens=tokens[:total])  # fmt: skip
+    return dict(
+        steady=steady,
+        precompute_s=precompute_s,
+        train_s=train_s,
+        end_to_end=sum(tokens[:total]) / (train_s + precompute_s),
+        first_loss=losses[0],
+        last_loss=losses[total - 1],
+        batch_tokens=tokens[:total],
+    )
 
 
 HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}
@@ -221,37 +291,43 @@ HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}
 
 def run_one(variant: str, job: dict, in_process: bool) -> dict:
     worker, environment, precompute, _ = VARIANTS[variant]
-    job = dict(job, precompute=precompute,
-               trl_mode="defaults" if variant == "trl-defaults" else "same")  # fmt: skip
+    job = dict(
+        job, precompute=precompute, trl_mode="defaults" if variant == "trl-defaults" else "same"
+    )
     if in_process:
         return dict(HANDLERS[worker](job), environment=environment)
     return common.spawn(__file__, worker, job, environment)
 
 
 def table(runs: dict) -> str:
-    lines = ["| setting | tok/s, timed steps | precompute s | tok/s incl. precompute, all steps "
-             "| training peak RSS (MiB) | process peak RSS (MiB) | loss first → last |",
-             "|:---|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    lines = [
+        "| setting | tok/s, timed steps | precompute s | tok/s incl. precompute, all steps "
+        "| training peak RSS (MiB) | process peak RSS (MiB) | loss first → last |",
+        "|:---|---:|---:|---:|---:|---:|:---|",
+    ]
     for key, ms in runs.items():
         m, label = ms[len(ms) // 2], VARIANTS[key][3]
         if "settings" in m:
             label += f" ({', '.join(f'{k}={v}' for k, v in m['settings'].items())})"
         pre = common.spread([x["precompute_s"] for x in ms]) if VARIANTS[key][2] else "–"
-        lines.append(f"| {label} | {common.spread([x['steady'] for x in ms])} | {pre} "
-                     f"| {common.spread([x['end_to_end'] for x in ms])} "
-                     f"| {common.median_of(ms, 'train_peak_mb'):.0f} "
-                     f"| {common.median_of(ms, 'peak_rss_mb'):.0f} "
-                     f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {common.spread([x['steady'] for x in ms])} | {pre} "
+            f"| {common.spread([x['end_to_end'] for x in ms])} "
+            f"| {common.median_of(ms, 'train_peak_mb'):.0f} "
+            f"| {common.median_of(ms, 'peak_rss_mb'):.0f} "
+            f"| {m['first_loss']:.3f} → {m['last_loss']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def ratios(runs: dict) -> str:
     """tunelab over TRL, like for like, on the end-to-end tok/s (precomputation included)."""
     out = []
-    for ours, theirs, what in (("tunelab-pre", "trl-pre", "both precomputed"),
-                               ("tunelab-live", "trl-live", "both live"),
-                               ("tunelab-pre", "trl-defaults", "tunelab's default against TRL's "
-                                "defaults")):  # fmt: skip
+    for ours, theirs, what in (
+        ("tunelab-pre", "trl-pre", "both precomputed"),
+        ("tunelab-live", "trl-live", "both live"),
+        ("tunelab-pre", "trl-defaults", "tunelab's default against TRL's defaults"),
+    ):
         if ours in runs and theirs in runs:
             r = common.median_of(runs[ours], "end_to_end") / common.median_of(
                 runs[theirs], "end_to_end"
@@ -290,9 +366,15 @@ def run(a, argv, tmp: Path) -> None:
         a.steps, a.warmup, a.runs, a.batch = 1, 1, 1, 2
         a.variants = [v for v in a.variants if v not in ("tunelab-pre-glibc", "trl-live")]
         model_dir = str(common.tiny_causal_dir(tmp))
-        pairs = [{"instruction": f"Say hello to person {i}.", "input": "",
-                  "chosen": f"Hello, dear person {i}! How are you?", "rejected": f"Hi {i}."}
-                 for i in range(8)]  # fmt: skip
+        pairs = [
+            {
+                "instruction": f"Say hello to person {i}.",
+                "input": "",
+                "chosen": f"Hello, dear person {i}! How are you?",
+                "rejected": f"Hi {i}.",
+            }
+            for i in range(8)
+        ]
         data = tmp / "pairs.json"
         data.write_text(json.dumps(pairs))
     else:
@@ -300,47 +382,64 @@ def run(a, argv, tmp: Path) -> None:
     if not data.is_file():
         raise SystemExit(f"{data}: preference data not found (../shared/data/preferences)")
     rows = render_pairs(model_dir, (a.warmup + a.steps) * a.batch, data)
-    job = dict(model=model_dir, rows=rows, steps=a.steps, warmup=a.warmup, lr=a.lr, beta=a.beta,
-               seq_len=a.seq_len, batch=a.batch, seed=0,
-               plan=batch_plan(len(rows), a.batch, 0, a.warmup + a.steps))  # fmt: skip
+    job = dict(
+        model=model_dir,
+        rows=rows,
+        steps=a.steps,
+        warmup=a.warmup,
+        lr=a.lr,
+        beta=a.beta,
+        seq_len=a.seq_len,
+        batch=a.batch,
+        seed=0,
+        plan=batch_plan(len(rows), a.batch, 0, a.warmup + a.steps),
+    )
     runs: dict[str, list[dict]] = {k: [] for k in a.variants}
     for key in common.alternating(a.variants, a.runs):
         runs[key].append(m := run_one(key, job, a.smoke))
-        print(f"{VARIANTS[key][3]}: {m['steady']:.1f} tok/s timed, {m['end_to_end']:.1f} tok/s "
-              f"incl. precompute ({m['precompute_s']:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"{VARIANTS[key][3]}: {m['steady']:.1f} tok/s timed, {m['end_to_end']:.1f} tok/s "
+            f"incl. precompute ({m['precompute_s']:.1f} s)",
+            flush=True,
+        )
     for ms in runs.values():  # sorted by end-to-end tok/s: the middle one is the median
         ms.sort(key=lambda m: m["end_to_end"])
     same = len({json.dumps(ms[0]["batch_tokens"]) for ms in runs.values()}) == 1
-    body = "\n".join([
-        sitting.preamble(),
-        "",
-        f"Work: {MODEL}, LoRA r {LORA['r']} alpha {LORA['alpha']} on q_proj and v_proj, sigmoid "
-        f"DPO beta {a.beta}, max length {a.seq_len}, batch {a.batch} pairs, fp32 (no autocast), "
-        f"fused AdamW lr {a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a "
-        f"row says so); the first {len(rows)} usable pairs of {data.name} rendered with the chat "
-        f"template, in tunelab's seeded batch order on both sides; {a.steps} timed steps after "
-        f"{a.warmup} untimed; every run in its own process; median of {a.runs} runs in "
-        "alternating order, range in brackets.",
-        "",
-        table(runs),
-        "",
-        ratios(runs),
-        "",
-        "Tokens are TRL's count for both: prompt + chosen and prompt + rejected of each pair "
-        + ("(identical per batch in every row)." if same else
-           "(the per-batch counts differ between rows: check the tokenization).")
-        + " Timed steps: the steps after the warm-up over their wall time. Incl. precompute: "
-        "every step's tokens over the wall time of all steps plus the reference precomputation "
-        "over the same pairs (model loading and tokenization are left out of both). tunelab runs "
-        "`run_training` with its align task (the `tunelab align` path, `Trainer.fit`); each pair "
-        "is one row [prompt, chosen, rejected] with a tree-shaped attention mask, so the prompt "
-        "is computed once per pair instead of twice. TRL rows set gradient_checkpointing=False "
-        "and bf16=False, fp16=False explicitly; \"as its defaults ship\" leaves those and "
-        "precompute_ref_log_probs at TRL 1.16's defaults (read back from its config, in "
-        "brackets). tunelab \"glibc defaults\": TUNELAB_MALLOC=0, without the allocator settings "
-        "the `tunelab` command starts with. Losses match at the first step (log 2: the policy "
-        "equals the reference) and differ after by LoRA's random init.",
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            sitting.preamble(),
+            "",
+            f"Work: {MODEL}, LoRA r {LORA['r']} alpha {LORA['alpha']} on q_proj and v_proj, sigmoid "
+            f"DPO beta {a.beta}, max length {a.seq_len}, batch {a.batch} pairs, fp32 (no autocast), "
+            f"fused AdamW lr {a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a "
+            f"row says so); the first {len(rows)} usable pairs of {data.name} rendered with the chat "
+            f"template, in tunelab's seeded batch order on both sides; {a.steps} timed steps after "
+            f"{a.warmup} untimed; every run in its own process; median of {a.runs} runs in "
+            "alternating order, range in brackets.",
+            "",
+            table(runs),
+            "",
+            ratios(runs),
+            "",
+            "Tokens are TRL's count for both: prompt + chosen and prompt + rejected of each pair "
+            + (
+                "(identical per batch in every row)."
+                if same
+                else "(the per-batch counts differ between rows: check the tokenization)."
+            )
+            + " Timed steps: the steps after the warm-up over their wall time. Incl. precompute: "
+            "every step's tokens over the wall time of all steps plus the reference precomputation "
+            "over the same pairs (model loading and tokenization are left out of both). tunelab runs "
+            "`run_training` with its align task (the `tunelab align` path, `Trainer.fit`); each pair "
+            "is one row [prompt, chosen, rejected] with a tree-shaped attention mask, so the prompt "
+            "is computed once per pair instead of twice. TRL rows set gradient_checkpointing=False "
+            'and bf16=False, fp16=False explicitly; "as its defaults ship" leaves those and '
+            "precompute_ref_log_probs at TRL 1.16's defaults (read back from its config, in "
+            'brackets). tunelab "glibc defaults": TUNELAB_MALLOC=0, without the allocator settings '
+            "the `tunelab` command starts with. Losses match at the first step (log 2: the policy "
+            "equals the reference) and differ after by LoRA's random init.",
+        ]
+    )
     print("\n" + table(runs) + "\n\n" + ratios(runs))
     if a.smoke:
         print("\n" + body)

@@ -28,8 +28,15 @@ import common  # noqa: E402  (bench/common.py)
 
 TITLE = "Kernels: fp32 linear layers on CPU"
 
-SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
-                 (576, 1536)]  # fmt: skip
+SMOLLM2_LAYER = [
+    (576, 576),
+    (192, 576),
+    (192, 576),
+    (576, 576),
+    (1536, 576),
+    (1536, 576),
+    (576, 1536),
+]
 
 
 def timed2(a, b, runs: int, inner: int) -> tuple[float, float]:
@@ -48,8 +55,10 @@ def timed2(a, b, runs: int, inner: int) -> tuple[float, float]:
 
 
 def products(runs: int, shapes: list[tuple]) -> list[str]:
-    lines = ["| product (M x K -> N) | F.linear GFLOP/s | oneDNN GFLOP/s | ratio |",
-             "|:---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| product (M x K -> N) | F.linear GFLOP/s | oneDNN GFLOP/s | ratio |",
+        "|:---|---:|---:|---:|",
+    ]
     for m, k, n in shapes:
         x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
         flop = 2 * m * n * k
@@ -60,8 +69,10 @@ def products(runs: int, shapes: list[tuple]) -> list[str]:
         }
         for name, (ref, ref_args, ours, our_args) in cases.items():
             a, b = timed2((ref, ref_args), (ours, our_args), runs, 3)
-            lines.append(f"| {name} {m}x{k}->{n} | {flop / a / 1e9:.0f} | {flop / b / 1e9:.0f} "
-                         f"| {a / b:.2f}x |")  # fmt: skip
+            lines.append(
+                f"| {name} {m}x{k}->{n} | {flop / a / 1e9:.0f} | {flop / b / 1e9:.0f} "
+                f"| {a / b:.2f}x |"
+            )
     return lines
 
 
@@ -74,15 +85,20 @@ def decoding(runs: int, layers: int) -> list[str]:
     ws = [torch.randn(n, k) for _ in range(layers) for n, k in SMOLLM2_LAYER]
     ws.append(torch.randn(49152 if layers > 1 else 512, 576))  # the tied LM head
     size = sum(w.numel() * 4 for w in ws)
-    lines = ["| decoding pass, SmolLM2-135M fp32 weights | F.linear GB/s | oneDNN reordered GB/s "
-             "| ratio |", "|:---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| decoding pass, SmolLM2-135M fp32 weights | F.linear GB/s | oneDNN reordered GB/s "
+        "| ratio |",
+        "|:---|---:|---:|---:|",
+    ]
     for rows in (1, 8):
         xs = {k: torch.randn(rows, k) for k in (576, 1536)}
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in ws]
-        a, b = timed2((_pass, (F.linear, ws, ws, xs)), (_pass, (onednn_linear, ws, packed, xs)),
-                      runs, 1)  # fmt: skip
-        lines.append(f"| {rows} row(s) | {size / a / 1e9:.1f} | {size / b / 1e9:.1f} "
-                     f"| {a / b:.2f}x |")  # fmt: skip
+        a, b = timed2(
+            (_pass, (F.linear, ws, ws, xs)), (_pass, (onednn_linear, ws, packed, xs)), runs, 1
+        )
+        lines.append(
+            f"| {rows} row(s) | {size / a / 1e9:.1f} | {size / b / 1e9:.1f} | {a / b:.2f}x |"
+        )
     return lines
 
 
@@ -98,15 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.runs, shapes, layers = 1, [(64, 32, 48)], 1
     tables = ["\n".join(products(args.runs, shapes)), "\n".join(decoding(args.runs, layers))]
-    body = "\n\n".join([
-        sitting.preamble(),
-        "Work: the products behind every linear layer, by F.linear / torch.mm (MKL's sgemm in "
-        "torch's CPU build) and by oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, shipped "
-        f"with torch for its compiler), fp32, medians of {args.runs} runs with the two kernels "
-        "alternating; the decoding pass streams every weight of SmolLM2-135M once (30 blocks and "
-        "the tied head) with 1 and 8 rows, oneDNN on weights reordered for that row count.",
-        *tables,
-    ])  # fmt: skip
+    body = "\n\n".join(
+        [
+            sitting.preamble(),
+            "Work: the products behind every linear layer, by F.linear / torch.mm (MKL's sgemm in "
+            "torch's CPU build) and by oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, shipped "
+            f"with torch for its compiler), fp32, medians of {args.runs} runs with the two kernels "
+            "alternating; the decoding pass streams every weight of SmolLM2-135M once (30 blocks and "
+            "the tied head) with 1 and 8 rows, oneDNN on weights reordered for that row count.",
+            *tables,
+        ]
+    )
     print("\n\n".join(tables))
     common.publish(TITLE, body, args.smoke, not args.no_write)
 

@@ -64,8 +64,13 @@ def run_ours(lm, prompts: list[list[int]], pad: int, new: int) -> list[list[int]
 
 def run_theirs(hf, ids: torch.Tensor, mask: torch.Tensor, new: int) -> list[list[int]]:
     with torch.inference_mode():
-        seq = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                          max_new_tokens=new, min_new_tokens=new)  # fmt: skip
+        seq = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+        )
     return seq[:, ids.shape[1] :].tolist()
 
 
@@ -102,22 +107,37 @@ def bench_precision(
         ours_tps = b * new / statistics.median(times["ours"])
         theirs_tps = b * new / statistics.median(times["theirs"])
         same = sum(a == t for a, t in zip(out["ours"], out["theirs"]))
-        rows.append(dict(batch=b, precision=precision, ours=ours_tps, theirs=theirs_tps,
-                         ours_all=[b * new / t for t in times["ours"]],
-                         theirs_all=[b * new / t for t in times["theirs"]],
-                         same=f"{same}/{b}"))  # fmt: skip
-        print(f"batch {b} {precision}: tunelab {ours_tps:.1f} tok/s, transformers "
-              f"{theirs_tps:.1f} tok/s, identical rows {same}/{b}", flush=True)  # fmt: skip
+        rows.append(
+            dict(
+                batch=b,
+                precision=precision,
+                ours=ours_tps,
+                theirs=theirs_tps,
+                ours_all=[b * new / t for t in times["ours"]],
+                theirs_all=[b * new / t for t in times["theirs"]],
+                same=f"{same}/{b}",
+            )
+        )
+        print(
+            f"batch {b} {precision}: tunelab {ours_tps:.1f} tok/s, transformers "
+            f"{theirs_tps:.1f} tok/s, identical rows {same}/{b}",
+            flush=True,
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | precision | tunelab tok/s, median (range) | transformers tok/s, median "
-             "(range) | ratio | identical rows |", "|---:|:---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| batch | precision | tunelab tok/s, median (range) | transformers tok/s, median "
+        "(range) | ratio | identical rows |",
+        "|---:|:---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['precision']} | {common.spread(r['ours_all'])} "
-                     f"| {common.spread(r['theirs_all'])} | {r['ours'] / r['theirs']:.2f}x "
-                     f"| {r['same']} |")  # fmt: skip
+        lines.append(
+            f"| {r['batch']} | {r['precision']} | {common.spread(r['ours_all'])} "
+            f"| {common.spread(r['theirs_all'])} | {r['ours'] / r['theirs']:.2f}x "
+            f"| {r['same']} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,27 +156,32 @@ def main(argv: list[str] | None = None) -> None:
         if a.smoke:
             a.runs, a.new_tokens, a.batches = 1, 4, [2]
             model = str(common.tiny_causal_dir(Path(tmp)))
-        rows = [r for p in a.precisions
-                for r in bench_precision(p, a.batches, a.new_tokens, a.runs, model)]  # fmt: skip
+        rows = [
+            r
+            for p in a.precisions
+            for r in bench_precision(p, a.batches, a.new_tokens, a.runs, model)
+        ]
         report(a, rows, sitting, Path(tmp))
 
 
 def report(a, rows: list[dict], sitting, tmp: Path) -> None:
     rows.sort(key=lambda r: (r["batch"], list(DTYPES).index(r["precision"])))
-    body = "\n".join([
-        sitting.preamble(),
-        "",
-        f"Work: {MODEL}, greedy, {a.new_tokens} new tokens per row (no EOS stop), chat prompts "
-        f"of different lengths left-padded, median of {a.runs} runs in alternating order, range "
-        "in brackets.",
-        "",
-        f"tunelab's kernels (runtime.linear auto, `tunelab runtime`): {kernels()}.",
-        "",
-        table(rows),
-        "",
-        "Tokens/s = batch x new tokens / wall time of one call (prefill included). "
-        "Identical rows: rows whose tokens equal transformers' (bf16 rounding may differ).",
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            sitting.preamble(),
+            "",
+            f"Work: {MODEL}, greedy, {a.new_tokens} new tokens per row (no EOS stop), chat prompts "
+            f"of different lengths left-padded, median of {a.runs} runs in alternating order, range "
+            "in brackets.",
+            "",
+            f"tunelab's kernels (runtime.linear auto, `tunelab runtime`): {kernels()}.",
+            "",
+            table(rows),
+            "",
+            "Tokens/s = batch x new tokens / wall time of one call (prefill included). "
+            "Identical rows: rows whose tokens equal transformers' (bf16 rounding may differ).",
+        ]
+    )
     print("\n" + table(rows))
     common.publish(TITLE, body, a.smoke, not a.no_write)
 

@@ -65,8 +65,17 @@ def main() -> int:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             row = json.loads(line)
             for v in row["instructions"]:
-                cases.append((f"{path}:{n}", v["id"], v["kwargs"], row["prompt"], row["response"],
-                              v["strict"], v["loose"]))  # fmt: skip
+                cases.append(
+                    (
+                        f"{path}:{n}",
+                        v["id"],
+                        v["kwargs"],
+                        row["prompt"],
+                        row["response"],
+                        v["strict"],
+                        v["loose"],
+                    )
+                )
     agree = {"strict": 0, "loose": 0}
     for where, iid, kwargs, prompt, response, strict, loose in cases:
         ref = reference_verdicts(iid, kwargs, prompt, response)

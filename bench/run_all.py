@@ -64,8 +64,11 @@ def run_section(name: str, script: str, args: list[str], write: bool) -> tuple[i
     env = dict(os.environ)
     src = str(BENCH.parent / "src")  # the tree measured, whatever the venv's install points at
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    print(f"\n=== {name}: {' '.join(['python', f'bench/{script}', *args])} "
-          f"(load {common.load():.2f}, {time.strftime('%H:%M:%S')})", flush=True)  # fmt: skip
+    print(
+        f"\n=== {name}: {' '.join(['python', f'bench/{script}', *args])} "
+        f"(load {common.load():.2f}, {time.strftime('%H:%M:%S')})",
+        flush=True,
+    )
     started = time.time()
     rc = subprocess.run(cmd, env=env, cwd=BENCH.parent).returncode
     return rc, time.time() - started
@@ -76,8 +79,9 @@ def drop_stale_note() -> None:
     import re
 
     text = common.DOC.read_text()
-    common.DOC.write_text(re.sub(r"\*\*Not yet re-measured \(issue 17\)\.\*\*.*?\n\n", "", text,
-                                 flags=re.S))  # fmt: skip
+    common.DOC.write_text(
+        re.sub(r"\*\*Not yet re-measured \(issue 17\)\.\*\*.*?\n\n", "", text, flags=re.S)
+    )
 
 
 def smoke(names: list[str]) -> int:
@@ -96,18 +100,27 @@ def smoke(names: list[str]) -> int:
                 raise
             traceback.print_exc()
             failed.append(name)
-        print(f"=== smoke {name}: {'FAILED' if name in failed else 'ok'} "
-              f"({time.time() - started:.1f} s)", flush=True)  # fmt: skip
-    print(f"\nsmoke: {len(names) - len(failed)} of {len(names)} ok"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))  # fmt: skip
+        print(
+            f"=== smoke {name}: {'FAILED' if name in failed else 'ok'} "
+            f"({time.time() - started:.1f} s)",
+            flush=True,
+        )
+    print(
+        f"\nsmoke: {len(names) - len(failed)} of {len(names)} ok"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [s[0] for s in SECTIONS]
-    ap.add_argument("--only", nargs="+", choices=names, help="these sections (default: all but "
-                    f"the opt-in {', '.join(sorted(OPT_IN))})")  # fmt: skip
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=names,
+        help=f"these sections (default: all but the opt-in {', '.join(sorted(OPT_IN))})",
+    )
     ap.add_argument("--list", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--smoke", action="store_true", help="each script's smoke mode, in-process")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
@@ -123,9 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cpus = os.cpu_count() or 1
     print(f"Sitting on {common.machine(('transformers', 'trl', 'peft', 'tokenizers'))}")
-    print(f"Load average {common.load():.2f} on {cpus} CPUs at the start"
-          + (": busy; the figures will be slower and noisier than on a quiet machine"
-             if common.load() > 0.5 * cpus else ""), flush=True)  # fmt: skip
+    print(
+        f"Load average {common.load():.2f} on {cpus} CPUs at the start"
+        + (
+            ": busy; the figures will be slower and noisier than on a quiet machine"
+            if common.load() > 0.5 * cpus
+            else ""
+        ),
+        flush=True,
+    )
     results = []
     for name, script, args, what in chosen:
         rc, seconds = run_section(name, script, args, not a.no_write)

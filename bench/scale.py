@@ -84,9 +84,14 @@ def watched(cmd: list[str], env: dict, logs: Path, events, limit_mb: float) -> d
             p.returncode = os.waitstatus_to_exitcode(status)
             break
         time.sleep(0.005)
-    return dict(rc=p.returncode, marks=marks, killed_at_mb=killed, stdout=out.read_text(),
-                stderr=err.read_text(),
-                process_peak_mb=max(usage.ru_maxrss / 1024, last.get("VmHWM", 0)))  # fmt: skip
+    return dict(
+        rc=p.returncode,
+        marks=marks,
+        killed_at_mb=killed,
+        stdout=out.read_text(),
+        stderr=err.read_text(),
+        process_peak_mb=max(usage.ru_maxrss / 1024, last.get("VmHWM", 0)),
+    )
 
 
 def child_env() -> dict:
@@ -113,7 +118,11 @@ def measure_load(side: str, method: str, job: dict, logs: Path, limit: float) ->
     cmd = [sys.executable, WORKERS, "load", json.dumps(job)]
     r = watched(cmd, child_env(), logs, lambda o, e: (), limit)
     found = [json.loads(x[7:]) for x in r["stdout"].splitlines() if x.startswith("RESULT ")]
-    return dict(found[-1], process_peak_mb=r["process_peak_mb"]) if found else {"failed": _failed(r) or "no result"}  # fmt: skip
+    return (
+        dict(found[-1], process_peak_mb=r["process_peak_mb"])
+        if found
+        else {"failed": _failed(r) or "no result"}
+    )
 
 
 def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -> dict:
@@ -121,15 +130,47 @@ def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -
     if side == "tunelab":
         run = logs / "run"
         opts = {"name": method, **({"targets": "all-linear", **LORA} if method != "full" else {})}
-        cmd = [sys.executable, "-m", "tunelab", "finetune", "--model", job["model"],
-               "--data", job["data"], "--precision", "bf16", "--autocast", "bf16",
-               "--seq-len", str(job["seq_len"]),
-               "--batch-size", str(job["batch"]), "--max-steps", str(job["steps"]),
-               "--lr", str(job["lr"]), "--seed", str(job["seed"]), "--out", str(run),
-               "--data.val_fraction", "0", "--train.schedule", "constant",
-               "--train.warmup_steps", "0", "--train.clip", "1.0", "--train.weight_decay", "0",
-               "--train.device", "cpu", "--train.log_every", "1",
-               *[x for k, v in opts.items() for x in (f"--method.{k}", str(v))]]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "tunelab",
+            "finetune",
+            "--model",
+            job["model"],
+            "--data",
+            job["data"],
+            "--precision",
+            "bf16",
+            "--autocast",
+            "bf16",
+            "--seq-len",
+            str(job["seq_len"]),
+            "--batch-size",
+            str(job["batch"]),
+            "--max-steps",
+            str(job["steps"]),
+            "--lr",
+            str(job["lr"]),
+            "--seed",
+            str(job["seed"]),
+            "--out",
+            str(run),
+            "--data.val_fraction",
+            "0",
+            "--train.schedule",
+            "constant",
+            "--train.warmup_steps",
+            "0",
+            "--train.clip",
+            "1.0",
+            "--train.weight_decay",
+            "0",
+            "--train.device",
+            "cpu",
+            "--train.log_every",
+            "1",
+            *[x for k, v in opts.items() for x in (f"--method.{k}", str(v))],
+        ]
 
         def events(out, err):
             metrics = run / "metrics.jsonl"
@@ -148,15 +189,23 @@ def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -
         return {"failed": _failed(r) or "no 'ready' or last-step record"}
     # A command that fails after its last step (e.g. writing the final model) keeps its figures.
     after = f"after training: {_failed(r)}" if _failed(r) else None
-    out = dict(ready_s=m["ready"]["t"], load_peak_mb=m["ready"]["hwm_mb"],
-               train_peak_mb=m[last]["hwm_mb"], after=after,
-               process_peak_mb=r["killed_at_mb"] or r["process_peak_mb"])  # fmt: skip
+    out = dict(
+        ready_s=m["ready"]["t"],
+        load_peak_mb=m["ready"]["hwm_mb"],
+        train_peak_mb=m[last]["hwm_mb"],
+        after=after,
+        process_peak_mb=r["killed_at_mb"] or r["process_peak_mb"],
+    )
     if side == "tunelab":
         steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         times = [0.0] + [s["time"] for s in steps]
-        out.update(step_s=[b - a for a, b in zip(times, times[1:])],
-                   tokens=[s["tokens_step"] for s in steps], losses=[s["loss"] for s in steps],
-                   storage="?", trainable=READY.search(r["stderr"])[0].split()[1])  # fmt: skip
+        out.update(
+            step_s=[b - a for a, b in zip(times, times[1:])],
+            tokens=[s["tokens_step"] for s in steps],
+            losses=[s["loss"] for s in steps],
+            storage="?",
+            trainable=READY.search(r["stderr"])[0].split()[1],
+        )
         if (run / "summary.json").exists():
             summary = json.loads((run / "summary.json").read_text())
             by = summary["params"]["by_dtype"]
@@ -164,15 +213,22 @@ def measure_train(side: str, method: str, job: dict, logs: Path, limit: float) -
                 {SHORT.get(k, k) for k, v in by.items() if v["params"] > v["trainable_params"]},
                 {SHORT.get(k, k) for k, v in by.items() if v["trainable_params"]},
             ]
-            out.update(storage=" / ".join("+".join(sorted(k)) or "–" for k in kinds),
-                       trainable=summary["trainable_params"],
-                       summary_peak_mb=summary["peak_memory_mb"])  # fmt: skip
+            out.update(
+                storage=" / ".join("+".join(sorted(k)) or "–" for k in kinds),
+                trainable=summary["trainable_params"],
+                summary_peak_mb=summary["peak_memory_mb"],
+            )
     else:
         found = [json.loads(x[6:]) for x in r["stdout"].splitlines() if x.startswith("EVENT ")]
         steps = [e for e in found if e["kind"] == "step"]
-        out.update(step_s=[s["seconds"] for s in steps], tokens=[s["tokens"] for s in steps],
-                   losses=[s["loss"] for s in steps], trainable=found[0]["trainable"],
-                   storage=found[0]["storage"], threads=steps[-1]["threads"])  # fmt: skip
+        out.update(
+            step_s=[s["seconds"] for s in steps],
+            tokens=[s["tokens"] for s in steps],
+            losses=[s["loss"] for s in steps],
+            trainable=found[0]["trainable"],
+            storage=found[0]["storage"],
+            threads=steps[-1]["threads"],
+        )
     return out
 
 
@@ -208,9 +264,11 @@ def _side_rows(row: dict):
 
 
 def load_table(rows: list[dict]) -> str:
-    lines = ["| shape | load | side | storage | seconds | RSS before (GiB) | peak while loading "
-             "(GiB) | RSS after (GiB) | peak − before (GiB) | weights (GiB) | target (GiB) |",
-             "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| shape | load | side | storage | seconds | RSS before (GiB) | peak while loading "
+        "(GiB) | RSS after (GiB) | peak − before (GiB) | weights (GiB) | target (GiB) |",
+        "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         for head, ok, reason in _side_rows(row):
             if not ok:
@@ -222,18 +280,23 @@ def load_table(rows: list[dict]) -> str:
                 if row["method"] == "load"
                 else "–"
             )
-            lines.append(head + f"| {ok[0]['storage']} | {_agg([r['seconds'] for r in ok], '{:.1f}')} "
-                         f"| {_agg(_gib(r['rss_before_mb'] for r in ok), '{:.2f}')} "
-                         f"| {_agg(_gib(r['peak_mb'] for r in ok), '{:.2f}')} "
-                         f"| {_agg(_gib(r['rss_after_mb'] for r in ok), '{:.2f}')} "
-                         f"| {_agg(_gib(grow), '{:.2f}')} | {row['weights_gib']:.3g} | {target} |")  # fmt: skip
+            lines.append(
+                head + f"| {ok[0]['storage']} | {_agg([r['seconds'] for r in ok], '{:.1f}')} "
+                f"| {_agg(_gib(r['rss_before_mb'] for r in ok), '{:.2f}')} "
+                f"| {_agg(_gib(r['peak_mb'] for r in ok), '{:.2f}')} "
+                f"| {_agg(_gib(r['rss_after_mb'] for r in ok), '{:.2f}')} "
+                f"| {_agg(_gib(grow), '{:.2f}')} | {row['weights_gib']:.3g} | {target} |"
+            )
     return "\n".join(lines)
 
 
 def train_table(rows: list[dict], warmup: int) -> str:
-    lines = ["| shape | method | side | frozen / trainable | trainable | ready (s) | load-phase "
-             "peak (GiB) | training peak (GiB) | command peak (GiB) | s/step | real tok/s | "
-             "loss first → last |", "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    lines = [
+        "| shape | method | side | frozen / trainable | trainable | ready (s) | load-phase "
+        "peak (GiB) | training peak (GiB) | command peak (GiB) | s/step | real tok/s | "
+        "loss first → last |",
+        "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|",
+    ]
     for row in rows:
         for head, ok, reason in _side_rows(row):
             if not ok:
@@ -244,12 +307,14 @@ def train_table(rows: list[dict], warmup: int) -> str:
             n = ok[0]["trainable"]
             cmd_peak = _agg(_gib(r["process_peak_mb"] for r in ok), "{:.2f}")
             cmd_peak += "".join(f" ({r['after']})" for r in ok[:1] if r.get("after"))
-            lines.append(head + f"| {ok[0]['storage']} | {f'{n / 1e6:.2f}M' if isinstance(n, int) else n} "
-                         f"| {_agg([r['ready_s'] for r in ok], '{:.1f}')} "
-                         f"| {_agg(_gib(r['load_peak_mb'] for r in ok), '{:.2f}')} "
-                         f"| {_agg(_gib(r['train_peak_mb'] for r in ok), '{:.2f}')} "
-                         f"| {cmd_peak} | {_agg(step, '{:.2f}')} | {_agg(tps, '{:.1f}')} "
-                         f"| {ok[0]['losses'][0]:.3f} → {ok[0]['losses'][-1]:.3f} |")  # fmt: skip
+            lines.append(
+                head + f"| {ok[0]['storage']} | {f'{n / 1e6:.2f}M' if isinstance(n, int) else n} "
+                f"| {_agg([r['ready_s'] for r in ok], '{:.1f}')} "
+                f"| {_agg(_gib(r['load_peak_mb'] for r in ok), '{:.2f}')} "
+                f"| {_agg(_gib(r['train_peak_mb'] for r in ok), '{:.2f}')} "
+                f"| {cmd_peak} | {_agg(step, '{:.2f}')} | {_agg(tps, '{:.1f}')} "
+                f"| {ok[0]['losses'][0]:.3f} → {ok[0]['losses'][-1]:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -258,14 +323,19 @@ def machine(threads) -> str:
     versions = []
     for pkg in ("torch", "transformers", "peft"):
         versions.append(f"{pkg} {md.version(pkg)}")
-    return (f"{len(os.sched_getaffinity(0))} CPUs ({cpu}), {threads} torch threads, "
-            f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM; "
-            + ", ".join(versions))  # fmt: skip
+    return (
+        f"{len(os.sched_getaffinity(0))} CPUs ({cpu}), {threads} torch threads, "
+        f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM; "
+        + ", ".join(versions)
+    )
 
 
 def bnb_version(path: str | None) -> str:
-    found = [d.version for d in md.distributions(path=[path] if path else sys.path)
-             if d.metadata["Name"] == "bitsandbytes"]  # fmt: skip
+    found = [
+        d.version
+        for d in md.distributions(path=[path] if path else sys.path)
+        if d.metadata["Name"] == "bitsandbytes"
+    ]
     return f"bitsandbytes {found[0]}" if found else "no bitsandbytes"
 
 
@@ -277,9 +347,13 @@ def available_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES)
-    ap.add_argument("--methods", nargs="+", default=[*LOAD_METHODS, *TRAIN_METHODS],
-                    choices=[*LOAD_METHODS, *TRAIN_METHODS],
-                    help="load / nf4: loading alone (bf16 / NF4); full, lora, qlora: training")  # fmt: skip
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=[*LOAD_METHODS, *TRAIN_METHODS],
+        choices=[*LOAD_METHODS, *TRAIN_METHODS],
+        help="load / nf4: loading alone (bf16 / NF4); full, lora, qlora: training",
+    )
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per training run")
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of s/step")
     ap.add_argument("--runs", type=int, default=1, help="runs per side (medians, min–max)")
@@ -288,8 +362,12 @@ def main() -> None:
     ap.add_argument("--cache", help="shape folders' parent (default ~/.cache/tunelab/shapes)")
     ap.add_argument("--work", help="scratch folder for run directories (default: system temp)")
     ap.add_argument("--bnb-path", help="folder holding bitsandbytes, for the reference's NF4")
-    ap.add_argument("--max-rss-gb", type=float, help="stop a child above this resident size "
-                    "(default 90%% of the memory available at the start)")  # fmt: skip
+    ap.add_argument(
+        "--max-rss-gb",
+        type=float,
+        help="stop a child above this resident size "
+        "(default 90%% of the memory available at the start)",
+    )
     ap.add_argument("--doc", default=None, help=f"page to update (default {DOC}; not in --smoke)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--json", help="also write every measurement, raw, to this file")
@@ -303,8 +381,10 @@ def main() -> None:
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
     cache = Path(a.cache).expanduser() if a.cache else shapes.CACHE
-    dirs = {n: shapes.write_shape(n, cache / (f"{n}-scaled" if a.smoke else n), scale=a.smoke)
-            for n in a.shapes}  # fmt: skip
+    dirs = {
+        n: shapes.write_shape(n, cache / (f"{n}-scaled" if a.smoke else n), scale=a.smoke)
+        for n in a.shapes
+    }
     job = dict(data=str(Path(a.data).resolve()), steps=a.steps, bnb_path=a.bnb_path, **TRAIN)
     have_bnb = bnb_version(a.bnb_path) != "no bitsandbytes"
     names = {"tunelab": "tunelab", "reference": "transformers + peft"}
@@ -312,8 +392,12 @@ def main() -> None:
     for shape in a.shapes:
         weights = sum(f.stat().st_size for f in dirs[shape].glob("*.safetensors")) / 2**30
         for method in a.methods:
-            row = dict(shape=shape, method=method, weights_gib=weights,
-                       sides={names["tunelab"]: [], names["reference"]: []})  # fmt: skip
+            row = dict(
+                shape=shape,
+                method=method,
+                weights_gib=weights,
+                sides={names["tunelab"]: [], names["reference"]: []},
+            )
             (load_rows if method in LOAD_METHODS else train_rows).append(row)
             if method == "full" and full_mb(shape, a.smoke) > limit:
                 row["skipped"] = f"not run: needs ~{full_mb(shape, a.smoke) / 1024:.0f} GiB"
@@ -328,10 +412,21 @@ def main() -> None:
                         r = fn(side, method, dict(job, model=str(dirs[shape])), Path(tmp), limit)
                     row["sides"][names[side]].append(r)
                     threads.add(r.get("threads"))
-                    print(f"{shape} {method} {names[side]}: " + (r.get("failed") or ", ".join(
-                        f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float))), flush=True)  # fmt: skip
-    same = all(len({tuple(r["tokens"]) for runs in row["sides"].values() for r in runs
-                    if "tokens" in r}) <= 1 for row in train_rows)  # fmt: skip
+                    print(
+                        f"{shape} {method} {names[side]}: "
+                        + (
+                            r.get("failed")
+                            or ", ".join(
+                                f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float)
+                            )
+                        ),
+                        flush=True,
+                    )
+    same = all(
+        len({tuple(r["tokens"]) for runs in row["sides"].values() for r in runs if "tokens" in r})
+        <= 1
+        for row in train_rows
+    )
     cmd = " ".join(["python bench/scale.py", *sys.argv[1:]])
     parts = [
         f"`{cmd}` on {datetime.date.today()}, tunelab {common.git_commit()}. Machine: "
@@ -339,38 +434,54 @@ def main() -> None:
         f"{bnb_version(a.bnb_path)}. Load average {load0:.2f} before, {os.getloadavg()[0]:.2f} "
         f"after. Random-weight{' scaled-down' if a.smoke else ''} checkpoints from bench/shapes.py "
         f"(bf16 safetensors shards); each figure from its own process"
-        + (f", median of {a.runs} runs (min–max)" if a.runs > 1 else "") + ".",
-    ]  # fmt: skip
+        + (f", median of {a.runs} runs (min–max)" if a.runs > 1 else "")
+        + ".",
+    ]
     if load_rows:
-        parts += ["", load_table(load_rows), "",
-                  "Loading, timed inside the process around `tunelab.load(dir, precision=\"bf16\""
-                  "[, quantize=\"nf4\"])` and `AutoModelForCausalLM.from_pretrained(dir, dtype="
-                  "torch.bfloat16, low_cpu_mem_usage=True)` (nf4: bitsandbytes NF4, double "
-                  "quantization, on CPU); RSS before counts the imported libraries. Target: "
-                  "issue 16's bound on the peak while loading, 1.15 × the bf16 weights + 0.5 GB. "
-                  "RSS counts the memory-mapped checkpoint pages a process has touched, on both "
-                  "sides."]  # fmt: skip
+        parts += [
+            "",
+            load_table(load_rows),
+            "",
+            'Loading, timed inside the process around `tunelab.load(dir, precision="bf16"'
+            '[, quantize="nf4"])` and `AutoModelForCausalLM.from_pretrained(dir, dtype='
+            "torch.bfloat16, low_cpu_mem_usage=True)` (nf4: bitsandbytes NF4, double "
+            "quantization, on CPU); RSS before counts the imported libraries. Target: "
+            "issue 16's bound on the peak while loading, 1.15 × the bf16 weights + 0.5 GB. "
+            "RSS counts the memory-mapped checkpoint pages a process has touched, on both "
+            "sides.",
+        ]
     if train_rows:
-        parts += ["", train_table(train_rows, a.warmup), "",
-                  f"Training: {a.steps} steps on {Path(a.data).name}, sequence length "
-                  f"{TRAIN['seq_len']}, batch {TRAIN['batch']}, AdamW lr {TRAIN['lr']:g} constant, "
-                  f"clip 1.0, bf16 autocast on both sides, no gradient checkpointing, no "
-                  f"evaluation; s/step is the median of steps {a.warmup + 1}–{a.steps}. tunelab: "
-                  "`--precision bf16 --autocast bf16` (frozen weights in bf16, trainable ones "
-                  "with fp32 master copies); the reference: full loads fp32 weights, LoRA a bf16 "
-                  "base with fp32 adapters, QLoRA a bitsandbytes NF4 base. LoRA r "
-                  f"{LORA['r']}, alpha {LORA['alpha']}, dropout 0 on every linear layer of the "
-                  "blocks (peft's `all-linear`; GPT-2's fused c_attn takes one adapter in peft, "
-                  "three in tunelab, hence the trainable counts). Both sides trained on "
-                  + ("the same batches (identical tokens per step)." if same else
-                     "batches whose token counts differ: check the data pipeline.")
-                  + " Peaks: VmHWM read every 5 ms from outside when the model is ready "
-                  "(load-phase) and when the last step is recorded (training); command peak: "
-                  "the whole process, including what tunelab's command writes at the end "
-                  "(checkpoint, final model). tunelab runs as its command does (glibc keeps "
-                  "freed memory, src/tunelab/allocator.py); the reference with glibc's defaults."
-                  + ("" if have_bnb else " QLoRA's reference row is peft LoRA on a bf16 base: "
-                     "bitsandbytes is not installed here.")]  # fmt: skip
+        parts += [
+            "",
+            train_table(train_rows, a.warmup),
+            "",
+            f"Training: {a.steps} steps on {Path(a.data).name}, sequence length "
+            f"{TRAIN['seq_len']}, batch {TRAIN['batch']}, AdamW lr {TRAIN['lr']:g} constant, "
+            f"clip 1.0, bf16 autocast on both sides, no gradient checkpointing, no "
+            f"evaluation; s/step is the median of steps {a.warmup + 1}–{a.steps}. tunelab: "
+            "`--precision bf16 --autocast bf16` (frozen weights in bf16, trainable ones "
+            "with fp32 master copies); the reference: full loads fp32 weights, LoRA a bf16 "
+            "base with fp32 adapters, QLoRA a bitsandbytes NF4 base. LoRA r "
+            f"{LORA['r']}, alpha {LORA['alpha']}, dropout 0 on every linear layer of the "
+            "blocks (peft's `all-linear`; GPT-2's fused c_attn takes one adapter in peft, "
+            "three in tunelab, hence the trainable counts). Both sides trained on "
+            + (
+                "the same batches (identical tokens per step)."
+                if same
+                else "batches whose token counts differ: check the data pipeline."
+            )
+            + " Peaks: VmHWM read every 5 ms from outside when the model is ready "
+            "(load-phase) and when the last step is recorded (training); command peak: "
+            "the whole process, including what tunelab's command writes at the end "
+            "(checkpoint, final model). tunelab runs as its command does (glibc keeps "
+            "freed memory, src/tunelab/allocator.py); the reference with glibc's defaults."
+            + (
+                ""
+                if have_bnb
+                else " QLoRA's reference row is peft LoRA on a bf16 base: "
+                "bitsandbytes is not installed here."
+            ),
+        ]
     body = "\n".join(parts)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(load=load_rows, train=train_rows), indent=1))

@@ -47,9 +47,15 @@ def _reference_model(job: dict, method: str):
 
     kw = dict(low_cpu_mem_usage=True, dtype=torch.float32 if method == "full" else torch.bfloat16)
     if method in ("qlora", "nf4") and _bnb(job):
-        kw.update(device_map="cpu", quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16))  # fmt: skip
+        kw.update(
+            device_map="cpu",
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+        )
     if json.loads((Path(job["model"]) / "config.json").read_text())["model_type"] == "gpt2":
         kw.update(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)  # tunelab trains without
     return AutoModelForCausalLM.from_pretrained(job["model"], **kw)
@@ -103,9 +109,16 @@ def worker_load(job: dict) -> dict:
     before, t = status_mb(), time.perf_counter()
     model = load()
     seconds, after = time.perf_counter() - t, status_mb()
-    return dict(seconds=seconds, rss_before_mb=before["VmRSS"], rss_after_mb=after["VmRSS"],
-                peak_mb=after["VmHWM"], threads=torch.get_num_threads(), how=how,
-                storage=storage(model, split=False), params=sum(p.numel() for p in model.parameters()))  # fmt: skip
+    return dict(
+        seconds=seconds,
+        rss_before_mb=before["VmRSS"],
+        rss_after_mb=after["VmRSS"],
+        peak_mb=after["VmHWM"],
+        threads=torch.get_num_threads(),
+        how=how,
+        storage=storage(model, split=False),
+        params=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def tunelab_batches(job: dict) -> list[dict]:
@@ -114,11 +127,18 @@ def tunelab_batches(job: dict) -> list[dict]:
     from tunelab.train.config import load_config
     from tunelab.train.lm import build_data
 
-    cfg = load_config(None, {
-        "task": "finetune", "model": job["model"], "data.path": job["data"],
-        "data.val_fraction": 0.0, "train.seq_len": job["seq_len"],
-        "train.batch_size": job["batch"], "train.seed": job["seed"],
-    })  # fmt: skip
+    cfg = load_config(
+        None,
+        {
+            "task": "finetune",
+            "model": job["model"],
+            "data.path": job["data"],
+            "data.val_fraction": 0.0,
+            "train.seq_len": job["seq_len"],
+            "train.batch_size": job["batch"],
+            "train.seed": job["seed"],
+        },
+    )
     stream = build_data(cfg, Tokenizer.from_dir(job["model"]), "auto")[0].forever()
     return [next(stream) for _ in range(job["steps"])]
 
@@ -132,9 +152,17 @@ def worker_train(job: dict) -> None:
     if job["method"] != "full":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
-            target_modules="all-linear", task_type="CAUSAL_LM"))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=LORA["r"],
+                lora_alpha=LORA["alpha"],
+                lora_dropout=LORA["dropout"],
+                bias="none",
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     _emit("ready", trainable=sum(p.numel() for p in params), storage=storage(model))
     batches = tunelab_batches(job)
@@ -143,14 +171,23 @@ def worker_train(job: dict) -> None:
     for i, batch in enumerate(batches, 1):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss  # fmt: skip
+            loss = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _emit("step", step=i, seconds=time.perf_counter() - t, loss=loss.item(),
-              tokens=int(batch["attention_mask"].sum()), threads=torch.get_num_threads())  # fmt: skip
+        _emit(
+            "step",
+            step=i,
+            seconds=time.perf_counter() - t,
+            loss=loss.item(),
+            tokens=int(batch["attention_mask"].sum()),
+            threads=torch.get_num_threads(),
+        )
 
 
 if __name__ == "__main__":

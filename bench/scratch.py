@@ -217,15 +217,25 @@ def run(args, work: Path, data: Path = DATA) -> dict:
     lm = tunelab.load(work / "run" / "final")
     sample = lm.generate("The film", max_new_tokens=40, temperature=0.8, top_k=40, seed=0)
     return dict(
-        points=meter.points, summary=summary, units=units, sample=sample,
-        vocab=bpe.vocab_size, tok_cpu=tok_cpu, tok_wall=tok_wall,
-        train_tokens=summary["data"]["train_tokens"], val_tokens=val_tokens,
-        train_pieces=len(train_pieces), val_pieces=len(val_pieces),
+        points=meter.points,
+        summary=summary,
+        units=units,
+        sample=sample,
+        vocab=bpe.vocab_size,
+        tok_cpu=tok_cpu,
+        tok_wall=tok_wall,
+        train_tokens=summary["data"]["train_tokens"],
+        val_tokens=val_tokens,
+        train_pieces=len(train_pieces),
+        val_pieces=len(val_pieces),
         eval_tokens=min(val_tokens, eval_batches * args.batch_size * args.seq_len),
-        prep_cpu=meter.ready["cpu"] - meter.start_cpu, prep_wall=meter.ready["wall"] - meter.start_wall,
-        eval_cpu=meter.eval_cpu, eval_wall=meter.eval_wall,
-        total_cpu=total_cpu, total_wall=total_wall,
-    )  # fmt: skip
+        prep_cpu=meter.ready["cpu"] - meter.start_cpu,
+        prep_wall=meter.ready["wall"] - meter.start_wall,
+        eval_cpu=meter.eval_cpu,
+        eval_wall=meter.eval_wall,
+        total_cpu=total_cpu,
+        total_wall=total_wall,
+    )
 
 
 def table(r: dict) -> str:

@@ -104,21 +104,30 @@ def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...], str]]:
     if cfg["model_type"] == "gpt2":
         e, v, p = cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
         inner = cfg.get("n_inner") or 4 * e
-        specs = [("transformer.wte.weight", (v, e), "normal"),
-                 ("transformer.wpe.weight", (p, e), "normal")]  # fmt: skip
+        specs = [
+            ("transformer.wte.weight", (v, e), "normal"),
+            ("transformer.wpe.weight", (p, e), "normal"),
+        ]
         for i in range(cfg["n_layer"]):
             h = f"transformer.h.{i}."
             specs += [
-                (h + "ln_1.weight", (e,), "norm"), (h + "ln_1.bias", (e,), "normal"),
+                (h + "ln_1.weight", (e,), "norm"),
+                (h + "ln_1.bias", (e,), "normal"),
                 (h + "attn.c_attn.weight", (e, 3 * e), "normal"),  # Conv1D: (in, out)
                 (h + "attn.c_attn.bias", (3 * e,), "normal"),
-                (h + "attn.c_proj.weight", (e, e), "normal"), (h + "attn.c_proj.bias", (e,), "normal"),
-                (h + "ln_2.weight", (e,), "norm"), (h + "ln_2.bias", (e,), "normal"),
-                (h + "mlp.c_fc.weight", (e, inner), "normal"), (h + "mlp.c_fc.bias", (inner,), "normal"),
-                (h + "mlp.c_proj.weight", (inner, e), "normal"), (h + "mlp.c_proj.bias", (e,), "normal"),
-            ]  # fmt: skip
-        return specs + [("transformer.ln_f.weight", (e,), "norm"),
-                        ("transformer.ln_f.bias", (e,), "normal")]  # fmt: skip
+                (h + "attn.c_proj.weight", (e, e), "normal"),
+                (h + "attn.c_proj.bias", (e,), "normal"),
+                (h + "ln_2.weight", (e,), "norm"),
+                (h + "ln_2.bias", (e,), "normal"),
+                (h + "mlp.c_fc.weight", (e, inner), "normal"),
+                (h + "mlp.c_fc.bias", (inner,), "normal"),
+                (h + "mlp.c_proj.weight", (inner, e), "normal"),
+                (h + "mlp.c_proj.bias", (e,), "normal"),
+            ]
+        return specs + [
+            ("transformer.ln_f.weight", (e,), "norm"),
+            ("transformer.ln_f.bias", (e,), "normal"),
+        ]
     d, v, ff = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or d // heads
@@ -201,8 +210,12 @@ def write_tokenizer(path: Path, cfg: dict, seed: int = 0) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=order, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=order,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(seed), trainer)
     bos = roles["bos"]
     if family == "gpt2":
@@ -215,8 +228,13 @@ def write_tokenizer(path: Path, cfg: dict, seed: int = 0) -> None:
         raise SystemExit(f"tokenizer of {tok.get_vocab_size()} ids > vocab {cfg['vocab_size']}")
     tok.save(str(path / "tokenizer.json"))
     config = {f"{role}_token": t for role, t in roles.items()}
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=family != "gpt2",
-                  add_eos_token=False, model_max_length=_max_len(cfg), clean_up_tokenization_spaces=False)  # fmt: skip
+    config.update(
+        tokenizer_class="PreTrainedTokenizerFast",
+        add_bos_token=family != "gpt2",
+        add_eos_token=False,
+        model_max_length=_max_len(cfg),
+        clean_up_tokenization_spaces=False,
+    )
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (path / "special_tokens_map.json").write_text(
         json.dumps({f"{role}_token": t for role, t in roles.items()}, indent=2)
@@ -232,8 +250,15 @@ def default_dir(name: str, scale: bool = False) -> Path:
     return CACHE / (f"{name}-scaled" if scale else name)
 
 
-def write_shape(name: str, out: str | Path | None = None, *, scale: bool = False, seed: int = 0,
-                shard_gb: float = SHARD_GB, force: bool = False) -> Path:  # fmt: skip
+def write_shape(
+    name: str,
+    out: str | Path | None = None,
+    *,
+    scale: bool = False,
+    seed: int = 0,
+    shard_gb: float = SHARD_GB,
+    force: bool = False,
+) -> Path:
     """Write (or keep, if already written with these settings) one shape's HF directory."""
     from tunelab.model.checkpoint import atomic_dir
 
@@ -284,11 +309,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.names:
         t = time.perf_counter()
         out = a.out or Path(a.cache).expanduser() / default_dir(name, a.scale).name
-        path = write_shape(name, out, scale=a.scale, seed=a.seed, shard_gb=a.shard_gb,
-                           force=a.force)  # fmt: skip
+        path = write_shape(
+            name, out, scale=a.scale, seed=a.seed, shard_gb=a.shard_gb, force=a.force
+        )
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
-        print(f"{name}{' (scaled)' if a.scale else ''}: {n_params(name, a.scale) / 1e6:,.1f}M "
-              f"parameters, {size:,.1f} MiB bf16 in {path} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+        print(
+            f"{name}{' (scaled)' if a.scale else ''}: {n_params(name, a.scale) / 1e6:,.1f}M "
+            f"parameters, {size:,.1f} MiB bf16 in {path} ({time.perf_counter() - t:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

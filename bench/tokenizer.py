@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         missing = [name for name in FILES if not (DATA / name).exists()]
         if missing:
-            sys.exit(f"bench/tokenizer.py: {DATA} lacks {', '.join(missing)}; check out "
-                     "../shared/data")  # fmt: skip
+            sys.exit(
+                f"bench/tokenizer.py: {DATA} lacks {', '.join(missing)}; check out ../shared/data"
+            )
         text = "".join((DATA / name).read_text(encoding="utf-8") for name in FILES)
     lines = text.splitlines(keepends=True)
     mb = len(text.encode("utf-8")) / 1e6
@@ -84,24 +85,28 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("bench/tokenizer.py: ids differ from tokenizers; the comparison is void")
 
     name = "smoke text" if args.smoke else "general_english"
-    table = "\n".join([
-        "| text | vocab | tokens | ours train s | tokenizers train s | ours cold MB/s "
-        "| ours warm MB/s | tokenizers MB/s | tokenizers batch MB/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {name} {mb:.2f} MB | {ours.vocab_size} | {len(ids)} "
-        f"| {ours_train_s:.2f} | {hf_train_s:.2f} | {mb / cold_s:.2f} | {mb / warm_s:.2f} "
-        f"| {mb / hf_s:.2f} | {mb / hf_batch_s:.2f} |",
-    ])  # fmt: skip
-    body = "\n\n".join([
-        sitting.preamble(),
-        "Work: our byte-level BPE (`tokenizer/bpe.py`, the teaching copy) against the "
-        "`tokenizers` library on the same vocabulary and merges (ids checked equal first), "
-        f"general English ({mb:.2f} MB: the-verdict.txt and wikitext2_test_part_a.txt), vocabulary "
-        f"{args.vocab_size}; training once each, encoding the best of {args.repeats}.",
-        table,
-        "Cold: a freshly loaded tokenizer; warm: its per-word cache filled. tokenizers MB/s is "
-        "one `encode()` over the whole text; batch is `encode_batch` over lines on all cores.",
-    ])  # fmt: skip
+    table = "\n".join(
+        [
+            "| text | vocab | tokens | ours train s | tokenizers train s | ours cold MB/s "
+            "| ours warm MB/s | tokenizers MB/s | tokenizers batch MB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {name} {mb:.2f} MB | {ours.vocab_size} | {len(ids)} "
+            f"| {ours_train_s:.2f} | {hf_train_s:.2f} | {mb / cold_s:.2f} | {mb / warm_s:.2f} "
+            f"| {mb / hf_s:.2f} | {mb / hf_batch_s:.2f} |",
+        ]
+    )
+    body = "\n\n".join(
+        [
+            sitting.preamble(),
+            "Work: our byte-level BPE (`tokenizer/bpe.py`, the teaching copy) against the "
+            "`tokenizers` library on the same vocabulary and merges (ids checked equal first), "
+            f"general English ({mb:.2f} MB: the-verdict.txt and wikitext2_test_part_a.txt), vocabulary "
+            f"{args.vocab_size}; training once each, encoding the best of {args.repeats}.",
+            table,
+            "Cold: a freshly loaded tokenizer; warm: its per-word cache filled. tokenizers MB/s is "
+            "one `encode()` over the whole text; batch is `encode_batch` over lines on all cores.",
+        ]
+    )
     print(table)
     common.publish(TITLE, body, args.smoke, not args.no_write)
 

@@ -113,9 +113,12 @@ def run_one(variant: str, job: dict, in_process: bool) -> dict:
 
 
 def table(rows: list[dict], peak: float) -> str:
-    lines = ["| method | precision | framework | trainable | real tok/s, median (range) | MFU "
-             "| training peak RSS (MiB) | process peak RSS (MiB) | real tok/batch "
-             "| loss first → last |", "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|"]  # fmt: skip
+    lines = [
+        "| method | precision | framework | trainable | real tok/s, median (range) | MFU "
+        "| training peak RSS (MiB) | process peak RSS (MiB) | real tok/batch "
+        "| loss first → last |",
+        "|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|",
+    ]
     for r in rows:
         flops = 6 if r["method"] == "full" else 4  # frozen weights: no weight gradients
         for variant, runs in r["runs"].items():
@@ -144,18 +147,25 @@ def table(rows: list[dict], peak: float) -> str:
                 theirs, "train_peak_mb"
             )
             low = min(x["tokens_per_s"] for x in ours) / max(x["tokens_per_s"] for x in theirs)
-            lines.append(f"| {r['method']} | {r['label']} | **tunelab / TRL, {what}** | "
-                         f"| **{speed:.2f}x** (slowest/fastest {low:.2f}x) | "
-                         f"| **{mem:.2f}x** | | | |")  # fmt: skip
+            lines.append(
+                f"| {r['method']} | {r['label']} | **tunelab / TRL, {what}** | "
+                f"| **{speed:.2f}x** (slowest/fastest {low:.2f}x) | "
+                f"| **{mem:.2f}x** | | | |"
+            )
     return "\n".join(lines)
 
 
 def make_data(root: Path, n: int = 12) -> Path:
     """A few Alpaca-style records for the smoke mode (no shared data needed)."""
     words = "the quick brown fox jumps over a lazy dog while birds sing".split()
-    records = [{"instruction": f"Repeat the words {' '.join(words[: 3 + i % 5])}.",
-                "input": "" if i % 2 else "slowly", "output": " ".join(words[i % 4 : 6 + i % 5])}
-               for i in range(n)]  # fmt: skip
+    records = [
+        {
+            "instruction": f"Repeat the words {' '.join(words[: 3 + i % 5])}.",
+            "input": "" if i % 2 else "slowly",
+            "output": " ".join(words[i % 4 : 6 + i % 5]),
+        }
+        for i in range(n)
+    ]
     path = root / "instructions.json"
     path.write_text(json.dumps(records))
     return path
@@ -166,11 +176,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
-    ap.add_argument("--methods", nargs="+", default=["full"], choices=list(METHODS),
-                    help="full fine-tuning, LoRA on q/v or every linear layer, QLoRA (NF4)")  # fmt: skip
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                    help="which rows: tunelab as shipped and with glibc defaults, TRL on the same "
-                    "work and as its defaults ship (the last once per method, under bf16)")  # fmt: skip
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["full"],
+        choices=list(METHODS),
+        help="full fine-tuning, LoRA on q/v or every linear layer, QLoRA (NF4)",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="which rows: tunelab as shipped and with glibc defaults, TRL on the same "
+        "work and as its defaults ship (the last once per method, under bf16)",
+    )
     ap.add_argument("--runs", type=int, default=3, help="runs per row (median and range)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -178,9 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--data", default=str(DATA), help="Alpaca-style JSON (instruction/input/output)"
     )
-    ap.add_argument("--profile", action="store_true",
-                    help="print a per-op profile (torch.profiler, self CPU time) of one tunelab "
-                    "full-fine-tuning step after the warm-up, then stop")  # fmt: skip
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a per-op profile (torch.profiler, self CPU time) of one tunelab "
+        "full-fine-tuning step after the warm-up, then stop",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 steps, no docs")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     ap.add_argument("--worker", choices=list(HANDLERS), help=argparse.SUPPRESS)
@@ -202,19 +225,32 @@ def run(a, argv, tmp: Path) -> None:
         model_dir = str(common.smollm2_dir())
     data = Path(a.data)
     if not data.is_file():
-        raise SystemExit(f"{data}: instruction data not found; this benchmark reads the shared "
-                         "Alpaca-style set at ../shared/data/instructions/instruction-data.json "
-                         "(or pass --data PATH)")  # fmt: skip
+        raise SystemExit(
+            f"{data}: instruction data not found; this benchmark reads the shared "
+            "Alpaca-style set at ../shared/data/instructions/instruction-data.json "
+            "(or pass --data PATH)"
+        )
     n_records = len(json.loads(data.read_text()))
-    job = dict(model=model_dir, data=str(data.resolve()), n_records=n_records, steps=a.steps,
-               warmup=a.warmup, lr=a.lr, seq_len=a.seq_len, batch=a.batch, seed=0,
-               plan=batch_plan(n_records, a.batch, 0, a.warmup + a.steps))  # fmt: skip
+    job = dict(
+        model=model_dir,
+        data=str(data.resolve()),
+        n_records=n_records,
+        steps=a.steps,
+        warmup=a.warmup,
+        lr=a.lr,
+        seq_len=a.seq_len,
+        batch=a.batch,
+        seed=0,
+        plan=batch_plan(n_records, a.batch, 0, a.warmup + a.steps),
+    )
     if a.profile:
         profiled = dict(job, method="full", precision=a.precisions[0], profile=True, steps=1)
         m = run_one("tunelab", profiled, in_process=a.smoke)
-        print(f"tunelab full {a.precisions[0]}, one step after {a.warmup} (of "
-              f"{m['real_per_batch']:.0f} real tokens a batch; {m['tokens_per_s']:.1f} tok/s with "
-              f"the profiler on), through Trainer.fit:\n{m['profile']}")  # fmt: skip
+        print(
+            f"tunelab full {a.precisions[0]}, one step after {a.warmup} (of "
+            f"{m['real_per_batch']:.0f} real tokens a batch; {m['tokens_per_s']:.1f} tok/s with "
+            f"the profiler on), through Trainer.fit:\n{m['profile']}"
+        )
         if not a.smoke:
             return
     peak = matmul_peak(256 if a.smoke else 2048, 2 if a.smoke else 10)
@@ -230,58 +266,71 @@ def run(a, argv, tmp: Path) -> None:
             for variant in common.alternating(names, a.runs):
                 m = run_one(variant, dict(job, precision=precision, method=method), a.smoke)
                 runs[variant].append(m)
-                print(f"{method} {precision} {variant}: {m['tokens_per_s']:.1f} real tok/s, "
-                      f"training peak RSS {m['train_peak_mb']:.0f} MiB, "
-                      f"{m['real_per_batch']:.1f} real tok/batch", flush=True)  # fmt: skip
+                print(
+                    f"{method} {precision} {variant}: {m['tokens_per_s']:.1f} real tok/s, "
+                    f"training peak RSS {m['train_peak_mb']:.0f} MiB, "
+                    f"{m['real_per_batch']:.1f} real tok/batch",
+                    flush=True,
+                )
             for variant in runs:  # each row's runs sorted by speed: the middle one is the median
                 runs[variant].sort(key=lambda m: m["tokens_per_s"])
-            rows.append(dict(method=method, precision=precision,
-                             label=PRECISIONS[precision][2], runs=runs))  # fmt: skip
+            rows.append(
+                dict(method=method, precision=precision, label=PRECISIONS[precision][2], runs=runs)
+            )
     peak = max(peak, matmul_peak(256 if a.smoke else 2048, 2 if a.smoke else 10))
-    same = all(
-        x["batch_tokens"] == r["runs"]["tunelab"][0]["batch_tokens"]
-        for r in rows
-        for v, xs in r["runs"].items()
-        if v != "trl-defaults"
-        for x in xs
-    ) if all("tunelab" in r["runs"] for r in rows) else False  # fmt: skip
+    same = (
+        all(
+            x["batch_tokens"] == r["runs"]["tunelab"][0]["batch_tokens"]
+            for r in rows
+            for v, xs in r["runs"].items()
+            if v != "trl-defaults"
+            for x in xs
+        )
+        if all("tunelab" in r["runs"] for r in rows)
+        else False
+    )
     params = next(iter(rows[0]["runs"].values()))[0]["params"]["base"]
-    body = "\n".join([
-        sitting.preamble(),
-        "",
-        f"Work: {MODEL} ({params / 1e6:.1f}M parameters), {', '.join(a.methods)} on the "
-        f"{n_records} records of {data.name} (chat template, loss on responses), seq len "
-        f"{a.seq_len}, batch {a.batch}, grad accum 1, no packing, dynamic padding, fused AdamW lr "
-        f"{a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a row says so), no "
-        f"evaluation, no checkpoints; {a.steps} timed steps after {a.warmup} untimed; every run "
-        f"in its own process; median of {a.runs} runs in alternating order, range in brackets. "
-        f"fp32 matmul peak {peak:.0f} GFLOP/s (2048³, the faster of torch.mm and oneDNN, best of "
-        "10 before and after).",
-        "",
-        table(rows, peak),
-        "",
-        "tunelab runs `run_training`, the `tunelab finetune` path (`Trainer.fit`: oneDNN linear "
-        "layers for fp32 compute, fused AdamW). \"As shipped\": with the glibc settings the "
-        "`tunelab` command restarts itself with (src/tunelab/allocator.py: freed memory kept for "
-        "reuse); \"glibc defaults\": the same with TUNELAB_MALLOC=0, so the difference of the two "
-        "rows is the allocator's share. TRL runs with glibc's defaults and every setting that "
-        "changes the work set to tunelab's (gradient_checkpointing=False, bf16/fp16 as the row "
-        "says, packing and padding-free off, no pad-to-multiple, completion-only loss, fused "
-        "AdamW); \"as its defaults ship\" leaves gradient_checkpointing and bf16 at TRL 1.16's "
-        "defaults (both on), so it recomputes activations and autocasts to bf16. bf16 rows: fp32 "
-        "weights with bf16 autocast on both sides (tunelab --precision fp32 --autocast bf16, TRL "
-        "bf16=True). Training peak RSS: the high-water mark from the first step (model loaded "
-        "and adapted) to the end of the last timed step; process peak: the whole process. MFU: "
-        "6 × parameters × real tok/s (4 × for LoRA and QLoRA) over the fp32 matmul peak, bf16 "
-        "rows too. LoRA: r 16, alpha 32, dropout 0, peft's LoraConfig alike; qlora stores the "
-        "base in NF4 and runs for tunelab alone (peft's QLoRA needs bitsandbytes' GPU kernels). "
-        "Both frameworks take the same records in the same batches"
-        + (" (identical real tokens per batch)." if same else
-           " (their per-batch real tokens differ: check the tokenization).")
-        + " Their losses differ by design: TRL also trains on the newline the chat template puts "
-        "after <|im_end|>; tunelab stops at the end-of-turn token. Per-op profile of a tunelab "
-        "step: `python bench/train.py --profile`.",
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            sitting.preamble(),
+            "",
+            f"Work: {MODEL} ({params / 1e6:.1f}M parameters), {', '.join(a.methods)} on the "
+            f"{n_records} records of {data.name} (chat template, loss on responses), seq len "
+            f"{a.seq_len}, batch {a.batch}, grad accum 1, no packing, dynamic padding, fused AdamW lr "
+            f"{a.lr:g} constant, clip 1.0, no gradient checkpointing (except where a row says so), no "
+            f"evaluation, no checkpoints; {a.steps} timed steps after {a.warmup} untimed; every run "
+            f"in its own process; median of {a.runs} runs in alternating order, range in brackets. "
+            f"fp32 matmul peak {peak:.0f} GFLOP/s (2048³, the faster of torch.mm and oneDNN, best of "
+            "10 before and after).",
+            "",
+            table(rows, peak),
+            "",
+            "tunelab runs `run_training`, the `tunelab finetune` path (`Trainer.fit`: oneDNN linear "
+            'layers for fp32 compute, fused AdamW). "As shipped": with the glibc settings the '
+            "`tunelab` command restarts itself with (src/tunelab/allocator.py: freed memory kept for "
+            'reuse); "glibc defaults": the same with TUNELAB_MALLOC=0, so the difference of the two '
+            "rows is the allocator's share. TRL runs with glibc's defaults and every setting that "
+            "changes the work set to tunelab's (gradient_checkpointing=False, bf16/fp16 as the row "
+            "says, packing and padding-free off, no pad-to-multiple, completion-only loss, fused "
+            'AdamW); "as its defaults ship" leaves gradient_checkpointing and bf16 at TRL 1.16\'s '
+            "defaults (both on), so it recomputes activations and autocasts to bf16. bf16 rows: fp32 "
+            "weights with bf16 autocast on both sides (tunelab --precision fp32 --autocast bf16, TRL "
+            "bf16=True). Training peak RSS: the high-water mark from the first step (model loaded "
+            "and adapted) to the end of the last timed step; process peak: the whole process. MFU: "
+            "6 × parameters × real tok/s (4 × for LoRA and QLoRA) over the fp32 matmul peak, bf16 "
+            "rows too. LoRA: r 16, alpha 32, dropout 0, peft's LoraConfig alike; qlora stores the "
+            "base in NF4 and runs for tunelab alone (peft's QLoRA needs bitsandbytes' GPU kernels). "
+            "Both frameworks take the same records in the same batches"
+            + (
+                " (identical real tokens per batch)."
+                if same
+                else " (their per-batch real tokens differ: check the tokenization)."
+            )
+            + " Their losses differ by design: TRL also trains on the newline the chat template puts "
+            "after <|im_end|>; tunelab stops at the end-of-turn token. Per-op profile of a tunelab "
+            "step: `python bench/train.py --profile`.",
+        ]
+    )
     print("\n" + table(rows, peak))
     if a.smoke:
         print("\n" + body)

@@ -37,27 +37,47 @@ def worker_tunelab(a: dict) -> dict:
     total = a["warmup"] + a["steps"]
     method = METHODS[a["method"]][0]
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        cfg = load_config(None, {
-            "task": "finetune", "model": a["model"], "data.path": a["data"],
-            "data.val_fraction": 0.0, "data.pack": False, "data.group_by_length": False,
-            "train.seq_len": a["seq_len"], "train.batch_size": a["batch"], "train.grad_accum": 1,
-            "train.max_steps": total + 1, "train.lr": a["lr"], "train.warmup_steps": 0,
-            "train.schedule": "constant", "train.weight_decay": 0.0, "train.clip": 1.0,
-            "train.betas": [0.9, 0.999], "train.dropout": 0.0,
-            "train.activation_checkpointing": False, "train.eval_every": None,
-            "train.save_every": None, "train.log_every": 1, "train.device": "cpu",
-            "train.seed": a["seed"], "out": str(Path(tmp) / "run"),
-            **PRECISIONS[a["precision"]][0],
-            **{f"method.{k}": v for k, v in ({**method, **LORA} if method else {}).items()},
-        })  # fmt: skip
+        cfg = load_config(
+            None,
+            {
+                "task": "finetune",
+                "model": a["model"],
+                "data.path": a["data"],
+                "data.val_fraction": 0.0,
+                "data.pack": False,
+                "data.group_by_length": False,
+                "train.seq_len": a["seq_len"],
+                "train.batch_size": a["batch"],
+                "train.grad_accum": 1,
+                "train.max_steps": total + 1,
+                "train.lr": a["lr"],
+                "train.warmup_steps": 0,
+                "train.schedule": "constant",
+                "train.weight_decay": 0.0,
+                "train.clip": 1.0,
+                "train.betas": [0.9, 0.999],
+                "train.dropout": 0.0,
+                "train.activation_checkpointing": False,
+                "train.eval_every": None,
+                "train.save_every": None,
+                "train.log_every": 1,
+                "train.device": "cpu",
+                "train.seed": a["seed"],
+                "out": str(Path(tmp) / "run"),
+                **PRECISIONS[a["precision"]][0],
+                **{f"method.{k}": v for k, v in ({**method, **LORA} if method else {}).items()},
+            },
+        )
         meter = Meter(total, profile_at=a["warmup"] if a.get("profile") else None)
         summary = run_training(cfg, callbacks=[meter])
         records = [
             json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()
         ]
     if summary["data"]["train_examples"] != a["n_records"]:
-        raise SystemExit(f"tunelab kept {summary['data']['train_examples']} of {a['n_records']} "
-                         "records, so TRL's batch order would not match")  # fmt: skip
+        raise SystemExit(
+            f"tunelab kept {summary['data']['train_examples']} of {a['n_records']} "
+            "records, so TRL's batch order would not match"
+        )
     real = [b - a_ for a_, b in zip(meter.tokens, meter.tokens[1:])]
     losses = [r["loss"] for r in records if "loss" in r and r.get("split") != "val"][:total]
     out = result(a, real, meter.marks[1:], losses, meter.params)
@@ -89,30 +109,64 @@ def worker_trl(a: dict) -> dict:
     if METHODS[a["method"]][1] is not None:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
-                                 lora_dropout=LORA["dropout"], bias="none", task_type="CAUSAL_LM",
-                                 target_modules=METHODS[a["method"]][1])  # fmt: skip
+        peft_config = LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=METHODS[a["method"]][1],
+        )
 
     # like for like: every setting that changes the work, set; "defaults" leaves gradient
     # checkpointing and bf16/fp16 as TRL ships them
     same = {"gradient_checkpointing": False, **PRECISIONS[a["precision"]][1]}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         args = SFTConfig(
-            output_dir=tmp, max_length=a["seq_len"], truncation_mode="keep_start",
-            per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
-            max_steps=total, learning_rate=a["lr"], lr_scheduler_type="constant", warmup_steps=0,
-            optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-            weight_decay=0.0, max_grad_norm=1.0, packing=False, padding_free=False,
-            pad_to_multiple_of=None, completion_only_loss=True, assistant_only_loss=False,
-            loss_type="nll", activation_offloading=False, use_liger_kernel=False,
-            torch_compile=False, use_cpu=True, report_to="none",
-            logging_steps=1, save_strategy="no", eval_strategy="no", dataloader_num_workers=0,
-            seed=a["seed"], train_sampling_strategy="sequential", shuffle_dataset=False,
-            disable_tqdm=True, **({} if a["trl_mode"] == "defaults" else same),
-        )  # fmt: skip
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[clock(marks, rss)],
-                             peft_config=peft_config)  # fmt: skip
+            output_dir=tmp,
+            max_length=a["seq_len"],
+            truncation_mode="keep_start",
+            per_device_train_batch_size=a["batch"],
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            learning_rate=a["lr"],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            optim="adamw_torch_fused",
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            packing=False,
+            padding_free=False,
+            pad_to_multiple_of=None,
+            completion_only_loss=True,
+            assistant_only_loss=False,
+            loss_type="nll",
+            activation_offloading=False,
+            use_liger_kernel=False,
+            torch_compile=False,
+            use_cpu=True,
+            report_to="none",
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            dataloader_num_workers=0,
+            seed=a["seed"],
+            train_sampling_strategy="sequential",
+            shuffle_dataset=False,
+            disable_tqdm=True,
+            **({} if a["trl_mode"] == "defaults" else same),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[clock(marks, rss)],
+            peft_config=peft_config,
+        )
         real, losses = train_counting(trainer)
         params = count_params(trainer.model)
         settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16", "fp16")}
@@ -129,10 +183,16 @@ def result(a, real, ends, losses, params) -> dict:
         raise SystemExit(f"saw {len(real)} batches and {len(ends)} steps, expected {total}")
     first = max(w, 1)  # with no warm-up, step 0 is still untimed: its start is not marked alike
     seconds = ends[total - 1] - ends[first - 1]
-    return dict(tokens_per_s=sum(real[first:total]) / seconds, seconds=seconds,
-                real_per_batch=statistics.mean(real[:total]), load_peak_mb=common.PEAK_BEFORE_RESET[0],
-                first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                params=params, batch_tokens=real[:total])  # fmt: skip
+    return dict(
+        tokens_per_s=sum(real[first:total]) / seconds,
+        seconds=seconds,
+        real_per_batch=statistics.mean(real[:total]),
+        load_peak_mb=common.PEAK_BEFORE_RESET[0],
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        params=params,
+        batch_tokens=real[:total],
+    )
 
 
 HANDLERS = {"tunelab": worker_tunelab, "trl": worker_trl}

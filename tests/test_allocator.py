@@ -30,8 +30,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def faults(env: dict) -> int:
     clean = {k: v for k, v in os.environ.items() if k not in allocator.MALLOC_ENV}
-    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
-                         env={**clean, **env}, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CODE],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        check=True,
+    ).stdout
     return int(out.split()[-1])
 
 
@@ -120,9 +125,17 @@ def test_the_command_decides_auto_by_the_size_of_the_model_it_names(monkeypatch,
     monkeypatch.setattr(allocator.sys, "platform", "linux")
     for k in [*allocator.MALLOC_ENV, "TUNELAB_MALLOC"]:
         monkeypatch.delenv(k, raising=False)
-    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000,
-              intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
-              max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+    hf = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=32000,
+        intermediate_size=5632,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     for name, (width, layers) in {"big": (2048, 22), "small": (256, 2)}.items():
         (tmp_path / name).mkdir()
         cfg = dict(hf, hidden_size=width, num_hidden_layers=layers)

@@ -11,7 +11,7 @@ from tiny import make_models, review, write_reviews
 from tunelab.cli import main
 
 TRAIN = "pretrain --model {model} --data {corpus} --out {out} --seq-len 32 --max-steps 2"
-CLASSIFY = "classify --model {model} --data {reviews} --out {out} --text-field review --label-field sentiment --max-steps 2"  # fmt: skip
+CLASSIFY = "classify --model {model} --data {reviews} --out {out} --text-field review --label-field sentiment --max-steps 2"
 FINETUNE = "finetune --model {model} --out {out} --seq-len 64 --max-steps 2 --data"
 ICL = "evaluate icl --model {model} --data {reviews} --text-field review --label-field sentiment"
 
@@ -41,8 +41,12 @@ CASES = [
     (f"{ICL} --template Review:", 2, "template 'Review:': must hold {text} exactly once"),
     (f"{ICL} --format html", 2, "argument --format: invalid choice: 'html'"),
     ("evaluate perplexity --model {model} --data {corpus} --window 0", 2, "--window: 0"),
-    ("evaluate classification --model {model} --data {reviews} --text-field review "
-     "--label-field sentiment --predictions {file}/p.jsonl", 2, "--predictions"),
+    (
+        "evaluate classification --model {model} --data {reviews} --text-field review "
+        "--label-field sentiment --predictions {file}/p.jsonl",
+        2,
+        "--predictions",
+    ),
     ("estimate --model {model} --seq-len 0", 2, "--seq-len: 0: must be at least 1"),
     ("estimate --model {model} --batch -4", 2, "--batch: -4: must be at least 1"),
     ("export --model {model} --out {user}", 2, "not a model"),
@@ -51,10 +55,16 @@ CASES = [
     ("export --model {model} --out {model}", 2, "--force"),
     ("merge --model {model} --adapter {user} --out {user}", 2, "not a model"),
     ("study {badrecipe} --out {out}", 2, "experiment name '../escape'"),
-    ("evaluate counting --model {model} --prompts {unicorn} --out {out}", 2,
-     "object 'unicorn': the ssd-mobilenet counter does not know it"),
-    ("evaluate counting --model {model} --prompts {nonumber} --out {out}", 2,
-     "variant 'plain' ('a photo of {object}') holds no {number}"),
+    (
+        "evaluate counting --model {model} --prompts {unicorn} --out {out}",
+        2,
+        "object 'unicorn': the ssd-mobilenet counter does not know it",
+    ),
+    (
+        "evaluate counting --model {model} --prompts {nonumber} --out {out}",
+        2,
+        "variant 'plain' ('a photo of {object}') holds no {number}",
+    ),
     ("evaluate counting --model {missing} --out {out}", 2, "missing.txt: no such model folder"),
     ("evaluate counting --images {user} --counter components --out {out}", 2, "no manifest.jsonl"),
     ("evaluate counting --model {model} --counter yolo --out {out}", 2, "--counter 'yolo'"),
@@ -63,11 +73,18 @@ CASES = [
     ("study {recipe} --out {file}", 2, "is a file; give a folder for the study"),
     ("study {recipe} --out {file}/s", 2, "(a file, not a folder)"),
     ("compare --models {model} --eval perplexity --out {file}/s", 2, "(a file, not a folder)"),
-    ("tokenizer train --data {corpus} --out {file}", 2, "is a file; give a folder for the tokenizer"),
+    (
+        "tokenizer train --data {corpus} --out {file}",
+        2,
+        "is a file; give a folder for the tokenizer",
+    ),
     ("tokenizer train --data {corpus} --out {file}/tok", 2, "cannot write in"),
-    ("generate --model {model} --max-new-tokens 1 --prompt " + "the-film-" * 60, 2,
-     "prompt is 240 tokens, longer than the model's context of 128"),
-]  # fmt: skip
+    (
+        "generate --model {model} --max-new-tokens 1 --prompt " + "the-film-" * 60,
+        2,
+        "prompt is 240 tokens, longer than the model's context of 128",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +111,22 @@ def paths(tmp_path_factory):
     (root / "bad.yaml").write_text(json.dumps(recipe))
     ppl = {"name": "ppl", "task": "perplexity", "models": [str(root / "decoder")]}
     (root / "good.yaml").write_text(json.dumps({"experiments": [ppl]}))
-    yield {"model": root / "decoder", "corpus": root / "corpus.txt", "out": root / "new-out",
-           "reviews": root / "reviews.jsonl", "oneclass": root / "oneclass.jsonl",
-           "empty": root / "empty.jsonl", "user": root / "user", "file": root / "a-file",
-           "missing": root / "missing.txt", "badrecipe": root / "bad.yaml", "recipe": root / "good.yaml",
-           "root": root, "unicorn": root / "unicorn.yaml", "nonumber": root / "nonumber.yaml"}  # fmt: skip
+    yield {
+        "model": root / "decoder",
+        "corpus": root / "corpus.txt",
+        "out": root / "new-out",
+        "reviews": root / "reviews.jsonl",
+        "oneclass": root / "oneclass.jsonl",
+        "empty": root / "empty.jsonl",
+        "user": root / "user",
+        "file": root / "a-file",
+        "missing": root / "missing.txt",
+        "badrecipe": root / "bad.yaml",
+        "recipe": root / "good.yaml",
+        "root": root,
+        "unicorn": root / "unicorn.yaml",
+        "nonumber": root / "nonumber.yaml",
+    }
     if saved is None:
         os.environ.pop("TUNELAB_CACHE")
     else:
@@ -131,8 +159,9 @@ def test_bad_input_fails_first_in_one_line(paths, capsys, argv, code, message):
 
 
 def test_a_study_whose_runs_all_failed_exits_non_zero(paths, tmp_path, capsys):
-    recipe = {"experiments": [{"name": "ppl", "task": "perplexity",
-                               "models": [str(paths["missing"])]}]}  # fmt: skip
+    recipe = {
+        "experiments": [{"name": "ppl", "task": "perplexity", "models": [str(paths["missing"])]}]
+    }
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
     assert run(["study", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "s"), "--json"]) == 2
     assert "every run of the study failed (1)" in capsys.readouterr().err

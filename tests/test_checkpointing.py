@@ -57,8 +57,13 @@ def make_batch(layout: str) -> dict:
     cuts = ((5, 7), (12,), (1, 3, 8))
     segments = torch.tensor([[s for s, n in enumerate(row) for _ in range(n)] for row in cuts])
     positions = torch.tensor([[p for n in row for p in range(n)] for row in cuts])
-    return {"input_ids": ids, "labels": ids.clone(), "segment_ids": segments,
-            "position_ids": positions, "attention_mask": torch.ones_like(ids)}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "segment_ids": segments,
+        "position_ids": positions,
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def loss_and_grads(model, batch, checkpointing: bool):
@@ -129,9 +134,27 @@ def test_run_records_the_option_and_trains_as_without_it(tmp_path, monkeypatch):
     paths = make_models(tmp_path)
     rng = random.Random(0)
     (tmp_path / "corpus.txt").write_text("\n\n".join(review(rng, i % 2) for i in range(60)))
-    common = ["pretrain", "--model", str(paths["decoder"]), "--data", str(tmp_path / "corpus.txt"),
-              "--seq-len", "32", "--batch-size", "2", "--max-steps", "4", "--save-every", "2",
-              "--train.dropout", "0.1", "--data.pack", "true", "--lr", "1e-3"]  # fmt: skip
+    common = [
+        "pretrain",
+        "--model",
+        str(paths["decoder"]),
+        "--data",
+        str(tmp_path / "corpus.txt"),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--save-every",
+        "2",
+        "--train.dropout",
+        "0.1",
+        "--data.pack",
+        "true",
+        "--lr",
+        "1e-3",
+    ]
     calls = []  # blocks run through torch.utils.checkpoint, counted
     real = transformer.checkpoint
     monkeypatch.setattr(transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))

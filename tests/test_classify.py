@@ -31,10 +31,31 @@ def setup(tmp_path_factory):
 
 
 def classify(setup, model, out, *extra):
-    return ["classify", "--model", str(setup / model), "--data", str(setup / "train.jsonl"),
-            "--val-data", str(setup / "test.jsonl"), "--text-field", "review",
-            "--label-field", "sentiment", "--out", str(out), "--batch-size", "8", "--lr", "3e-3",
-            "--seq-len", "32", "--train.warmup_steps", "0", "--json", *extra]  # fmt: skip
+    return [
+        "classify",
+        "--model",
+        str(setup / model),
+        "--data",
+        str(setup / "train.jsonl"),
+        "--val-data",
+        str(setup / "test.jsonl"),
+        "--text-field",
+        "review",
+        "--label-field",
+        "sentiment",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--seq-len",
+        "32",
+        "--train.warmup_steps",
+        "0",
+        "--json",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("model", ["decoder", "encoder"])
@@ -57,16 +78,44 @@ def test_tiny_models_learn_a_separable_task(setup, capsys, model):
     }
     clf, _ = load_model_dir(out / "final")  # the saved classifier keeps its label names
     assert clf.cfg.labels == ["negative", "positive"]
-    assert main(["evaluate", "classification", "--model", str(out / "final"), "--data",
-                 str(setup / "test.jsonl"), "--text-field", "review", "--label-field",
-                 "sentiment", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "classification",
+                "--model",
+                str(out / "final"),
+                "--data",
+                str(setup / "test.jsonl"),
+                "--text-field",
+                "review",
+                "--label-field",
+                "sentiment",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
 
 
 def test_lora_classifier_trains_its_head_and_saves_a_peft_adapter(setup, capsys):
     out = setup / "run-lora"
-    args = classify(setup, "decoder", out, "--max-steps", "40", "--method", "lora",
-                    "--method.targets", "all-linear", "--method.r", "4", "--lr", "1e-2")  # fmt: skip
+    args = classify(
+        setup,
+        "decoder",
+        out,
+        "--max-steps",
+        "40",
+        "--method",
+        "lora",
+        "--method.targets",
+        "all-linear",
+        "--method.r",
+        "4",
+        "--lr",
+        "1e-2",
+    )
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["accuracy"] > 0.9
@@ -94,8 +143,9 @@ def test_template_wraps_the_text_and_survives_truncation(setup):
 
     tok = Tokenizer.from_dir(setup / "tok")
     records = [{"text": "great " * 50, "label": "positive", "_source": "x", "_line": 1}]
-    (ex,) = encode_classification(records, tok, ["negative", "positive"],
-                                  template="Review: {text} Sentiment:", seq_len=20)  # fmt: skip
+    (ex,) = encode_classification(
+        records, tok, ["negative", "positive"], template="Review: {text} Sentiment:", seq_len=20
+    )
     assert len(ex["input_ids"]) <= 20 and ex["label"] == 1
     assert tok.decode(ex["input_ids"]).endswith("Sentiment:")
     assert tok.decode(ex["input_ids"]).startswith("Review:")
@@ -169,9 +219,28 @@ def test_demonstrations_are_balanced_and_seeded():
 
 
 def test_icl_cli_reports_each_shot_count(setup, capsys):
-    assert main(["evaluate", "icl", "--model", str(setup / "decoder"), "--data",
-                 str(setup / "test.jsonl"), "--text-field", "review", "--label-field", "sentiment",
-                 "--shots", "0,2", "--limit", "6", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "icl",
+                "--model",
+                str(setup / "decoder"),
+                "--data",
+                str(setup / "test.jsonl"),
+                "--text-field",
+                "review",
+                "--label-field",
+                "sentiment",
+                "--shots",
+                "0,2",
+                "--limit",
+                "6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert set(result["shots"]) == {"0", "2"}
     assert result["shots"]["2"]["examples"] == 6 and 0 <= result["shots"]["0"]["accuracy"] <= 1

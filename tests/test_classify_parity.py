@@ -13,18 +13,39 @@ LABELS = {0: "neg", 1: "neutral", 2: "pos"}
 
 
 def _configs():
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=PAD,
-                  id2label=LABELS, label2id={v: k for k, v in LABELS.items()})  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
     return {
-        "gpt2": (transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                         n_positions=128, pad_token_id=PAD, id2label=LABELS),
-                 transformers.GPT2ForSequenceClassification),
-        "llama": (transformers.LlamaConfig(**common, num_key_value_heads=2),
-                  transformers.LlamaForSequenceClassification),
-        "bert": (transformers.BertConfig(**common, type_vocab_size=2),
-                 transformers.BertForSequenceClassification),
-    }  # fmt: skip
+        "gpt2": (
+            transformers.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                pad_token_id=PAD,
+                id2label=LABELS,
+            ),
+            transformers.GPT2ForSequenceClassification,
+        ),
+        "llama": (
+            transformers.LlamaConfig(**common, num_key_value_heads=2),
+            transformers.LlamaForSequenceClassification,
+        ),
+        "bert": (
+            transformers.BertConfig(**common, type_vocab_size=2),
+            transformers.BertForSequenceClassification,
+        ),
+    }
 
 
 def _random_hf(name, tmp_path):
@@ -106,10 +127,29 @@ def test_last_block_at_the_pooled_position_alone_equals_the_whole_block(family, 
     if family == "bert" and window:
         pytest.skip("encoders have no sliding window")
     torch.manual_seed(0)
-    cfg = ModelConfig(family=family, vocab_size=40, n_layer=2, n_head=4, n_kv_head=2 if family == "llama" else 4,
-                      d_model=16, d_ff=32, sliding_window=window,
-                      **({} if family == "llama" else dict(causal=False, post_norm=True, norm="layernorm",
-                                                           pos="learned", mlp="gelu", act="gelu", type_vocab_size=2)))  # fmt: skip
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=40,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2 if family == "llama" else 4,
+        d_model=16,
+        d_ff=32,
+        sliding_window=window,
+        **(
+            {}
+            if family == "llama"
+            else dict(
+                causal=False,
+                post_norm=True,
+                norm="layernorm",
+                pos="learned",
+                mlp="gelu",
+                act="gelu",
+                type_vocab_size=2,
+            )
+        ),
+    )
     model = Transformer(cfg).eval()
     ids = torch.randint(1, 40, (3, 7))
     for mask in (None, torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] * 2 + [1] * 5])):

@@ -126,8 +126,9 @@ def test_split_is_seeded_disjoint_and_refuses_tiny_data():
 
 def test_load_split_takes_val_data_or_splits_the_training_data(tmp_path):
     for name, n in (("train.jsonl", 10), ("val.jsonl", 3)):
-        (tmp_path / name).write_text("".join(json.dumps({"text": f"{name} {i}"}) + "\n"
-                                             for i in range(n)))  # fmt: skip
+        (tmp_path / name).write_text(
+            "".join(json.dumps({"text": f"{name} {i}"}) + "\n" for i in range(n))
+        )
     train_path, val_path = str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl")
     records, train, val = load_split(train_path, val_path, 0.2, seed=1)
     assert train == records == load_records(train_path) and val == load_records(val_path)

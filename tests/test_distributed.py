@@ -68,8 +68,19 @@ def torchrun(root, script: str | None, *args, timeout=240) -> subprocess.Complet
         target = [str(root / f"{abs(hash(script))}.py")]
         (root / target[0]).write_text(script)
     env = dict(os.environ, OMP_NUM_THREADS="1", TUNELAB_CACHE=str(root / "cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *target, *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *target,
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,12 +122,32 @@ def runs(tmp_path_factory):
     # A constant LR makes resuming at step 2 of 4 exact. A small one keeps AdamW's answer to
     # rounding noise under 1e-5: its steps are about lr whatever the gradient's size, and a
     # gradient near eps (1e-8) turns noise into a step.
-    common = ["pretrain", "--arch", "gpt2-tiny", "--tokenizer", str(root / "tok"), "--data",
-              str(root / "corpus.txt"), "--seq-len", "48", "--lr", "2e-5", "--grad-accum", "2",
-              "--train.schedule", "constant", "--train.warmup_steps", "0", *STEPS,
-              "--save-every", "2"]  # fmt: skip
-    methods = {"lora": ["--method", "lora", "--method.r", "4"],
-               "gradual": ["--method", "freeze", "--method.every_steps", "1"]}  # fmt: skip
+    common = [
+        "pretrain",
+        "--arch",
+        "gpt2-tiny",
+        "--tokenizer",
+        str(root / "tok"),
+        "--data",
+        str(root / "corpus.txt"),
+        "--seq-len",
+        "48",
+        "--lr",
+        "2e-5",
+        "--grad-accum",
+        "2",
+        "--train.schedule",
+        "constant",
+        "--train.warmup_steps",
+        "0",
+        *STEPS,
+        "--save-every",
+        "2",
+    ]
+    methods = {
+        "lora": ["--method", "lora", "--method.r", "4"],
+        "gradual": ["--method", "freeze", "--method.every_steps", "1"],
+    }
     # A validation set of one example: the second rank has nothing of it to score.
     (root / "val1.txt").write_text(sentences(1, seed=2)[0])
     val1 = ["--val-data", str(root / "val1.txt"), "--max-steps", "1"]
@@ -190,8 +221,10 @@ def test_fsdp_on_gloo_matches_and_resumes_across_world_sizes(runs):
     assert_same_run(root / "one-full", root / "one-to-fsdp")  # whole tensors cut when loaded
 
 
-@pytest.mark.parametrize("method, run", [("lora", "two-lora"), ("gradual", "two-gradual"),
-                                         ("gradual", "two-gradual-ckpt")])  # fmt: skip
+@pytest.mark.parametrize(
+    "method, run",
+    [("lora", "two-lora"), ("gradual", "two-gradual"), ("gradual", "two-gradual-ckpt")],
+)
 def test_lora_and_gradual_unfreezing_match_under_ddp(runs, method, run):
     """two-gradual-ckpt: with activation checkpointing, as the DDP wrapper is rebuilt."""
     root = runs
@@ -212,8 +245,10 @@ def test_a_validation_set_smaller_than_the_world_scores_as_one_process(runs, run
 
 def test_evaluation_shards_keep_every_example_and_ranks_in_step():
     examples = [{"input_ids": [i + 1] * (1 + i % 3)} for i in range(5)]
-    ranks = [Batches(examples, 2, pad_id=0, shuffle=False, rank=r, world_size=2, keep_all=True)
-             for r in range(2)]  # fmt: skip
+    ranks = [
+        Batches(examples, 2, pad_id=0, shuffle=False, rank=r, world_size=2, keep_all=True)
+        for r in range(2)
+    ]
     assert [len(b) for b in ranks] == [2, 2]  # the same number of forwards on every rank
     plans = [b.plan(0) for b in ranks]
     assert sorted(i for plan in plans for batch in plan for i in batch) == list(range(5))
@@ -227,9 +262,23 @@ def test_evaluation_shards_keep_every_example_and_ranks_in_step():
 def test_a_failing_rank_ends_the_job_with_its_error(runs, tmp_path):
     root = runs
     out = tmp_path / "broken"
-    args = ["pretrain", "--arch", "gpt2-tiny", "--tokenizer", str(root / "tok"), "--data",
-            str(root / "corpus.txt"), "--seq-len", "48", "--batch-size", "2",
-            "--max-steps", "4", "--out", str(out)]  # fmt: skip
+    args = [
+        "pretrain",
+        "--arch",
+        "gpt2-tiny",
+        "--tokenizer",
+        str(root / "tok"),
+        "--data",
+        str(root / "corpus.txt"),
+        "--seq-len",
+        "48",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--out",
+        str(out),
+    ]
     proc = torchrun(tmp_path, FAILING, *args, timeout=120)  # a hang would be gloo's 30 minutes
     assert proc.returncode != 0
     assert "rank 1 of 2 failed: RuntimeError: injected failure" in proc.stderr
@@ -242,8 +291,10 @@ def test_a_failing_rank_ends_the_job_with_its_error(runs, tmp_path):
 def test_ranks_get_disjoint_equal_shards_of_the_global_batch():
     examples = [{"input_ids": [i] * (1 + i % 5)} for i in range(24)]
     one = Batches(examples, 4, pad_id=0, seed=3, group_by_length=True)
-    two = [Batches(examples, 2, pad_id=0, seed=3, rank=r, world_size=2, group_by_length=True)
-           for r in range(2)]  # fmt: skip
+    two = [
+        Batches(examples, 2, pad_id=0, seed=3, rank=r, world_size=2, group_by_length=True)
+        for r in range(2)
+    ]
     assert len(two[0]) == len(two[1])
     for epoch in range(2):
         plans = [b.plan(epoch) for b in two]

@@ -56,12 +56,25 @@ def test_lora_reference_is_the_merged_sft_model_not_the_base(prefs):
     with open(prefs / "sft.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps({"instruction": r["prompt"], "output": r["chosen"]}) + "\n")
-    cfg = align_cfg(prefs, sft, **{"task": "finetune", "data.path": str(prefs / "sft.jsonl"),
-                                   "method.name": "lora", "method.r": 4, "train.lr": 3e-2,
-                                   "train.max_steps": 10, "train.seq_len": 256})  # fmt: skip
+    cfg = align_cfg(
+        prefs,
+        sft,
+        **{
+            "task": "finetune",
+            "data.path": str(prefs / "sft.jsonl"),
+            "method.name": "lora",
+            "method.r": 4,
+            "train.lr": 3e-2,
+            "train.max_steps": 10,
+            "train.seq_len": 256,
+        },
+    )
     run_training(cfg)  # writes sft/final: the merged SFT weights
-    cfg = align_cfg(prefs, prefs / "after-sft", **{"model": str(sft / "final"),
-                                                   "method.name": "lora", "method.r": 4})  # fmt: skip
+    cfg = align_cfg(
+        prefs,
+        prefs / "after-sft",
+        **{"model": str(sft / "final"), "method.name": "lora", "method.r": 4},
+    )
     start = tunelab.load(sft / "final")
     task = AlignTask()
     model = task.prepare(start.model, start.tokenizer, cfg)
@@ -107,8 +120,11 @@ def test_reference_cache_is_reused_and_keyed(prefs, monkeypatch):
 
     cfg = align_cfg(prefs, prefs / "unused")
     lm_model = build_model(preset("llama-tiny", vocab_size=300, n_layer=1, d_model=32, d_ff=64))
-    parts = {"train": encode_pairs(load_records(prefs / "prefs.jsonl")[:4],
-                                   Tokenizer.from_dir(prefs / "tok"), cfg)}  # fmt: skip
+    parts = {
+        "train": encode_pairs(
+            load_records(prefs / "prefs.jsonl")[:4], Tokenizer.from_dir(prefs / "tok"), cfg
+        )
+    }
     path = prefs / "cache-test.safetensors"
     first = cached_reference(lm_model, parts, cfg, 0, path)
     monkeypatch.setattr(reference, "compute_reference", lambda *a: pytest.fail("recomputed"))
@@ -126,8 +142,11 @@ def test_reference_cache_is_reused_and_keyed(prefs, monkeypatch):
 
 def test_agreement_rises_on_a_learnable_preference(prefs):
     out = prefs / "learn"
-    cfg = align_cfg(prefs, out, **{"train.max_steps": 30, "train.lr": 3e-3, "train.eval_every": 10,
-                                   "align.beta": 0.5})  # fmt: skip
+    cfg = align_cfg(
+        prefs,
+        out,
+        **{"train.max_steps": 30, "train.lr": 3e-3, "train.eval_every": 10, "align.beta": 0.5},
+    )
     summary = run_training(cfg, task=AlignTask())
     acc, margin = summary["preference_accuracy"], summary["reward_margin"]
     assert acc["before"] == 0.5 and margin["before"] == 0.0  # policy == reference: all ties
@@ -137,8 +156,14 @@ def test_agreement_rises_on_a_learnable_preference(prefs):
     train = rows[-2] if rows[-1].get("split") == "val" else rows[-1]
     val = [r for r in rows if r.get("split") == "val"]
     assert len(val) == 3
-    for key in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected",
-                "logp_chosen", "logp_rejected"):  # fmt: skip
+    for key in (
+        "reward_accuracy",
+        "reward_margin",
+        "reward_chosen",
+        "reward_rejected",
+        "logp_chosen",
+        "logp_rejected",
+    ):
         assert key in train and f"val_{key}" in val[-1]
     assert val[-1]["val_reward_accuracy"] == pytest.approx(acc["after"])
     assert summary["align"]["loss"] == "dpo" and summary["data"]["kind"] == "preference"
@@ -147,10 +172,33 @@ def test_agreement_rises_on_a_learnable_preference(prefs):
 @pytest.mark.parametrize("loss", ["ipo", "hinge"])
 def test_cli_align_on_a_tiny_model_dir(prefs, capsys, loss):
     out = prefs / f"cli-{loss}"
-    args = ["align", "--model", str(prefs / "base"), "--data", str(prefs / "prefs.jsonl"),
-            "--method", "lora", "--method.r", "4", "--loss", loss, "--beta", "0.1",
-            "--label-smoothing", "0", "--precompute-ref", "--max-steps", "2", "--seq-len", "64",
-            "--out", str(out), "--train.device", "cpu", "--json"]  # fmt: skip
+    args = [
+        "align",
+        "--model",
+        str(prefs / "base"),
+        "--data",
+        str(prefs / "prefs.jsonl"),
+        "--method",
+        "lora",
+        "--method.r",
+        "4",
+        "--loss",
+        loss,
+        "--beta",
+        "0.1",
+        "--label-smoothing",
+        "0",
+        "--precompute-ref",
+        "--max-steps",
+        "2",
+        "--seq-len",
+        "64",
+        "--out",
+        str(out),
+        "--train.device",
+        "cpu",
+        "--json",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["align"]["loss"] == loss

@@ -26,29 +26,62 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences"
 def test_encoding_plain_chat_and_split(prefs):
     tok = Tokenizer.from_dir(prefs / "tok")
     cfg = load_config(None, {"train.seq_len": 64})
-    recs = [{"prompt": "the film", "chosen": " hero.", "rejected": " storm.", "_source": "x", "_line": 1},
-            {"prompt": [{"role": "user", "content": "the film"}], "chosen": "hero.",
-             "rejected": [{"role": "assistant", "content": "storm."}], "_source": "x", "_line": 2},
-            {"instruction": "the film", "input": "", "chosen": "a", "rejected": "a", "_line": 3},
-            {"chosen": "the film: hero king", "rejected": "the film: storm", "_line": 4}]  # fmt: skip
+    recs = [
+        {
+            "prompt": "the film",
+            "chosen": " hero.",
+            "rejected": " storm.",
+            "_source": "x",
+            "_line": 1,
+        },
+        {
+            "prompt": [{"role": "user", "content": "the film"}],
+            "chosen": "hero.",
+            "rejected": [{"role": "assistant", "content": "storm."}],
+            "_source": "x",
+            "_line": 2,
+        },
+        {"instruction": "the film", "input": "", "chosen": "a", "rejected": "a", "_line": 3},
+        {"chosen": "the film: hero king", "rejected": "the film: storm", "_line": 4},
+    ]
     plain, chat, split = encode_pairs(recs, tok, cfg)  # the identical pair (line 3) is dropped
     assert plain["prompt"] == tok.encode("the film", False)
     assert plain["chosen"][-1] == tok.eos_id and plain["rejected"][-1] == tok.eos_id
     assert tok.decode(plain["chosen"][:-1]) == " hero."
     assert tok.decode(chat["prompt"], False).endswith("<|im_start|>assistant\n")
     assert tok.decode(split["chosen"][:-1]) == " hero king"
-    assert split_prompt("Q: a? A: yes I do", "Q: a? A: yes I don't") == ("Q: a? A: yes I", " do", " don't")  # fmt: skip
+    assert split_prompt("Q: a? A: yes I do", "Q: a? A: yes I don't") == (
+        "Q: a? A: yes I",
+        " do",
+        " don't",
+    )
     assert split_prompt([1, 2, 3], [1, 2, 4]) == ([1, 2], [3], [4])
 
 
-@pytest.mark.parametrize("line,what", [('{"prompt": "a", "chosen": "b"}', "rejected"),
-                                       ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
-                                       ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}', "chosen")])  # fmt: skip
+@pytest.mark.parametrize(
+    "line,what",
+    [
+        ('{"prompt": "a", "chosen": "b"}', "rejected"),
+        ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "chosen"),
+        ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}', "chosen"),
+    ],
+)
 def test_malformed_pair_is_a_one_line_error(prefs, capsys, line, what):
     bad = prefs / "bad.jsonl"
     bad.write_text('{"prompt": "the", "chosen": " a", "rejected": " b"}\n' + line + "\n")
-    args = ["align", "--model", str(prefs / "base"), "--data", str(bad), "--out",
-            str(prefs / "bad-run"), "--max-steps", "1", "--train.device", "cpu"]  # fmt: skip
+    args = [
+        "align",
+        "--model",
+        str(prefs / "base"),
+        "--data",
+        str(bad),
+        "--out",
+        str(prefs / "bad-run"),
+        "--max-steps",
+        "1",
+        "--train.device",
+        "cpu",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.jsonl:2" in err and what in err and len(err.splitlines()) == 1
@@ -93,13 +126,17 @@ def test_hh_dialogues_split_at_the_last_assistant_turn(prefs, template):
     skipped = {}
     recs = _records([r for r, _ in HH_ODD])
     multi, prefix = encode_pairs(recs, tok, load_config(None, {"train.seq_len": 256}), skipped)
-    assert skipped == {"identical": ["hh.jsonl:3"], "prompt_mismatch": ["hh.jsonl:4"],
-                       "empty_response": ["hh.jsonl:5", "hh.jsonl:6"]}  # fmt: skip
+    assert skipped == {
+        "identical": ["hh.jsonl:3"],
+        "prompt_mismatch": ["hh.jsonl:4"],
+        "empty_response": ["hh.jsonl:5", "hh.jsonl:6"],
+    }
     text = lambda ids: tok.decode(ids, False)  # noqa: E731
     if template:  # the turns as messages: user/assistant, the last assistant turn the response
         assert text(multi["prompt"]).count("<|im_start|>user\n") == 2
-        assert text(multi["prompt"]).endswith("a hero.<|im_end|>\n<|im_start|>user\nand then?"
-                                              "<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+        assert text(multi["prompt"]).endswith(
+            "a hero.<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n"
+        )
         assert text(prefix["chosen"]).startswith("You're welcome.  I'd be happy")
         assert text(prefix["rejected"]).startswith("You're welcome.<|im_end|>")
     else:  # plain text as published: the prompt ends with the last "\n\nAssistant:"
@@ -118,8 +155,10 @@ def test_transcript_messages_join_turns_of_one_role():
     prompt, response = split_transcript(text)
     assert prompt.endswith("\n\nAssistant:") and response == " x"
     assert transcript_messages(prompt) == [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello\n\nagain"},
-        {"role": "user", "content": "ok"}]  # fmt: skip
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello\n\nagain"},
+        {"role": "user", "content": "ok"},
+    ]
 
 
 def test_unusable_pairs_are_skipped_and_counted_or_stop_a_strict_run(prefs, caplog, capsys):
@@ -140,8 +179,20 @@ def test_unusable_pairs_are_skipped_and_counted_or_stop_a_strict_run(prefs, capl
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(lines) == 1 and "4 of 26 pairs skipped" in lines[0]
     assert "first at hh.jsonl:3, hh.jsonl:4, hh.jsonl:5, hh.jsonl:6" in lines[0]
-    args = ["align", "--model", str(prefs / "base"), "--data", str(path), "--out",
-            str(prefs / "hh-strict"), "--max-steps", "1", "--train.device", "cpu", "--strict"]  # fmt: skip
+    args = [
+        "align",
+        "--model",
+        str(prefs / "base"),
+        "--data",
+        str(path),
+        "--out",
+        str(prefs / "hh-strict"),
+        "--max-steps",
+        "1",
+        "--train.device",
+        "cpu",
+        "--strict",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "hh.jsonl:3" in err and "same" in err and len(err.splitlines()) == 1
@@ -165,8 +216,10 @@ def test_shared_preference_files_encode(prefs):
         tok.chat_template, skipped = template, {}
         pairs = encode_pairs(hh, tok, cfg, skipped)
         # PROVENANCE_hh_rlhf.md: 4 rows end on an empty Assistant turn, 4 differ earlier on
-        assert {k: len(v) for k, v in skipped.items()} == {"empty_response": 4,
-                                                           "prompt_mismatch": 4}  # fmt: skip
+        assert {k: len(v) for k, v in skipped.items()} == {
+            "empty_response": 4,
+            "prompt_mismatch": 4,
+        }
         assert len(pairs) == len(hh) - 8 == 1804
         tail = "<|im_start|>assistant\n" if template else "\n\nAssistant:"
         assert all(tok.decode(p["prompt"], False).endswith(tail) for p in pairs)

@@ -40,9 +40,17 @@ def _documented(name, beta, eps, policy, ref, tokens):
 
 
 def _ours(name, beta, eps, policy, ref, tokens):
-    return preference_loss(name, policy[0], policy[1], ref[0], ref[1], beta=beta,
-                           label_smoothing=eps, chosen_tokens=tokens[0],
-                           rejected_tokens=tokens[1])  # fmt: skip
+    return preference_loss(
+        name,
+        policy[0],
+        policy[1],
+        ref[0],
+        ref[1],
+        beta=beta,
+        label_smoothing=eps,
+        chosen_tokens=tokens[0],
+        rejected_tokens=tokens[1],
+    )
 
 
 LOSSES = [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
@@ -72,8 +80,13 @@ def test_losses_match_trls_public_cpo_loss_fed_log_ratios(name, eps):
     chosen, rejected = policy[0] - ref[0], policy[1] - ref[1]
     if name == "ipo":  # TRL's DPO averages IPO's log-probs over tokens; CPO leaves that to us
         chosen, rejected = chosen / tokens[0], rejected / tokens[1]
-    trainer = SimpleNamespace(alpha=0.0, accelerator=SimpleNamespace(device="cpu"), beta=beta,
-                              loss_type={"dpo": "sigmoid"}.get(name, name), label_smoothing=eps)  # fmt: skip
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        accelerator=SimpleNamespace(device="cpu"),
+        beta=beta,
+        loss_type={"dpo": "sigmoid"}.get(name, name),
+        label_smoothing=eps,
+    )
     theirs = cpo.CPOTrainer.cpo_loss(trainer, chosen, rejected)[0]
     assert torch.allclose(_ours(name, beta, eps, policy, ref, tokens), theirs, rtol=1e-12, atol=0)
 
@@ -92,12 +105,23 @@ FAMILIES = {
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_pair_logps_equal_hand_computation(family):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, d_ff=64,
-                                    max_seq_len=64, **FAMILIES[family])).eval()  # fmt: skip
+    model = build_model(
+        ModelConfig(
+            vocab_size=50,
+            n_layer=2,
+            n_head=4,
+            d_model=32,
+            d_ff=64,
+            max_seq_len=64,
+            **FAMILIES[family],
+        )
+    ).eval()
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(0, 50, (n,), generator=g).tolist()  # noqa: E731
-    pairs = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
-             for p, c, r in ((5, 3, 6), (1, 4, 1), (9, 2, 2))]  # fmt: skip
+    pairs = [
+        {"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)}
+        for p, c, r in ((5, 3, 6), (1, 4, 1), (9, 2, 2))
+    ]
     with torch.no_grad():
         chosen, rejected = pair_logps(model, collate_pairs(pairs, pad_id=0))
         for i, pair in enumerate(pairs):

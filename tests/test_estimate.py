@@ -35,8 +35,15 @@ def test_activation_count_matches_saved_tensors(method, mlp, norm):
         lora = pytest.importorskip("tunelab.adapt.lora")
         lora.apply_lora(model, r=8, targets=("q_proj", "v_proj", "down_proj"))
     measured = saved_per_token(model)
-    est = estimate(cfg, method, seq_len=32, batch=2, trainable_layers="1", train_head=False,
-                   lora_targets=("q_proj", "v_proj", "down_proj"))  # fmt: skip
+    est = estimate(
+        cfg,
+        method,
+        seq_len=32,
+        batch=2,
+        trainable_layers="1",
+        train_head=False,
+        lora_targets=("q_proj", "v_proj", "down_proj"),
+    )
     assert est["memory"]["activations"] / 64 == pytest.approx(measured, rel=0.005)
 
 
@@ -109,8 +116,11 @@ def test_precision_semantics_frozen_in_precision_trainable_fp32():
     assert old["memory"]["autocast_copies"] > 2 * (n - t - 2 * cfg.vocab_size * cfg.d_model)
     assert estimate(cfg, "lora", 64, 2)["autocast"] == "off"
     q = estimate(cfg, "qlora", 64, 2, precision="bf16")
-    base = cfg.n_layer * cfg.d_model * (2 * cfg.d_model + 2 * cfg.n_kv_head * cfg.head_dim
-                                        + 3 * cfg.d_ff)  # fmt: skip
+    base = (
+        cfg.n_layer
+        * cfg.d_model
+        * (2 * cfg.d_model + 2 * cfg.n_kv_head * cfg.head_dim + 3 * cfg.d_ff)
+    )
     assert q["memory"]["weights"] == pytest.approx(
         4 * t + 2 * (n - t - base) + base * (0.5 + 1 / 64 + 4 / (64 * 256))
     )
@@ -140,10 +150,20 @@ def test_total_is_the_largest_phase_and_qlora_loading_quantizes_one_linear():
     assert q["phases"]["loading"] == q["weights"] + q["loading"]
 
 
-LLAMA_70B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192,
-             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16"}  # fmt: skip
+LLAMA_70B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+}
 MEASURE_CLI = """
 import contextlib, io, json, resource, sys
 import tunelab.model.heads as heads
@@ -168,8 +188,12 @@ print(json.dumps(dict(grew=grew, built=built, rows=rows)))
 
 def test_70b_config_without_weights_is_estimated_on_meta_with_little_memory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    out = subprocess.run([sys.executable, "-c", MEASURE_CLI, str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE_CLI, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # no weight exists: both models were built on the meta device, and memory hardly grew
@@ -189,10 +213,17 @@ def test_check_memory_names_the_settings_that_fit(monkeypatch):
     cfg = ModelConfig(**{**SMALL, "vocab_size": 32000})
     train = TrainConfig(seq_len=256, batch_size=8)
     run = dict(seq_len=256, batch=8)
-    needs = {k: estimate(cfg, m, **{**run, **kw})["memory"]["total"] for k, m, kw in [
-        ("full", "full", {}), ("qlora", "qlora", {}), ("lora", "lora", {}),
-        ("bf16", "full", dict(precision="bf16")), ("ckpt", "full", dict(activation_checkpointing=True)),
-        ("batch", "full", dict(batch=1))]}  # fmt: skip
+    needs = {
+        k: estimate(cfg, m, **{**run, **kw})["memory"]["total"]
+        for k, m, kw in [
+            ("full", "full", {}),
+            ("qlora", "qlora", {}),
+            ("lora", "lora", {}),
+            ("bf16", "full", dict(precision="bf16")),
+            ("ckpt", "full", dict(activation_checkpointing=True)),
+            ("batch", "full", dict(batch=1)),
+        ]
+    }
     free = max(needs["qlora"], needs["lora"]) + 1
     monkeypatch.setattr(est_mod, "free_memory", lambda device: (free, 64 * 2**30))
     monkeypatch.delenv("TUNELAB_SKIP_MEMORY_CHECK", raising=False)
@@ -201,8 +232,14 @@ def test_check_memory_names_the_settings_that_fit(monkeypatch):
     message = str(info.value)
     assert "\n" not in message and f"needs ~{needs['full'] / 2**30:.1f} GiB" in message
     expected = ["--method qlora", "--method lora"] + [
-        flag for key, flag in [("bf16", "--precision bf16"), ("ckpt", "--activation-checkpointing"),
-                               ("batch", "--batch-size 1")] if needs[key] <= free]  # fmt: skip
+        flag
+        for key, flag in [
+            ("bf16", "--precision bf16"),
+            ("ckpt", "--activation-checkpointing"),
+            ("batch", "--batch-size 1"),
+        ]
+        if needs[key] <= free
+    ]
     assert f"try {' or '.join(expected)} (" in message
     monkeypatch.setattr(est_mod, "free_memory", lambda device: (10, 64 * 2**30))
     with pytest.raises(MemoryLimitError, match="even --method qlora --precision bf16"):
@@ -270,8 +307,14 @@ def measure(method: str, batch: int) -> list[dict]:
         status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
         peak = int(status["VmHWM"].split()[0]) * 1024
         predicted = estimate(model.cfg, method, seq_len, batch)["memory"]
-        results.append(dict(seq_len=seq_len, measured=peak - base, predicted=predicted["step_peak"],
-                            phase=predicted["peak_phase"]))  # fmt: skip
+        results.append(
+            dict(
+                seq_len=seq_len,
+                measured=peak - base,
+                predicted=predicted["step_peak"],
+                phase=predicted["peak_phase"],
+            )
+        )
         del trainer
         gc.collect()
     return results
@@ -293,8 +336,13 @@ def test_estimate_within_20_percent_of_measured_peak_rss(method):
     if method in ("lora", "qlora"):
         pytest.importorskip("tunelab.adapt.lora")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, __file__, method, "2"], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, __file__, method, "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for r in json.loads(out.stdout.strip().splitlines()[-1]):
         ratio = r["predicted"] / r["measured"]

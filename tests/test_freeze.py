@@ -111,14 +111,19 @@ def test_gradual_unfreezing_keeps_blocks_bit_identical_until_their_step(tmp_path
     model, rec = tiny_model(), Recorder()
     [gradual] = apply_method(model, {"name": "freeze", "every_steps": 2, "lr_decay": 0.5})
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, schedule="cosine", batch_size=4)
-    trainer = Trainer(model, causal_lm, ListBatches(examples(), 4), cfg, tmp_path, 8,
-                      callbacks=[gradual, rec])  # fmt: skip
+    trainer = Trainer(
+        model, causal_lm, ListBatches(examples(), 4), cfg, tmp_path, 8, callbacks=[gradual, rec]
+    )
     start = snapshot(model)
     trainer.fit()
     rec.weights[8] = snapshot(model)
     # Block 1 trains from step 2 (0-based), block 0 from step 4, the embeddings from step 6.
-    for prefix, first in [("lm_head", 0), ("transformer.layers.1.", 2),
-                          ("transformer.layers.0.", 4), ("transformer.tok_embed", 6)]:  # fmt: skip
+    for prefix, first in [
+        ("lm_head", 0),
+        ("transformer.layers.1.", 2),
+        ("transformer.layers.0.", 4),
+        ("transformer.tok_embed", 6),
+    ]:
         names = [n for n in start if n.startswith(prefix)]
         for step in range(9):
             same = all(torch.equal(rec.weights[step][n], start[n]) for n in names)
@@ -142,11 +147,15 @@ def test_gradual_unfreezing_start_top_and_epochs(tmp_path):
             return 2
 
     cfg = TrainConfig(lr=1e-2, batch_size=4, warmup_steps=0)
-    trainer = Trainer(model, causal_lm, Sized(examples(8), 4), cfg, tmp_path, 4,
-                      callbacks=[gradual])  # fmt: skip
+    trainer = Trainer(
+        model, causal_lm, Sized(examples(8), 4), cfg, tmp_path, 4, callbacks=[gradual]
+    )
     assert gradual.every == 2 and len(gradual.stages) == 2
-    assert trainable(model) == {n for n, _ in model.named_parameters()
-                                if not n.startswith(("transformer.layers.0.", "transformer.tok"))}  # fmt: skip
+    assert trainable(model) == {
+        n
+        for n, _ in model.named_parameters()
+        if not n.startswith(("transformer.layers.0.", "transformer.tok"))
+    }
     trainer.fit()
     assert "transformer.tok_embed.weight" not in trainable(model)
     assert "transformer.layers.0.attn.q_proj.weight" in trainable(model)
@@ -155,8 +164,15 @@ def test_gradual_unfreezing_start_top_and_epochs(tmp_path):
 @pytest.mark.parametrize("every, kill_at", [(2, 5), (2, 7), (3, 5)])
 def test_gradual_unfreezing_resumes_bit_identical(tmp_path, every, kill_at):
     """Checkpoints right before an unfreeze step (every=2) and in the middle of a stage."""
-    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2, schedule="cosine",
-                      batch_size=2, save_every=2, keep_checkpoints=8)  # fmt: skip
+    cfg = TrainConfig(
+        lr=1e-2,
+        weight_decay=0.1,
+        warmup_steps=2,
+        schedule="cosine",
+        batch_size=2,
+        save_every=2,
+        keep_checkpoints=8,
+    )
     options = {"name": "freeze", "every_steps": every, "lr_decay": 0.7}
 
     def trainer(run_dir, extra=()):
@@ -193,8 +209,9 @@ def test_not_yet_unfrozen_blocks_have_no_optimizer_state(tmp_path):
     model = tiny_model()
     callbacks = apply_method(model, {"name": "freeze", "every_steps": 100})
     cfg = TrainConfig(lr=1e-2, batch_size=2, warmup_steps=0, weight_decay=0.1)
-    trainer = Trainer(model, causal_lm, ListBatches(examples(), 2), cfg, tmp_path, 3,
-                      callbacks=callbacks)  # fmt: skip
+    trainer = Trainer(
+        model, causal_lm, ListBatches(examples(), 2), cfg, tmp_path, 3, callbacks=callbacks
+    )
     before = snapshot(model)
     trainer.fit()
     with_state = {n for n, p in model.named_parameters() if p in trainer.optimizer.state}

@@ -16,21 +16,46 @@ PROMPTS = [[5, 17, 33, 2, 71, 9, 40], [12, 88], [60, 3, 3, 45, 90]]  # different
 
 
 def _configs():
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=None,
-                  eos_token_id=None, pad_token_id=0)  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     t = transformers
     return {
-        "gpt2": (t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                              bos_token_id=None, eos_token_id=None, pad_token_id=0), t.GPT2LMHeadModel),
-        "llama": (t.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
-                  t.LlamaForCausalLM),
-        "mistral": (t.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
-                    t.MistralForCausalLM),
-        "qwen2": (t.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-                  t.Qwen2ForCausalLM),
+        "gpt2": (
+            t.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                bos_token_id=None,
+                eos_token_id=None,
+                pad_token_id=0,
+            ),
+            t.GPT2LMHeadModel,
+        ),
+        "llama": (
+            t.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
+            t.LlamaForCausalLM,
+        ),
+        "mistral": (
+            t.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
+            t.MistralForCausalLM,
+        ),
+        "qwen2": (
+            t.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+            t.Qwen2ForCausalLM,
+        ),
         "gemma": (t.GemmaConfig(**common, num_key_value_heads=1, head_dim=32), t.GemmaForCausalLM),
-    }  # fmt: skip
+    }
 
 
 FAMILIES = list(_configs())
@@ -76,8 +101,9 @@ def _hf_greedy(hf, prompts, new):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                          max_new_tokens=new, pad_token_id=0)  # fmt: skip
+        out = hf.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, pad_token_id=0
+        )
     assert out.shape[1] == width + new  # no early stop: a fair comparison
     return out[:, width:].tolist()
 
@@ -226,8 +252,13 @@ def test_scores_match_transformers_processors(kw):
 
 
 def test_sampling_validates_its_fields():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                dict(repetition_penalty=0)):  # fmt: skip
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0),
+    ):
         with pytest.raises(ConfigError):
             Sampling(**bad)
 
@@ -320,8 +351,11 @@ def test_empty_prompt_is_an_error(tmp_path):
 
 # ---- the real SmolLM2, against transformers on the directory gguf_to_hf_dir made ----
 
-CHATS = ["What is the capital of France?", "Write a haiku about the sea.",
-         "Explain gravity to a child in two sentences."]  # fmt: skip
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child in two sentences.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -341,8 +375,9 @@ def smollm2():
 
 
 def _hf_chat_ids(tok, content):
-    ids = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
-                                  add_generation_prompt=True)  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True
+    )
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -46,25 +46,36 @@ def setup(tmp_path_factory):
 
 def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
     tok = Tokenizer.from_dir(setup / "tok")  # no template of its own: ChatML
-    p = resolve_prompt(PromptSpec(format="chat", layout="turns"), tok, LABELS, "review",
-                       "sentiment")  # fmt: skip
+    p = resolve_prompt(
+        PromptSpec(format="chat", layout="turns"), tok, LABELS, "review", "sentiment"
+    )
     ask = "Classify the sentiment of the review as negative or positive. Answer with one word."
     assert p.format == "chat" and p.instruction == ask and p.template == "Review: {text}"
     demos = [("dull plot", 0), ("great cast", 1)]
     turn = "<|im_start|>{}\n{}<|im_end|>\n"
-    want = (turn.format("system", ask) + turn.format("user", "Review: dull plot")
-            + turn.format("assistant", "negative") + turn.format("user", "Review: great cast")
-            + turn.format("assistant", "positive") + turn.format("user", "Review: a film")
-            + "<|im_start|>assistant\n")  # fmt: skip
+    want = (
+        turn.format("system", ask)
+        + turn.format("user", "Review: dull plot")
+        + turn.format("assistant", "negative")
+        + turn.format("user", "Review: great cast")
+        + turn.format("assistant", "positive")
+        + turn.format("user", "Review: a film")
+        + "<|im_start|>assistant\n"
+    )
     assert p.render(demos, "a film") == want
     assert p.space() == ""  # the label word opens the assistant turn
     # generic field names: the instruction names the task by its polarity labels, or not at all
     assert resolve_prompt(PromptSpec(format="chat"), tok, LABELS).instruction.startswith(
-        "Classify the sentiment of the text as negative or positive.")  # fmt: skip
+        "Classify the sentiment of the text as negative or positive."
+    )
     assert resolve_prompt(PromptSpec(format="chat"), tok, ["a", "b", "c"]).instruction == (
-        "Classify the text as a, b or c. Answer with one word.")  # fmt: skip
-    placed = resolve_prompt(PromptSpec(format="chat", template="{text}\n{instruction}",
-                                       instruction="Good or bad?"), tok, LABELS)  # fmt: skip
+        "Classify the text as a, b or c. Answer with one word."
+    )
+    placed = resolve_prompt(
+        PromptSpec(format="chat", template="{text}\n{instruction}", instruction="Good or bad?"),
+        tok,
+        LABELS,
+    )
     assert "<|im_start|>user\nthe film\nGood or bad?<|im_end|>" in placed.render([], "the film")
 
 
@@ -88,16 +99,48 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, t
     assert (p.format, p.instruction) == ("plain", "")
     assert p.render([("dull plot", 0), ("great cast", 1)], "a film") == (
         "Review: dull plot\nSentiment: negative\n\nReview: great cast\nSentiment: positive\n\n"
-        "Review: a film\nSentiment:")  # fmt: skip
+        "Review: a film\nSentiment:"
+    )
     fields = ["--text-field", "review", "--label-field", "sentiment", "--shots", "0,2", "--json"]
-    assert main(["evaluate", "icl", "--model", str(model), "--data", str(setup / "test.jsonl"),
-                 "--demos", str(setup / "train.jsonl"), *fields]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "icl",
+                "--model",
+                str(model),
+                "--data",
+                str(setup / "test.jsonl"),
+                "--demos",
+                str(setup / "train.jsonl"),
+                *fields,
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     want = {("0", "Review: {text}\nSentiment:", True), ("2", "Review: {text}\nSentiment:", False)}
     got = {(k, result["prompt"]["example"], m["calibrated"]) for k, m in result["shots"].items()}
     assert got == want
-    assert main(["compare", "--models", str(model), "--eval", "icl", "--out", str(tmp_path / "cmp"),
-                 "--data", str(setup / "train.jsonl"), "--limit", "4", *fields]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "compare",
+                "--models",
+                str(model),
+                "--eval",
+                "icl",
+                "--out",
+                str(tmp_path / "cmp"),
+                "--data",
+                str(setup / "train.jsonl"),
+                "--limit",
+                "4",
+                *fields,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     cells = [json.loads(f.read_text()) for f in (tmp_path / "cmp").rglob("summary.json")]
     assert {(str(c["shots"]), c["prompt"]["example"], c["calibrated"]) for c in cells} == want
@@ -105,14 +148,18 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, t
 
 def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_turn(setup):
     tok = Tokenizer.from_dir(setup / "tok")
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
-                         "{{ raise_exception('System role not supported') }}{% endif %}"
-                         "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant] {% endif %}")  # fmt: skip
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     p = resolve_prompt(PromptSpec(format="chat"), tok, LABELS, "review", "sentiment")
     assert p.format == "chat" and not p.system
-    assert p.render([("dull", 0)], "ok") == (f"[user] {p.instruction}\n\nReview: dull\n"
-        f"[assistant] negative\n[user] {p.instruction}\n\nReview: ok\n[assistant] ")  # fmt: skip
+    assert p.render([("dull", 0)], "ok") == (
+        f"[user] {p.instruction}\n\nReview: dull\n"
+        f"[assistant] negative\n[user] {p.instruction}\n\nReview: ok\n[assistant] "
+    )
 
 
 def test_plain_prompt_is_derived_from_the_field_names(setup):
@@ -126,16 +173,22 @@ def test_plain_prompt_is_derived_from_the_field_names(setup):
     # generic field names: polarity labels are a sentiment, other labels a label
     assert resolve_prompt(None, tok, LABELS).template == "Text: {text}\nSentiment:"
     assert resolve_prompt(None, tok, ["ham", "spam"]).template == "Text: {text}\nLabel:"
-    spec = PromptSpec.from_dict({"pre": "Film review: ", "post": "\nVerdict:",
-                                 "label_words": "bad,good"})  # fmt: skip
+    spec = PromptSpec.from_dict(
+        {"pre": "Film review: ", "post": "\nVerdict:", "label_words": "bad,good"}
+    )
     p = resolve_prompt(spec, tok, LABELS)
     assert p.template == "Film review: {text}\nVerdict:" and p.words == ["bad", "good"]
     assert p.describe()["example"] == "Film review: {text}\nVerdict:"
 
 
-@pytest.mark.parametrize("spec", [PromptSpec(format="chat", layout="turns"),
-                                  PromptSpec(format="chat", layout="inline"),
-                                  PromptSpec(format="plain", template="Review: {text}\n\nIt was")])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PromptSpec(format="chat", layout="turns"),
+        PromptSpec(format="chat", layout="inline"),
+        PromptSpec(format="plain", template="Review: {text}\n\nIt was"),
+    ],
+)
 def test_scores_with_shared_demonstrations_equal_a_whole_forward(setup, spec):
     # the shared tokens are computed once; each input must score as if run whole, including
     # where text joined at the demonstrations' end would tokenize differently than as a whole
@@ -153,12 +206,15 @@ def test_scores_with_shared_demonstrations_equal_a_whole_forward(setup, spec):
         assert got == pytest.approx(want, abs=1e-4)
 
 
-@pytest.mark.parametrize("spec, message", [
-    (PromptSpec(label_words=["bad"]), "expected one per label"),
-    (PromptSpec(label_words=["good", "Good"]), "different"),
-    (PromptSpec(template="Review:"), "exactly once"),
-    (PromptSpec(format="html"), "expected one of auto, chat, plain"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (PromptSpec(label_words=["bad"]), "expected one per label"),
+        (PromptSpec(label_words=["good", "Good"]), "different"),
+        (PromptSpec(template="Review:"), "exactly once"),
+        (PromptSpec(format="html"), "expected one of auto, chat, plain"),
+    ],
+)
 def test_bad_prompts_are_one_line_errors(setup, spec, message):
     with pytest.raises(ConfigError, match=message):
         resolve_prompt(spec, Tokenizer.from_dir(setup / "tok"), LABELS)
@@ -188,9 +244,25 @@ def test_metrics_report_the_predicted_distribution_and_an_interval():
 
 
 def test_icl_cli_reports_the_prompt_and_both_calibrations(setup, capsys):
-    args = ["evaluate", "icl", "--model", str(setup / "decoder"), "--data",
-            str(setup / "test.jsonl"), "--demos", str(setup / "train.jsonl"), "--text-field",
-            "review", "--label-field", "sentiment", "--shots", "0,2", "--format", "chat", "--json"]  # fmt: skip
+    args = [
+        "evaluate",
+        "icl",
+        "--model",
+        str(setup / "decoder"),
+        "--data",
+        str(setup / "test.jsonl"),
+        "--demos",
+        str(setup / "train.jsonl"),
+        "--text-field",
+        "review",
+        "--label-field",
+        "sentiment",
+        "--shots",
+        "0,2",
+        "--format",
+        "chat",
+        "--json",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"]["format"] == "chat" and "<|im_start|>" in result["prompt"]["example"]
@@ -209,13 +281,37 @@ def test_icl_cli_reports_the_prompt_and_both_calibrations(setup, capsys):
 
 
 def test_prompt_sweep_runs_as_a_study(setup, tmp_path, capsys):
-    data = {"path": str(setup / "train.jsonl"), "val_path": str(setup / "test.jsonl"),
-            "text_field": "review"}  # fmt: skip
-    recipe = {"study": "sweep", "seeds": [0, 1], "experiments": [
-        {"name": "prompts", "task": "icl", "models": [str(setup / "decoder")], "shots": [0, 2],
-         "prompts": {"default": {}, "words": {"format": "plain", "pre": "Film: ", "post": "\nIt was",
-                                               "label_words": ["bad", "good"]}},
-         "config": {"data": data, "classify": {"label_field": "sentiment"}, "icl": {"limit": 6}}}]}  # fmt: skip
+    data = {
+        "path": str(setup / "train.jsonl"),
+        "val_path": str(setup / "test.jsonl"),
+        "text_field": "review",
+    }
+    recipe = {
+        "study": "sweep",
+        "seeds": [0, 1],
+        "experiments": [
+            {
+                "name": "prompts",
+                "task": "icl",
+                "models": [str(setup / "decoder")],
+                "shots": [0, 2],
+                "prompts": {
+                    "default": {},
+                    "words": {
+                        "format": "plain",
+                        "pre": "Film: ",
+                        "post": "\nIt was",
+                        "label_words": ["bad", "good"],
+                    },
+                },
+                "config": {
+                    "data": data,
+                    "classify": {"label_field": "sentiment"},
+                    "icl": {"limit": 6},
+                },
+            }
+        ],
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(recipe))
     grid = [(c["method_label"], c["seed"]) for c in cells(load_recipe(path))]
@@ -244,7 +340,7 @@ def test_sweep_recipe_errors_name_the_problem(tmp_path):
         ({"name": "x", "task": "classify", "prompts": {"a": {}}}, "for task icl"),
         ({"name": "x", "task": "icl", "shots": [-1]}, "expected a list of counts"),
         ({"name": "x", "task": "icl", "prompts": {"../a": {}}}, "prompt name"),
-    ]:  # fmt: skip
+    ]:
         path.write_text(yaml.safe_dump({"experiments": [experiment]}))
         with pytest.raises(ConfigError, match=message):
             cells(load_recipe(path))

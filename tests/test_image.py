@@ -59,8 +59,17 @@ def test_prompt_files_expand_and_check(tmp_path):
 
 
 def test_generate_is_seeded_and_records_every_setting(models, tmp_path, capsys):
-    base = ["image", "generate", "--model", models["sd"], "--prompt", "two cats", "--steps", "2",
-            "--json"]  # fmt: skip
+    base = [
+        "image",
+        "generate",
+        "--model",
+        models["sd"],
+        "--prompt",
+        "two cats",
+        "--steps",
+        "2",
+        "--json",
+    ]
     side = cli([*base, "--n", "2", "--seed", "5", "--out", tmp_path / "a"], capsys)
     assert {"prompt", "n", "steps", "size", "guidance", "seed", "model", "versions"} <= set(side)
     assert [i["seed"] for i in side["images"]] == [5, 6] and side["guidance"] == 7.5
@@ -74,12 +83,37 @@ def test_generate_is_seeded_and_records_every_setting(models, tmp_path, capsys):
 
 def test_generate_count_report_end_to_end(models, tmp_path, capsys):
     prompts = tmp_path / "p.yaml"
-    prompts.write_text(json.dumps({"variants": {"word": "a photo of {number} {object}",
-                                                "digit": "a photo of {digit} {object}"},
-                                   "numbers": [1, 2], "classes": ["cat"]}))  # fmt: skip
+    prompts.write_text(
+        json.dumps(
+            {
+                "variants": {
+                    "word": "a photo of {number} {object}",
+                    "digit": "a photo of {digit} {object}",
+                },
+                "numbers": [1, 2],
+                "classes": ["cat"],
+            }
+        )
+    )
     out = tmp_path / "ev"
-    s = cli(["evaluate", "counting", "--model", models["sd"], "--prompts", prompts, "--n", "1",
-             "--steps", "2", "--out", out, "--json"], capsys)  # fmt: skip
+    s = cli(
+        [
+            "evaluate",
+            "counting",
+            "--model",
+            models["sd"],
+            "--prompts",
+            prompts,
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            out,
+            "--json",
+        ],
+        capsys,
+    )
     assert s["images"] == 4 and s["prompts"] == 4 and set(s["by_variant"]) == {"word", "digit"}
     assert set(s["by_count"]) == {"1", "2"} and 0 <= s["accuracy"] <= 1
     lo, hi = s["accuracy_interval"]
@@ -102,12 +136,38 @@ def test_images_made_elsewhere_are_scored_from_their_manifest(tmp_path, capsys):
             image, _, n, obj = scene(i, size=32)
             Image.fromarray(image).save(folder / f"{i}.png")
             f.write(json.dumps({"image": f"{i}.png", "object": obj, "expected": n}) + "\n")
-    s = cli(["evaluate", "counting", "--images", folder, "--counter", "components", "--out",
-             tmp_path / "out", "--json"], capsys)  # fmt: skip
+    s = cli(
+        [
+            "evaluate",
+            "counting",
+            "--images",
+            folder,
+            "--counter",
+            "components",
+            "--out",
+            tmp_path / "out",
+            "--json",
+        ],
+        capsys,
+    )
     assert s["accuracy"] == 1.0 and s["images"] == 8 and s["by_variant"]["-"]["images"] == 8
     # a counter of one's own, by module:Class, with --threshold passed through
-    s = cli(["evaluate", "counting", "--images", folder, "--counter", "image_tiny:BrightBlobs",
-             "--threshold", "0.3", "--out", tmp_path / "own", "--json"], capsys)  # fmt: skip
+    s = cli(
+        [
+            "evaluate",
+            "counting",
+            "--images",
+            folder,
+            "--counter",
+            "image_tiny:BrightBlobs",
+            "--threshold",
+            "0.3",
+            "--out",
+            tmp_path / "own",
+            "--json",
+        ],
+        capsys,
+    )
     assert s["counter"] == {"name": "bright-blobs", "threshold": 0.3}
     assert s["by_class"]["circle"]["accuracy"] == 1.0  # every blob is a circle to it
 
@@ -131,12 +191,24 @@ def test_detector_counts_cats_and_people_in_composed_photos():
 
 def test_train_the_tiny_model_resume_it_then_generate(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({
-        "data": {"size": 16}, "threads": 1,
-        "model": {"unet": {"block_out_channels": [8, 16, 16], "norm_num_groups": 4,
-                           "attention_head_dim": 8, "cross_attention_dim": 16},
-                  "text": {"dim": 16, "layers": 1, "heads": 2}},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3}}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "data": {"size": 16},
+                "threads": 1,
+                "model": {
+                    "unet": {
+                        "block_out_channels": [8, 16, 16],
+                        "norm_num_groups": 4,
+                        "attention_head_dim": 8,
+                        "cross_attention_dim": 16,
+                    },
+                    "text": {"dim": 16, "layers": 1, "heads": 2},
+                },
+                "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3},
+            }
+        )
+    )
     run = tmp_path / "run"
     s = cli(["image", "train", "--config", config, "--out", run, "--json"], capsys)
     assert s["steps"] == 2 and s["images"] == 8 and s["task"] == "image"
@@ -151,8 +223,24 @@ def test_train_the_tiny_model_resume_it_then_generate(tmp_path, capsys):
     assert s["steps"] == 3 and s["images"] == 12
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    side = cli(["image", "generate", "--model", run / "final", "--prompt", "two circles",
-                "--n", "1", "--steps", "2", "--out", tmp_path / "g", "--json"], capsys)  # fmt: skip
+    side = cli(
+        [
+            "image",
+            "generate",
+            "--model",
+            run / "final",
+            "--prompt",
+            "two circles",
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            tmp_path / "g",
+            "--json",
+        ],
+        capsys,
+    )
     assert side["size"] == 16 and side["model"]["kind"] == "tunelab-tiny"
 
 
@@ -160,12 +248,27 @@ def test_a_study_counts_with_the_report_section(models, tmp_path):
     from tunelab.study.report import write_report
     from tunelab.study.study import Study
 
-    recipe = {"study": "count", "experiments": [{
-        "name": "guidance", "task": "counting", "models": [str(models["tiny"])],
-        "config": {"counting": {"counter": "components", "numbers": [1, 2], "images": 1,
-                                "classes": ["circle"], "steps": 2,
-                                "variants": {"digit": "{digit} {object}"}}},
-        "methods": {"g1": {"guidance": 1.0}, "g3": {"guidance": 3.0}}}]}  # fmt: skip
+    recipe = {
+        "study": "count",
+        "experiments": [
+            {
+                "name": "guidance",
+                "task": "counting",
+                "models": [str(models["tiny"])],
+                "config": {
+                    "counting": {
+                        "counter": "components",
+                        "numbers": [1, 2],
+                        "images": 1,
+                        "classes": ["circle"],
+                        "steps": 2,
+                        "variants": {"digit": "{digit} {object}"},
+                    }
+                },
+                "methods": {"g1": {"guidance": 1.0}, "g3": {"guidance": 3.0}},
+            }
+        ],
+    }
     results = Study(recipe, tmp_path / "s").run(isolate=False)
     assert [r["status"] for r in results["rows"]] == ["done", "done"]
     assert results["rows"][0]["metric"] == "accuracy"

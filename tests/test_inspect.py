@@ -16,10 +16,19 @@ from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
 from tunelab.model.inspect import read_config, weight_bytes
 
-HF = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
-      "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-      "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 256,
-      "rms_norm_eps": 1e-6, "tie_word_embeddings": True}  # fmt: skip
+HF = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
 
 
 def hf_dir(tmp_path: Path, shards: int = 1) -> Path:
@@ -27,8 +36,10 @@ def hf_dir(tmp_path: Path, shards: int = 1) -> Path:
     d = tmp_path / "hf"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(HF))
-    tensors = {"model.embed_tokens.weight": torch.zeros(100, 64, dtype=torch.bfloat16),
-               "model.norm.weight": torch.ones(64)}  # fmt: skip
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(100, 64, dtype=torch.bfloat16),
+        "model.norm.weight": torch.ones(64),
+    }
     if shards == 1:
         save_file(tensors, str(d / "model.safetensors"))
     else:
@@ -45,7 +56,12 @@ def test_hf_directory_config_and_weight_bytes(tmp_path, shards):
     d = hf_dir(tmp_path, shards)
     cfg = read_config(d)
     assert (cfg.family, cfg.d_model, cfg.n_layer, cfg.n_kv_head, cfg.vocab_size) == (
-        "llama", 64, 2, 2, 100)  # fmt: skip
+        "llama",
+        64,
+        2,
+        2,
+        100,
+    )
     w = weight_bytes(d)
     assert w["by_dtype"] == {
         "BF16": dict(params=6400, bytes=12800),
@@ -101,7 +117,13 @@ def test_gguf_header(tmp_path):
     write_gguf(path)
     cfg = read_config(path)
     assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_ff, cfg.vocab_size) == (
-        64, 1, 4, 2, 128, 100)  # fmt: skip
+        64,
+        1,
+        4,
+        2,
+        128,
+        100,
+    )
     assert cfg.tie_embeddings  # no output.weight
     w = weight_bytes(path)
     assert w["by_dtype"]["F16"] == dict(params=6400, bytes=12800)
@@ -137,12 +159,14 @@ def test_embedded_known_name(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "content, match",
-    [(None, "neither tunelab.json nor config.json"),
-     ('{"model_type": "llama",', r"config.json: invalid JSON at line 1"),
-     ("[1, 2]", "config.json: expected a JSON object"),
-     ('{"model_type": "llama", "vocab_size": 10}', "config.json: lacks 'num_attention_heads'"),
-     ('{"model_type": "t5", "vocab_size": 10}', "config.json: unsupported architecture 't5'")],
-)  # fmt: skip
+    [
+        (None, "neither tunelab.json nor config.json"),
+        ('{"model_type": "llama",', r"config.json: invalid JSON at line 1"),
+        ("[1, 2]", "config.json: expected a JSON object"),
+        ('{"model_type": "llama", "vocab_size": 10}', "config.json: lacks 'num_attention_heads'"),
+        ('{"model_type": "t5", "vocab_size": 10}', "config.json: unsupported architecture 't5'"),
+    ],
+)
 def test_bad_directories_are_one_line_errors_naming_the_file(tmp_path, content, match):
     if content is not None:
         (tmp_path / "config.json").write_text(content)

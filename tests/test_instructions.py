@@ -141,8 +141,12 @@ def _write(path: Path, rows: list) -> Path:
     return path
 
 
-GOOD = {"key": 1, "prompt": "Say hi without commas.", "instruction_id_list": ["punctuation:no_comma"],
-        "kwargs": [{}]}  # fmt: skip
+GOOD = {
+    "key": 1,
+    "prompt": "Say hi without commas.",
+    "instruction_id_list": ["punctuation:no_comma"],
+    "kwargs": [{}],
+}
 
 
 @pytest.mark.parametrize(
@@ -174,12 +178,17 @@ def test_unknown_id_suggests_the_closest():
 
 def test_null_kwargs_are_dropped_as_the_reference_drops_them():
     kw = {"num_words": 5, "relation": "at least", "keyword": None, "language": None}
-    assert check_kwargs("length_constraints:number_words", kw) == {"num_words": 5, "relation": "at least"}  # fmt: skip
+    assert check_kwargs("length_constraints:number_words", kw) == {
+        "num_words": 5,
+        "relation": "at least",
+    }
 
 
 def test_summary_counts_prompts_and_instructions_with_intervals():
-    records = [{"instruction_id_list": ["punctuation:no_comma", "startend:quotation"], "kwargs": [{}, {}]},
-               {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}]  # fmt: skip
+    records = [
+        {"instruction_id_list": ["punctuation:no_comma", "startend:quotation"], "kwargs": [{}, {}]},
+        {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    ]
     scores = [score(records[0], '"no commas"'), score(records[1], "a, b")]
     s = summarize(records, scores)
     assert (s["prompt_strict"], s["instruction_strict"], s["n"]) == (0.5, round(2 / 3, 4), 2)
@@ -187,7 +196,12 @@ def test_summary_counts_prompts_and_instructions_with_intervals():
         lo, hi = s["intervals"][m]
         assert 0 <= lo <= s[m] <= hi <= 1
     assert s["by_instruction"]["punctuation:no_comma"] == {
-        "n": 2, "strict": 0.5, "loose": 0.5, "strict_interval": [0.0, 1.0], "loose_interval": [0.0, 1.0]}  # fmt: skip
+        "n": 2,
+        "strict": 0.5,
+        "loose": 0.5,
+        "strict_interval": [0.0, 1.0],
+        "loose_interval": [0.0, 1.0],
+    }
     assert s["per_prompt"] == [[2, 2, 2], [0, 0, 1]]
 
 

@@ -38,9 +38,21 @@ def setup(tmp_path_factory):
 
 def test_generates_scores_and_writes_responses(setup, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["evaluate", "instructions", "--model", str(setup / "decoder"), "--data",
-            str(setup / "prompts.jsonl"), "--max-new-tokens", "8", "--batch-size", "2",
-            "--out", str(out), "--json"]  # fmt: skip
+    args = [
+        "evaluate",
+        "instructions",
+        "--model",
+        str(setup / "decoder"),
+        "--data",
+        str(setup / "prompts.jsonl"),
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    ]
     assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
@@ -58,8 +70,15 @@ def test_generates_scores_and_writes_responses(setup, tmp_path, capsys):
     alone = json.loads(capsys.readouterr().out)
     assert alone["prompt_strict"] == r["prompt_strict"]
     # the written responses score the same without the model
-    again = ["evaluate", "instructions", "--data", str(setup / "prompts.jsonl"), "--responses",
-             str(out / "responses.jsonl"), "--json"]  # fmt: skip
+    again = [
+        "evaluate",
+        "instructions",
+        "--data",
+        str(setup / "prompts.jsonl"),
+        "--responses",
+        str(out / "responses.jsonl"),
+        "--json",
+    ]
     assert main(again) == 0
     scored = json.loads(capsys.readouterr().out)
     assert scored["by_instruction"] == r["by_instruction"]
@@ -86,10 +105,28 @@ def _corpus(root):
 
 def test_training_records_instructions_before_and_after(setup, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["pretrain", "--model", str(setup / "decoder"), "--data", str(_corpus(setup)),
-            "--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--out", str(out),
-            "--eval-instructions", str(setup / "prompts.jsonl"), "--eval.instructions_limit", "2",
-            "--eval.instructions_max_new_tokens", "4", "--json"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--model",
+        str(setup / "decoder"),
+        "--data",
+        str(_corpus(setup)),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+        "--eval-instructions",
+        str(setup / "prompts.jsonl"),
+        "--eval.instructions_limit",
+        "2",
+        "--eval.instructions_max_new_tokens",
+        "4",
+        "--json",
+    ]
     assert main(args) == 0
     ins = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["instructions"]
     for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "n"):
@@ -101,8 +138,19 @@ def test_training_records_instructions_before_and_after(setup, tmp_path, capsys)
 def test_bad_instruction_file_stops_a_run_before_training(setup, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**PROMPTS[0], "instruction_id_list": ["nope:nothing"]}) + "\n")
-    args = ["pretrain", "--model", str(setup / "decoder"), "--data", str(_corpus(setup)),
-            "--max-steps", "1", "--out", str(tmp_path / "run"), "--eval-instructions", str(bad)]  # fmt: skip
+    args = [
+        "pretrain",
+        "--model",
+        str(setup / "decoder"),
+        "--data",
+        str(_corpus(setup)),
+        "--max-steps",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--eval-instructions",
+        str(bad),
+    ]
     assert main(args) == 2
     assert f"{bad}:1: field 'instruction_id_list[0]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -112,9 +160,20 @@ def test_compare_reports_the_paired_difference(setup, tmp_path, capsys):
     twin = setup / "decoder2"
     if not twin.exists():
         shutil.copytree(setup / "decoder", twin)
-    args = ["compare", "--models", f"{setup / 'decoder'},{twin}", "--eval", "instructions",
-            "--instructions", str(setup / "prompts.jsonl"), "--max-new-tokens", "4",
-            "--out", str(tmp_path / "cmp"), "--json"]  # fmt: skip
+    args = [
+        "compare",
+        "--models",
+        f"{setup / 'decoder'},{twin}",
+        "--eval",
+        "instructions",
+        "--instructions",
+        str(setup / "prompts.jsonl"),
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(tmp_path / "cmp"),
+        "--json",
+    ]
     assert main(args) == 0
     results = json.loads(capsys.readouterr().out)
     assert all(r["status"] == "done" for r in results["rows"])
@@ -122,7 +181,9 @@ def test_compare_reports_the_paired_difference(setup, tmp_path, capsys):
     assert pair["against"].endswith("decoder-greedy-s0")
     assert pair["prompt_strict"]["difference"] == 0  # the same weights, greedy
     assert pair["prompt_strict"]["interval"] == [0.0, 0.0]
-    assert (tmp_path / "cmp" / "runs" / "instructions" / "decoder2-greedy-s0" / "responses.jsonl").exists()  # fmt: skip
+    assert (
+        tmp_path / "cmp" / "runs" / "instructions" / "decoder2-greedy-s0" / "responses.jsonl"
+    ).exists()
     assert main(args[:-1]) == 0  # text output; the finished runs are skipped
     text = capsys.readouterr().out
     assert "difference +0.000 [+0.000, +0.000]" in text
@@ -132,15 +193,35 @@ def test_study_instructions_cells_and_report_section(setup, tmp_path):
     from tunelab.study.report import write_report
     from tunelab.study.study import Study
 
-    recipe = {"study": "ifeval", "seeds": [0], "experiments": [
-        {"name": "decoding", "task": "instructions", "models": [str(setup / "decoder")],
-         "methods": {"greedy": {}, "t1": {"temperature": 1.0, "top_p": 0.9}},
-         "config": {"instructions": {"data": str(setup / "prompts.jsonl"), "max_new_tokens": 4}}},
-        {"name": "tune", "task": "pretrain", "models": [str(setup / "decoder")],
-         "config": {"data": {"path": str(_corpus(setup))},
+    recipe = {
+        "study": "ifeval",
+        "seeds": [0],
+        "experiments": [
+            {
+                "name": "decoding",
+                "task": "instructions",
+                "models": [str(setup / "decoder")],
+                "methods": {"greedy": {}, "t1": {"temperature": 1.0, "top_p": 0.9}},
+                "config": {
+                    "instructions": {"data": str(setup / "prompts.jsonl"), "max_new_tokens": 4}
+                },
+            },
+            {
+                "name": "tune",
+                "task": "pretrain",
+                "models": [str(setup / "decoder")],
+                "config": {
+                    "data": {"path": str(_corpus(setup))},
                     "train": {"max_steps": 1, "batch_size": 2, "seq_len": 32},
-                    "eval": {"instructions": str(setup / "prompts.jsonl"), "instructions_limit": 3,
-                             "instructions_max_new_tokens": 4}}}]}  # fmt: skip
+                    "eval": {
+                        "instructions": str(setup / "prompts.jsonl"),
+                        "instructions_limit": 3,
+                        "instructions_max_new_tokens": 4,
+                    },
+                },
+            },
+        ],
+    }
     results = Study(recipe, tmp_path / "s").run(isolate=False)
     assert [r["status"] for r in results["rows"]] == ["done"] * 3, results["rows"]
     greedy = results["rows"][0]
@@ -167,12 +248,31 @@ def test_alignment_records_instructions_before_and_after(setup, tmp_path, capsys
 
     rng = random.Random(2)
     prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": review(rng, 1), "chosen": "great",
-                                         "rejected": "awful"}) + "\n" for _ in range(8)))  # fmt: skip
-    args = ["align", "--model", str(setup / "decoder"), "--data", str(prefs), "--max-steps", "1",
-            "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "dpo"),
-            "--eval-instructions", str(setup / "prompts.jsonl"),
-            "--eval.instructions_max_new_tokens", "4"]  # fmt: skip
+    prefs.write_text(
+        "".join(
+            json.dumps({"prompt": review(rng, 1), "chosen": "great", "rejected": "awful"}) + "\n"
+            for _ in range(8)
+        )
+    )
+    args = [
+        "align",
+        "--model",
+        str(setup / "decoder"),
+        "--data",
+        str(prefs),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path / "dpo"),
+        "--eval-instructions",
+        str(setup / "prompts.jsonl"),
+        "--eval.instructions_max_new_tokens",
+        "4",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "instructions prompt_strict:" in text and "->" in text

@@ -16,7 +16,7 @@ from tunelab.runtime.kernels import (
     _OneDNNLinear,
     decode_kernel,
     decoding,
-    onednn_works,  # fmt: skip
+    onednn_works,
     prepare_linears,
     unprepare_linears,
 )
@@ -29,14 +29,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-ONEDNN = {"train-fp32": "onednn", "train-bf16": "onednn", "decode-fp32": "packed+fused",
-          "decode-bf16": "packed+fused"}  # fmt: skip
+ONEDNN = {
+    "train-fp32": "onednn",
+    "train-bf16": "onednn",
+    "decode-fp32": "packed+fused",
+    "decode-bf16": "packed+fused",
+}
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(family="llama", vocab_size=60, n_layer=2, n_head=4, n_kv_head=2,
-                      d_model=32, d_ff=64, qkv_bias=True)  # fmt: skip
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=60,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=32,
+        d_ff=64,
+        qkv_bias=True,
+    )
     return CausalLM(cfg)
 
 

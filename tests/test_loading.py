@@ -29,9 +29,16 @@ def _sharded(tmp_path, family="llama", dtype=torch.bfloat16, **dims):
         cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=64)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=3, num_attention_heads=4,
-                                       num_key_value_heads=2, tie_word_embeddings=False, **dims)  # fmt: skip
+        cfg = transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            **dims,
+        )
         model = transformers.LlamaForCausalLM(cfg)
     model = model.to(dtype).eval()
     model.save_pretrained(tmp_path / family, max_shard_size="40KB")
@@ -66,8 +73,11 @@ def test_nf4_on_read_equals_quantizing_after_loading(tmp_path):
     after = quantize(tunelab.load(path, precision="bf16").model, "nf4")
     blocks = on_read.transformer.layers
     assert not any(type(m) is nn.Linear for m in blocks.modules())
-    pairs = [(a, b) for a, b in zip(blocks.modules(), after.transformer.layers.modules())
-             if isinstance(a, NF4Linear)]  # fmt: skip
+    pairs = [
+        (a, b)
+        for a, b in zip(blocks.modules(), after.transformer.layers.modules())
+        if isinstance(a, NF4Linear)
+    ]
     assert len(pairs) == 3 * 7
     for a, b in pairs:
         assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax_q, b.absmax_q)
@@ -123,8 +133,12 @@ print(base * 1024, peak * 1024, held)
 
 
 def _peak(paths, precision, quant=""):
-    out = subprocess.run([sys.executable, "-c", _PEAK, *map(str, paths), precision, quant],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK, *map(str, paths), precision, quant],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [int(v) for v in out.stdout.split()]
 
 
@@ -134,9 +148,15 @@ def wide(tmp_path_factory):
     and a tiny model of the same family that each measurement loads first."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("wide")
-    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096,
-                                   num_hidden_layers=4, num_attention_heads=8,
-                                   num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)

@@ -98,8 +98,15 @@ def test_frozen_parameters_stay_put(tmp_path):
 def test_early_stopping_stops_when_validation_stalls(tmp_path):
     data = examples(4)
     cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant", eval_every=1, early_stopping=2)
-    trainer = Trainer(tiny_model(), causal_lm, ListBatches(data, 4), cfg, tmp_path, total_steps=20,
-                      val_batches=ListBatches(data, 4))  # fmt: skip
+    trainer = Trainer(
+        tiny_model(),
+        causal_lm,
+        ListBatches(data, 4),
+        cfg,
+        tmp_path,
+        total_steps=20,
+        val_batches=ListBatches(data, 4),
+    )
     summary = trainer.fit()  # lr 0: the validation loss never improves after the first eval
     assert summary["stop_reason"] == "early_stopping" and summary["steps"] == 3
 
@@ -107,8 +114,15 @@ def test_early_stopping_stops_when_validation_stalls(tmp_path):
 def test_capped_evaluation_sees_the_same_batches_each_time(tmp_path):
     val = [{"input_ids": x, "labels": x} for x in examples(12, seed=3)]
     cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant", eval_batches=1)
-    trainer = Trainer(tiny_model(), causal_lm, ListBatches(examples(), 4), cfg, tmp_path,
-                      total_steps=1, val_batches=Batches(val, 4, pad_id=0, shuffle=False))  # fmt: skip
+    trainer = Trainer(
+        tiny_model(),
+        causal_lm,
+        ListBatches(examples(), 4),
+        cfg,
+        tmp_path,
+        total_steps=1,
+        val_batches=Batches(val, 4, pad_id=0, shuffle=False),
+    )
     first = trainer.evaluate()["val_loss"]
     assert [trainer.evaluate()["val_loss"] for _ in range(3)] == [first] * 3
 
@@ -136,8 +150,15 @@ def test_evaluation_discards_a_ranks_filler_batch(tmp_path):
     cfg = TrainConfig(lr=0.0, warmup_steps=0, schedule="constant")
 
     def loss(batches):
-        trainer = Trainer(tiny_model(), causal_lm, ListBatches(examples(), 4), cfg, tmp_path,
-                          total_steps=1, val_batches=batches)  # fmt: skip
+        trainer = Trainer(
+            tiny_model(),
+            causal_lm,
+            ListBatches(examples(), 4),
+            cfg,
+            tmp_path,
+            total_steps=1,
+            val_batches=batches,
+        )
         return trainer.evaluate()["val_loss"]
 
     shard = Batches(val, 2, pad_id=0, shuffle=False, rank=1, world_size=2, keep_all=True)

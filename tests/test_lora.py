@@ -31,21 +31,39 @@ HF_TARGETS = {
 
 
 def _configs():
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     return {
-        "llama": (transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
-                  transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-                  transformers.Qwen2ForCausalLM),
-        "gemma": (transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=32),
-                  transformers.GemmaForCausalLM),
-        "mistral": (transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
-                    transformers.MistralForCausalLM),
-        "gpt2": (transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-                 transformers.GPT2LMHeadModel),
+        "llama": (
+            transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
+            transformers.LlamaForCausalLM,
+        ),
+        "qwen2": (
+            transformers.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+            transformers.Qwen2ForCausalLM,
+        ),
+        "gemma": (
+            transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=32),
+            transformers.GemmaForCausalLM,
+        ),
+        "mistral": (
+            transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
+            transformers.MistralForCausalLM,
+        ),
+        "gpt2": (
+            transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128
+            ),
+            transformers.GPT2LMHeadModel,
+        ),
         "bert": (transformers.BertConfig(**common, type_vocab_size=2), transformers.BertModel),
-    }  # fmt: skip
+    }
 
 
 FAMILIES = list(_configs())
@@ -111,8 +129,9 @@ def test_saved_adapter_matches_peft(name, tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_peft_trained_adapter_loads(name, tmp_path):
     hf, ours = _random_hf(name, tmp_path)
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=HF_TARGETS[name],
-                             init_lora_weights=False)  # fmt: skip
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=HF_TARGETS[name], init_lora_weights=False
+    )
     ids, mask = _inputs()
     base = _theirs(hf, ids, mask)
     torch.manual_seed(1)
@@ -139,8 +158,13 @@ def test_gpt2_partial_qkv_and_patterns(tmp_path):
 
 def test_rslora_matches_peft(tmp_path):
     hf, ours = _random_hf("llama", tmp_path)
-    config = peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"],
-                             use_rslora=True, init_lora_weights=False)  # fmt: skip
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=4,
+        target_modules=["q_proj", "down_proj"],
+        use_rslora=True,
+        init_lora_weights=False,
+    )
     peft_model = peft.get_peft_model(hf, config).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     load_adapter(ours, tmp_path / "peft")
@@ -243,8 +267,9 @@ def train(tmp_path, model, steps=40):
     """Train on four memorisable sequences; returns (first loss, last loss, summary)."""
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(1, 50, (10,), generator=g).tolist() for _ in range(4)]
-    cfg = TrainConfig(lr=3e-2, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                      batch_size=4, log_every=1)  # fmt: skip
+    cfg = TrainConfig(
+        lr=3e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", batch_size=4, log_every=1
+    )
     summary = Trainer(model, causal_lm, ListBatches(data, 4), cfg, tmp_path, steps).fit()
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return losses[0], losses[-1], summary

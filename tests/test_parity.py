@@ -11,23 +11,45 @@ VOCAB = 96
 
 
 def _configs():
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     return {
-        "gpt2": (transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
-                 transformers.GPT2LMHeadModel),
-        "llama": (transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
-                  transformers.LlamaForCausalLM),
-        "llama-tied": (transformers.LlamaConfig(**common, num_key_value_heads=4, tie_word_embeddings=True,
-                                                rope_theta=100000.0), transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
-                    transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
-                  transformers.Qwen2ForCausalLM),
-        "gemma": (transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=32),
-                  transformers.GemmaForCausalLM),
+        "gpt2": (
+            transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128
+            ),
+            transformers.GPT2LMHeadModel,
+        ),
+        "llama": (
+            transformers.LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=False),
+            transformers.LlamaForCausalLM,
+        ),
+        "llama-tied": (
+            transformers.LlamaConfig(
+                **common, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=100000.0
+            ),
+            transformers.LlamaForCausalLM,
+        ),
+        "mistral": (
+            transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=8),
+            transformers.MistralForCausalLM,
+        ),
+        "qwen2": (
+            transformers.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+            transformers.Qwen2ForCausalLM,
+        ),
+        "gemma": (
+            transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=32),
+            transformers.GemmaForCausalLM,
+        ),
         "bert": (transformers.BertConfig(**common, type_vocab_size=2), transformers.BertModel),
-    }  # fmt: skip
+    }
 
 
 FAMILIES = list(_configs())
@@ -115,11 +137,27 @@ def test_padded_batch_equals_each_sequence_alone(family):
 
     extra = {
         "llama": dict(n_kv_head=2),
-        "gpt2": dict(family="gpt2", pos="learned", norm="layernorm", mlp="gelu", act="gelu",
-                     qkv_bias=True, out_bias=True, mlp_bias=True),
-        "bert": dict(family="bert", causal=False, post_norm=True, norm="layernorm",
-                     pos="learned", mlp="gelu", act="gelu", type_vocab_size=2),
-    }[family]  # fmt: skip
+        "gpt2": dict(
+            family="gpt2",
+            pos="learned",
+            norm="layernorm",
+            mlp="gelu",
+            act="gelu",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+        ),
+        "bert": dict(
+            family="bert",
+            causal=False,
+            post_norm=True,
+            norm="layernorm",
+            pos="learned",
+            mlp="gelu",
+            act="gelu",
+            type_vocab_size=2,
+        ),
+    }[family]
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, n_layer=2, n_head=4, d_model=16, d_ff=32, **extra)
     model = Transformer(cfg)

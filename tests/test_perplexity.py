@@ -44,16 +44,36 @@ def hf_sliding_window(model, ids: torch.Tensor, window: int, stride: int) -> tup
 def _tiny(name, tmp_path):
     t = transformers
     cfgs = {
-        "gpt2": (t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-                 t.GPT2LMHeadModel),
-        "llama": (t.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                max_position_embeddings=128), t.LlamaForCausalLM),
-        "mistral": (t.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=128, sliding_window=6),
-                    t.MistralForCausalLM),
-    }  # fmt: skip
+        "gpt2": (
+            t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+            t.GPT2LMHeadModel,
+        ),
+        "llama": (
+            t.LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=112,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+            ),
+            t.LlamaForCausalLM,
+        ),
+        "mistral": (
+            t.MistralConfig(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=112,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                sliding_window=6,
+            ),
+            t.MistralForCausalLM,
+        ),
+    }
     cfg, cls = cfgs[name]
     torch.manual_seed(sum(map(ord, name)))
     hf = cls(cfg).eval()
@@ -140,9 +160,11 @@ def test_read_texts(tmp_path):
         read_texts([tmp_path / "bad.txt"])
 
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Perplexity measures how well a language "
-        "model predicts a text: the exponent of the mean negative log-likelihood per token. "
-        "Paris is the capital of France, and Berlin is the capital of Germany.")  # fmt: skip
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Perplexity measures how well a language "
+    "model predicts a text: the exponent of the mean negative log-likelihood per token. "
+    "Paris is the capital of France, and Berlin is the capital of Germany."
+)
 
 
 @pytest.mark.slow

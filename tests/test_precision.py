@@ -24,8 +24,9 @@ def setup(tmp_path_factory):
     """A tiny decoder stored in bf16 (as real checkpoints are) and some SFT data."""
     root = tmp_path_factory.mktemp("precision")
     paths = make_models(root)
-    model = build_model(ModelConfig.from_dict(
-        json.loads((paths["decoder"] / "tunelab.json").read_text())["model"]))  # fmt: skip
+    model = build_model(
+        ModelConfig.from_dict(json.loads((paths["decoder"] / "tunelab.json").read_text())["model"])
+    )
     torch.manual_seed(1)
     for p in model.parameters():
         nn.init.normal_(p, std=0.05)
@@ -72,17 +73,38 @@ def test_bf16_weights_train_as_fp32_weights_with_bf16_autocast(setup, tmp_path, 
     """A bf16 checkpoint: --precision bf16 (full fine-tuning upcasts every trainable weight)
     must train exactly as --precision fp32 --autocast bf16 on the same stored values."""
     losses = {}
-    for name, extra in (("bf16", ["--precision", "bf16"]),
-                        ("autocast", ["--precision", "fp32", "--autocast", "bf16"]),
-                        ("fp32", [])):  # fmt: skip
+    for name, extra in (
+        ("bf16", ["--precision", "bf16"]),
+        ("autocast", ["--precision", "fp32", "--autocast", "bf16"]),
+        ("fp32", []),
+    ):
         out = tmp_path / name
-        args = ["pretrain", "--model", str(setup / "bf16"), "--data", str(setup / "text.txt"),
-                "--out", str(out), "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3",
-                "--seq-len", "32", "--json", *extra]  # fmt: skip
+        args = [
+            "pretrain",
+            "--model",
+            str(setup / "bf16"),
+            "--data",
+            str(setup / "text.txt"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--seq-len",
+            "32",
+            "--json",
+            *extra,
+        ]
         assert main(args) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        losses[name] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
-                        if "loss" in json.loads(x)]  # fmt: skip
+        losses[name] = [
+            json.loads(x)["loss"]
+            for x in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)
+        ]
         assert summary["precision"]["trainable"] == "fp32"
     assert summary["precision"] == {"weights": "fp32", "trainable": "fp32", "compute": "fp32"}
     assert losses["bf16"] == losses["autocast"]
@@ -122,9 +144,24 @@ def test_precision_auto_takes_bf16_only_where_the_cpu_has_amx(
     monkeypatch.setattr(precision, "has_amx", lambda: amx)
     want = "bf16" if amx else "fp32"
     out = tmp_path / "run"
-    args = ["pretrain", "--model", str(setup / "bf16"), "--data", str(setup / "text.txt"),
-            "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--seq-len", "16",
-            "--precision", "auto", "--json"]  # fmt: skip
+    args = [
+        "pretrain",
+        "--model",
+        str(setup / "bf16"),
+        "--data",
+        str(setup / "text.txt"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--precision",
+        "auto",
+        "--json",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["precision"]["weights"] == want

@@ -198,8 +198,9 @@ def test_qlora_training_reduces_loss(tmp_path):
     apply_method(model, {"name": "qlora", "r": 4, "alpha": 8, "targets": "all-linear"})
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(1, 50, (10,), generator=g).tolist() for _ in range(4)]
-    cfg = TrainConfig(lr=3e-2, weight_decay=0.0, warmup_steps=0, schedule="constant",
-                      batch_size=4, log_every=1)  # fmt: skip
+    cfg = TrainConfig(
+        lr=3e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", batch_size=4, log_every=1
+    )
     codes = model.transformer.layers[0].attn.q_proj.base.packed.clone()
     Trainer(model, causal_lm, ListBatches(data, 4), cfg, tmp_path, 40).fit()
     losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -225,8 +226,9 @@ def test_nf4_on_cuda_matches_cpu():
 def test_codes_equal_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes.functional")
     lin = _linear()
-    packed, state = bnb.quantize_4bit(lin.weight.data, blocksize=64, quant_type="nf4",
-                                      compress_statistics=False)  # fmt: skip
+    packed, state = bnb.quantize_4bit(
+        lin.weight.data, blocksize=64, quant_type="nf4", compress_statistics=False
+    )
     ours = NF4Linear(lin, double_quant=False)
     assert torch.equal(packed.flatten(), ours.packed)
     assert torch.equal(bnb.dequantize_4bit(packed, state), ours.dequantize())

@@ -38,9 +38,22 @@ def setup(tmp_path_factory):
 
 
 def run_args(root, out, *extra):
-    return ["pretrain", "--model", str(root / "decoder"), "--data",
-            str(root / "corpus.txt"), "--out", str(out), "--seq-len", "32", "--batch-size", "4",
-            "--lr", "1e-3", *extra]  # fmt: skip
+    return [
+        "pretrain",
+        "--model",
+        str(root / "decoder"),
+        "--data",
+        str(root / "corpus.txt"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 def test_export_never_removes_a_users_files(setup, capsys):
@@ -79,15 +92,24 @@ def test_study_names_are_slugs(name):
     bad_run = {"experiments": [{"name": "ok", "task": "pretrain", "runs": [{"name": name or "/"}]}]}
     with pytest.raises(ConfigError, match="run name"):
         cells(bad_run)
-    assert cells({"experiments": [{"name": "ok-1.5", "task": "pretrain",
-                                   "runs": [{"name": "lora_r8+x"}]}]})  # fmt: skip
+    assert cells(
+        {"experiments": [{"name": "ok-1.5", "task": "pretrain", "runs": [{"name": "lora_r8+x"}]}]}
+    )
 
 
-@pytest.mark.parametrize(("text", "name"), [
-    ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"), ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
-    ("/models/tiny.gguf", "tiny.gguf"), ("${run:domain/decoder-lora}", "decoder-lora"),
-    ("lora_r8+x", "lora-r8-x"), ("org/..hidden", "hidden"), ("a..b", "a.b"), ("a/..", ""),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"),
+        ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
+        ("/models/tiny.gguf", "tiny.gguf"),
+        ("${run:domain/decoder-lora}", "decoder-lora"),
+        ("lora_r8+x", "lora-r8-x"),
+        ("org/..hidden", "hidden"),
+        ("a..b", "a.b"),
+        ("a/..", ""),
+    ],
+)
 def test_slug_names_a_folder_that_stays_in_its_parent(text, name):
     assert slug(text) == name
     grid = cells({"experiments": [{"name": "e", "task": "pretrain", "models": [text]}]})
@@ -138,8 +160,12 @@ def test_resume_cleans_temporaries_truncates_metrics_keeps_val_loss(setup, caplo
 def test_two_runs_one_directory_and_sigterm(setup, capsys):
     out = setup / "busy"
     log = setup / "busy.log"
-    cmd = [sys.executable, "-m", "tunelab",
-           *run_args(setup, out, "--max-steps", "100000", "--save-every", "100000")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tunelab",
+        *run_args(setup, out, "--max-steps", "100000", "--save-every", "100000"),
+    ]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     try:

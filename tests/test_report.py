@@ -53,9 +53,18 @@ def make_study(root: Path, rows: list[dict], metrics: dict, groups: bool = True)
 
 def row(run: str, task: str, method: str, seed: int = 0, status: str = "done", **fields) -> dict:
     model = fields.pop("model", "smollm2-135m-instruct")
-    return {"experiment": run.split("/")[0], "run": run, "status": status, "error": None,
-            "task": task, "model": model, "method": method, "data": "plots", "seed": seed,
-            **fields}  # fmt: skip
+    return {
+        "experiment": run.split("/")[0],
+        "run": run,
+        "status": status,
+        "error": None,
+        "task": task,
+        "model": model,
+        "method": method,
+        "data": "plots",
+        "seed": seed,
+        **fields,
+    }
 
 
 LM = {"total_params": 134_515_008, "metric": "final_val_loss"}
@@ -170,8 +179,15 @@ addEventListener('load', () => {
 
 
 def chromium(tmp: Path, *args: str) -> str:
-    cmd = [shutil.which("chromium"), "--headless", "--disable-gpu", "--no-sandbox",
-           f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=5000", *args]  # fmt: skip
+    cmd = [
+        shutil.which("chromium"),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout

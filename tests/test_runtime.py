@@ -126,9 +126,28 @@ def test_a_run_records_its_runtime(monkeypatch, tmp_path, capsys):
     )
     (tmp_path / "corpus.txt").write_text("\n\n".join(text))
     out = tmp_path / "run"
-    argv = ["pretrain", "--arch", "gpt2-tiny", "--tokenizer", str(tmp_path / "tok"), "--data",
-            str(tmp_path / "corpus.txt"), "--out", str(out), "--seq-len", "24", "--batch-size", "2",
-            "--max-steps", "2", "--runtime.linear", "torch", "--runtime.attention", "mask", "--json"]  # fmt: skip
+    argv = [
+        "pretrain",
+        "--arch",
+        "gpt2-tiny",
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--data",
+        str(tmp_path / "corpus.txt"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--runtime.linear",
+        "torch",
+        "--runtime.attention",
+        "mask",
+        "--json",
+    ]
     monkeypatch.delenv("TUNELAB_ONEDNN", raising=False)
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -33,30 +33,60 @@ def setup(tmp_path_factory):
 
 
 def recipe(root) -> dict:
-    data = {"path": str(root / "train.jsonl"), "val_path": str(root / "test.jsonl"),
-            "text_field": "review"}  # fmt: skip
+    data = {
+        "path": str(root / "train.jsonl"),
+        "val_path": str(root / "test.jsonl"),
+        "text_field": "review",
+    }
     return {
         "study": "tiny",
         "seeds": [0, 1],
-        "defaults": {"train": {"batch_size": 4, "seq_len": 32, "max_steps": 2, "warmup_steps": 0,
-                               "lr": 1e-3}},  # fmt: skip
+        "defaults": {
+            "train": {"batch_size": 4, "seq_len": 32, "max_steps": 2, "warmup_steps": 0, "lr": 1e-3}
+        },
         "experiments": [
-            {"name": "domain", "task": "pretrain", "seeds": [0], "models": [str(root / "decoder")],
-             "methods": {"lora": {"name": "lora", "r": 2}, "full": {}},
-             "config": {"data": {"path": str(root / "corpus.txt")},
-                        "eval": {"domain": str(root / "corpus.txt"), "general": str(root / "general.txt"),
-                                 "window": 16, "stride": 8}}},
-            {"name": "sentiment", "task": "classify",
-             "config": {"data": data, "classify": {"label_field": "sentiment"}},
-             "runs": [{"name": "adapted", "model": "${run:domain/decoder-lora}", "method": "full"},
-                      {"name": "broken", "model": str(root / "nothing-here"), "method": "full"}]},
-            {"name": "prompting", "task": "icl", "seeds": [0],
-             "config": {"data": data, "classify": {"label_field": "sentiment"}, "icl": {"limit": 4}},
-             "runs": [{"name": "zero", "model": str(root / "decoder"), "method": {"shots": 0}},
-                      {"name": "two", "model": str(root / "decoder"), "method": {"shots": 2}}]},
+            {
+                "name": "domain",
+                "task": "pretrain",
+                "seeds": [0],
+                "models": [str(root / "decoder")],
+                "methods": {"lora": {"name": "lora", "r": 2}, "full": {}},
+                "config": {
+                    "data": {"path": str(root / "corpus.txt")},
+                    "eval": {
+                        "domain": str(root / "corpus.txt"),
+                        "general": str(root / "general.txt"),
+                        "window": 16,
+                        "stride": 8,
+                    },
+                },
+            },
+            {
+                "name": "sentiment",
+                "task": "classify",
+                "config": {"data": data, "classify": {"label_field": "sentiment"}},
+                "runs": [
+                    {"name": "adapted", "model": "${run:domain/decoder-lora}", "method": "full"},
+                    {"name": "broken", "model": str(root / "nothing-here"), "method": "full"},
+                ],
+            },
+            {
+                "name": "prompting",
+                "task": "icl",
+                "seeds": [0],
+                "config": {
+                    "data": data,
+                    "classify": {"label_field": "sentiment"},
+                    "icl": {"limit": 4},
+                },
+                "runs": [
+                    {"name": "zero", "model": str(root / "decoder"), "method": {"shots": 0}},
+                    {"name": "two", "model": str(root / "decoder"), "method": {"shots": 2}},
+                ],
+            },
         ],
         "quick": {"seeds": [0], "experiments": {"prompting": {"skip": True}}},
-    }  # fmt: skip
+    }
 
 
 def test_study_runs_the_grid_records_failures_and_skips_finished_runs(setup, tmp_path):
@@ -65,9 +95,16 @@ def test_study_runs_the_grid_records_failures_and_skips_finished_runs(setup, tmp
     out = tmp_path / "study"
     results = Study(load_recipe(path), out).run(isolate=False)
     runs = {r["run"]: r for r in results["rows"]}
-    assert sorted(runs) == ["domain/decoder-full-s0", "domain/decoder-lora-s0",
-                            "prompting/two-s0", "prompting/zero-s0", "sentiment/adapted-s0",
-                            "sentiment/adapted-s1", "sentiment/broken-s0", "sentiment/broken-s1"]  # fmt: skip
+    assert sorted(runs) == [
+        "domain/decoder-full-s0",
+        "domain/decoder-lora-s0",
+        "prompting/two-s0",
+        "prompting/zero-s0",
+        "sentiment/adapted-s0",
+        "sentiment/adapted-s1",
+        "sentiment/broken-s0",
+        "sentiment/broken-s1",
+    ]
     assert runs["sentiment/broken-s0"]["status"] == "failed"
     assert "nothing-here" in runs["sentiment/broken-s0"]["error"]
     lora = runs["domain/decoder-lora-s0"]
@@ -77,8 +114,13 @@ def test_study_runs_the_grid_records_failures_and_skips_finished_runs(setup, tmp
     assert (
         runs["prompting/two-s0"]["metric"] == "accuracy" and runs["prompting/two-s0"]["value"] >= 0
     )
-    adapted = [g for g in results["groups"] if g["method"] == "full" and g["experiment"] == "sentiment"
-               and g["model"] == "domain/decoder-lora"]  # fmt: skip
+    adapted = [
+        g
+        for g in results["groups"]
+        if g["method"] == "full"
+        and g["experiment"] == "sentiment"
+        and g["model"] == "domain/decoder-lora"
+    ]
     assert adapted[0]["seeds"] == 2 and set(adapted[0]["value"]) == {"mean", "std", "min", "max"}
     assert (out / "results.csv").read_text().count("\n") == 9
     # A second run skips what finished, retries what failed, and resumes what was cut short.
@@ -108,10 +150,28 @@ def test_study_and_report_commands(setup, tmp_path, capsys):
 
 
 def test_compare_puts_models_through_the_same_evaluations(setup, tmp_path, capsys):
-    args = ["compare", "--models", f"{setup / 'decoder'},{setup / 'decoder'}", "--out",
-            str(tmp_path / "cmp"), "--domain", str(setup / "corpus.txt"), "--general",
-            str(setup / "general.txt"), "--data", str(setup / "train.jsonl"), "--text-field",
-            "review", "--label-field", "sentiment", "--shots", "0", "--limit", "4", "--json"]  # fmt: skip
+    args = [
+        "compare",
+        "--models",
+        f"{setup / 'decoder'},{setup / 'decoder'}",
+        "--out",
+        str(tmp_path / "cmp"),
+        "--domain",
+        str(setup / "corpus.txt"),
+        "--general",
+        str(setup / "general.txt"),
+        "--data",
+        str(setup / "train.jsonl"),
+        "--text-field",
+        "review",
+        "--label-field",
+        "sentiment",
+        "--shots",
+        "0",
+        "--limit",
+        "4",
+        "--json",
+    ]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert {r["experiment"] for r in rows} == {"perplexity", "prompting"}

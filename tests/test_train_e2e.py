@@ -47,17 +47,42 @@ def setup(tmp_path_factory):
 
 
 def scratch_args(setup, out, *extra):
-    return ["pretrain", "--arch", "gpt2-tiny", "--tokenizer", str(setup / "tok"), "--data",
-            str(setup / "corpus.txt"), "--out", str(out), "--seq-len", "48", "--batch-size", "4",
-            "--lr", "3e-3", "--train.dropout", "0.0", *extra]  # fmt: skip
+    return [
+        "pretrain",
+        "--arch",
+        "gpt2-tiny",
+        "--tokenizer",
+        str(setup / "tok"),
+        "--data",
+        str(setup / "corpus.txt"),
+        "--out",
+        str(out),
+        "--seq-len",
+        "48",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--train.dropout",
+        "0.0",
+        *extra,
+    ]
 
 
 def test_pretrain_from_scratch_learns_and_writes_a_run(setup, capsys):
     out = setup / "scratch"
     assert main(scratch_args(setup, out, "--max-steps", "30", "--eval-every", "10", "--json")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("wall_time_s", "tokens", "tokens_per_s", "peak_memory_mb", "trainable_params",
-                "total_params", "final_val_loss", "best_val_loss"):  # fmt: skip
+    for key in (
+        "wall_time_s",
+        "tokens",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "trainable_params",
+        "total_params",
+        "final_val_loss",
+        "best_val_loss",
+    ):
         assert key in summary, key
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -42,8 +42,10 @@ def nested_on_cpu_runs(causal: bool) -> bool:
 @pytest.mark.parametrize("backend", ["mask", "nested"])
 def test_backend_equals_one_call_per_row(backend, causal, kv_heads):
     if backend == "nested" and not nested_on_cpu_runs(causal):
-        pytest.skip(f"this torch ({torch.__version__}) has no CPU kernel for jagged nested "
-                    f"SDPA with is_causal={causal}")  # fmt: skip
+        pytest.skip(
+            f"this torch ({torch.__version__}) has no CPU kernel for jagged nested "
+            f"SDPA with is_causal={causal}"
+        )
     want = run("rows", causal, kv_heads)
     got = run(backend, causal, kv_heads)
     for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
@@ -87,8 +89,9 @@ def test_padded_batch_through_the_model_with_each_backend(backend, monkeypatch):
     from tunelab.model.transformer import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, d_model=16,
-                                    d_ff=32))  # fmt: skip
+    model = Transformer(
+        ModelConfig(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, d_model=16, d_ff=32)
+    )
     ids = torch.randint(1, 40, (3, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6])
     want = torch.cat([model(ids[i : i + 1, :n])[0] for i, n in enumerate((7, 4, 1))])

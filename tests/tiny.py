@@ -28,8 +28,16 @@ def write_reviews(path, n: int, seed: int) -> None:
     with open(path, "w") as f:
         for i in range(n):
             label = i % 2
-            f.write(json.dumps({"id": i, "review": review(rng, label),
-                                "sentiment": ["negative", "positive"][label]}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "id": i,
+                        "review": review(rng, label),
+                        "sentiment": ["negative", "positive"][label],
+                    }
+                )
+                + "\n"
+            )
 
 
 def make_models(root, corpus: list[str] | None = None) -> dict:
@@ -41,11 +49,30 @@ def make_models(root, corpus: list[str] | None = None) -> dict:
     (root / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     tok = Tokenizer.from_dir(root / "tok")
     torch.manual_seed(0)
-    common = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, d_ff=128,
-                  max_seq_len=128, eos_token_id=tok.eos_id)  # fmt: skip
+    common = dict(
+        vocab_size=tok.vocab_size,
+        n_layer=2,
+        n_head=4,
+        d_model=64,
+        d_ff=128,
+        max_seq_len=128,
+        eos_token_id=tok.eos_id,
+    )
     save_model_dir(build_model(ModelConfig(family="llama", **common)), tok, root / "decoder")
-    bert = ModelConfig(family="bert", pos="learned", norm="layernorm", post_norm=True, mlp="gelu",
-                       act="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, causal=False,
-                       type_vocab_size=2, pooler=True, **common)  # fmt: skip
+    bert = ModelConfig(
+        family="bert",
+        pos="learned",
+        norm="layernorm",
+        post_norm=True,
+        mlp="gelu",
+        act="gelu",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        causal=False,
+        type_vocab_size=2,
+        pooler=True,
+        **common,
+    )
     save_model_dir(build_model(bert), tok, root / "encoder")
     return {"tok": root / "tok", "decoder": root / "decoder", "encoder": root / "encoder"}

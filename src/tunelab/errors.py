@@ -20,16 +20,36 @@ class DataError(TunelabError):
 
 
 # Names other tools give our options: a match here beats spelling.
-SYNONYMS = {"learning_rate": "lr", "learningrate": "lr", "steps": "max_steps",
-            "num_steps": "max_steps", "train_steps": "max_steps", "max_train_steps": "max_steps",
-            "num_epochs": "epochs", "num_train_epochs": "epochs", "bs": "batch_size",
-            "batch": "batch_size", "per_device_train_batch_size": "batch_size",
-            "gradient_accumulation_steps": "grad_accum", "accumulation": "grad_accum",
-            "max_length": "seq_len", "max_seq_length": "seq_len", "seq_length": "seq_len",
-            "context_length": "seq_len", "block_size": "seq_len", "wd": "weight_decay",
-            "warmup": "warmup_steps", "max_grad_norm": "clip", "grad_clip": "clip",
-            "lr_scheduler_type": "schedule", "scheduler": "schedule", "dtype": "precision",
-            "output_dir": "out", "output": "out", "resume_from_checkpoint": "resume"}  # fmt: skip
+SYNONYMS = {
+    "learning_rate": "lr",
+    "learningrate": "lr",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "train_steps": "max_steps",
+    "max_train_steps": "max_steps",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "accumulation": "grad_accum",
+    "max_length": "seq_len",
+    "max_seq_length": "seq_len",
+    "seq_length": "seq_len",
+    "context_length": "seq_len",
+    "block_size": "seq_len",
+    "wd": "weight_decay",
+    "warmup": "warmup_steps",
+    "max_grad_norm": "clip",
+    "grad_clip": "clip",
+    "lr_scheduler_type": "schedule",
+    "scheduler": "schedule",
+    "dtype": "precision",
+    "output_dir": "out",
+    "output": "out",
+    "resume_from_checkpoint": "resume",
+}
 
 
 def _words(name: str) -> set[str]:

@@ -77,8 +77,10 @@ def generate_ids(
     b, width = len(prompts), max(len(p) for p in prompts)
     if width > model.cfg.max_seq_len:  # rotary models would go on, past what they were taught
         which = f" {[len(p) for p in prompts].index(width) + 1} of {b}" if b > 1 else ""
-        raise ConfigError(f"prompt{which} is {width} tokens, longer than the model's context "
-                          f"of {model.cfg.max_seq_len}")  # fmt: skip
+        raise ConfigError(
+            f"prompt{which} is {width} tokens, longer than the model's context "
+            f"of {model.cfg.max_seq_len}"
+        )
     total = width + s.max_new_tokens
     if total > model.cfg.max_seq_len and model.cfg.pos == "learned":
         raise ConfigError(
@@ -191,7 +193,14 @@ def generate_from_ids(
         text = tokenizer.decode(ids)
         for st in s.stop:
             text = text.split(st)[0] if st in text else text
-        results.append(dict(text=text, new_tokens=len(ids), ids=ids,
-                            tokens_per_s=total_new / seconds if seconds > 0 else 0.0,
-                            seconds=seconds, stopped=bool(ids) and ids[-1] in eos))  # fmt: skip
+        results.append(
+            dict(
+                text=text,
+                new_tokens=len(ids),
+                ids=ids,
+                tokens_per_s=total_new / seconds if seconds > 0 else 0.0,
+                seconds=seconds,
+                stopped=bool(ids) and ids[-1] in eos,
+            )
+        )
     return results

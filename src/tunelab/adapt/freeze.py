@@ -132,9 +132,11 @@ def freeze(
             log.warning(
                 "%s share one tensor (tied embeddings): it %s because train_head=%s and "
                 "train_embeddings=%s; set both to false to freeze it",
-                " and ".join(names), "trains" if on else "stays frozen", train_head,
+                " and ".join(names),
+                "trains" if on else "stays frozen",
+                train_head,
                 train_embeddings,
-            )  # fmt: skip
+            )
         p.requires_grad_(bool(on))
     unused = [g for g in globs if g not in used]
     if unused:
@@ -171,7 +173,9 @@ class GradualUnfreezing:
         if every_epochs is not None and not float(every_epochs) > 0:
             raise ConfigError(f"every_epochs={every_epochs!r}: expected a number > 0")
         if start not in ("head", "top"):
-            raise ConfigError(f"start={start!r}{closest(start, ('head', 'top'))}: expected head or top")  # fmt: skip
+            raise ConfigError(
+                f"start={start!r}{closest(start, ('head', 'top'))}: expected head or top"
+            )
         if lr_decay is not None and not 0 < float(lr_decay) <= 1:
             raise ConfigError(f"lr_decay={lr_decay!r}: expected a factor in (0, 1], e.g. 0.38")
         self.every_steps = None if every_steps is None else int(every_steps)
@@ -188,8 +192,10 @@ class GradualUnfreezing:
         keys += [["embed"]] if self.embeddings else []
         stage_of = {k: s for s, ks in enumerate(keys) for k in ks}
         # Block i learns at lr * decay^(n-1-i); head, norm and (with start=top) the top block at lr.
-        factor = [1.0 if s == 0 else decay ** (n - 1 - ks[0] if ks[0] != "embed" else n)
-                  for s, ks in enumerate(keys)]  # fmt: skip
+        factor = [
+            1.0 if s == 0 else decay ** (n - 1 - ks[0] if ks[0] != "embed" else n)
+            for s, ks in enumerate(keys)
+        ]
         named = {name for name, _ in model.named_parameters()}  # one name per tensor
         stages: list[list[str]] = [[] for _ in keys]
         for _, names in _tensors(model).values():
@@ -206,8 +212,12 @@ class GradualUnfreezing:
         params = dict(trainer.model.named_parameters())
         for i, (names, _) in enumerate(self.stages[: self.stage_count(step)]):
             if not params[names[0]].requires_grad:
-                log.info("gradual unfreezing: stage %d (%s...) trains from step %d",
-                         i, names[0], step + 1)  # fmt: skip
+                log.info(
+                    "gradual unfreezing: stage %d (%s...) trains from step %d",
+                    i,
+                    names[0],
+                    step + 1,
+                )
             for name in names:
                 params[name].requires_grad_(True)
 

@@ -16,8 +16,9 @@ from tunelab.errors import ConfigError, closest
 class LoRALinear(nn.Module):
     """base(x) + B(A(dropout(x))) * scaling, with the base (float or quantized) frozen."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False):  # fmt: skip
+    def __init__(
+        self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ):
         super().__init__()
         if r < 1:
             raise ConfigError(f"LoRA rank r must be at least 1, got {r}")
@@ -110,8 +111,14 @@ def _resolve(model: nn.Module, targets) -> list[str]:
     return picked
 
 
-def _wrap(model: nn.Module, specs: dict[str, tuple[int, float]], dropout: float, rslora: bool,
-          train_embeddings: bool, train_head: bool) -> nn.Module:  # fmt: skip
+def _wrap(
+    model: nn.Module,
+    specs: dict[str, tuple[int, float]],
+    dropout: float,
+    rslora: bool,
+    train_embeddings: bool,
+    train_head: bool,
+) -> nn.Module:
     """Wrap each named module with its (r, alpha), freezing everything else."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -196,12 +203,25 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype | None = None):
 
 # ---- options from recipes and the command line ---------------------------------------------
 
-_OPTIONS = {"r": int, "alpha": float, "dropout": float, "targets": tuple, "rslora": bool,
-            "train_embeddings": bool, "train_head": bool}  # fmt: skip
+_OPTIONS = {
+    "r": int,
+    "alpha": float,
+    "dropout": float,
+    "targets": tuple,
+    "rslora": bool,
+    "train_embeddings": bool,
+    "train_head": bool,
+}
 _QOPTIONS = {"bits": str, "double_quant": bool}
 # peft's and others' names for our options, for a better "did you mean"
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-            "target_modules": "targets", "use_rslora": "rslora"}  # fmt: skip
+_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "use_rslora": "rslora",
+}
 
 
 def _coerce(key: str, value, kind):

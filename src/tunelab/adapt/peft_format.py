@@ -108,14 +108,24 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     if hasattr(model, "score"):
         to_save.append(_hf_module_param(model, "score", tensors))
     config = dict(
-        peft_type="LORA", task_type=_task_type(cfg), r=r, lora_alpha=alpha,
-        lora_dropout=dropout, target_modules=targets, use_rslora=rslora, bias="none",
+        peft_type="LORA",
+        task_type=_task_type(cfg),
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_rslora=rslora,
+        bias="none",
         fan_in_fan_out=cfg.family == "gpt2",  # its Conv1D stores (in, out)
         rank_pattern={re.escape(h): v for h, v in ranks.items() if v != r},
         alpha_pattern={re.escape(h): v for h, v in alphas.items() if v != alpha},
-        modules_to_save=to_save or None, init_lora_weights=True, inference_mode=True,
-        base_model_name_or_path=None, layers_to_transform=None, use_dora=False,
-    )  # fmt: skip
+        modules_to_save=to_save or None,
+        init_lora_weights=True,
+        inference_mode=True,
+        base_model_name_or_path=None,
+        layers_to_transform=None,
+        use_dora=False,
+    )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
@@ -176,8 +186,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         for i, name in enumerate(ours):  # GPT-2's c_attn: each part gets A and its rows of B
             specs[name] = (r, alpha)
             loaded[name] = (ab["A"], ab["B"][i * d : (i + 1) * d])
-    _wrap(model, specs, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")),
-          False, False)  # fmt: skip
+    _wrap(
+        model, specs, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")), False, False
+    )
     with torch.no_grad():
         for name, (a, b) in loaded.items():
             m = model.get_submodule(name)

@@ -8,8 +8,11 @@ import json
 from tunelab.cli.common import EPILOG
 from tunelab.cli.train import _train_args, print_instructions, resumable
 
-ALIGN_ALIASES = {"--loss": "align.loss", "--beta": "align.beta",
-                 "--label-smoothing": "align.label_smoothing"}  # fmt: skip
+ALIGN_ALIASES = {
+    "--loss": "align.loss",
+    "--beta": "align.beta",
+    "--label-smoothing": "align.label_smoothing",
+}
 HELP = "align a language model to preference pairs (prompt, chosen, rejected): DPO, IPO, hinge"
 
 
@@ -38,8 +41,9 @@ def cmd_align(a) -> None:
 
 def register(sub) -> None:
     """Add the `align` subcommand."""
-    p = sub.add_parser("align", help=HELP, description=HELP, epilog=EPILOG,
-                       usage="tunelab align [options]")  # fmt: skip
+    p = sub.add_parser(
+        "align", help=HELP, description=HELP, epilog=EPILOG, usage="tunelab align [options]"
+    )
     _train_args(p)
     from tunelab.train.config import option_docs
 
@@ -50,6 +54,13 @@ def register(sub) -> None:
         group.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
     for flag, key in (("--precompute-ref", "align.precompute_ref"), ("--strict", "align.strict")):
         default, doc = docs[key]
-        group.add_argument(flag, dest=key, nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar="BOOL", help=f"{doc} [{default}]")  # fmt: skip
+        group.add_argument(
+            flag,
+            dest=key,
+            nargs="?",
+            const="true",
+            default=argparse.SUPPRESS,
+            metavar="BOOL",
+            help=f"{doc} [{default}]",
+        )
     p.set_defaults(func=cmd_align, task="align", overrides=True)

@@ -74,9 +74,15 @@ def cmd_classification(a) -> None:
         raise ModelError(f"{a.model} is not a classifier; use `tunelab evaluate icl` for prompting")
     records, gold, _ = _labeled(a, labels)
     template = a.template or _run_template(a.model) or "{text}"
-    examples = encode_classification(records, lm.tokenizer, labels, text_field=a.text_field,
-                                     label_field=a.label_field, template=template,
-                                     seq_len=a.seq_len)  # fmt: skip
+    examples = encode_classification(
+        records,
+        lm.tokenizer,
+        labels,
+        text_field=a.text_field,
+        label_field=a.label_field,
+        template=template,
+        seq_len=a.seq_len,
+    )
     pad = lm.tokenizer.batch_pad_id
     gold, probs = predict(lm.model, Batches(examples, a.batch_size, pad_id=pad, shuffle=False))
     result = metrics(gold, probs.argmax(-1).tolist(), labels)
@@ -91,10 +97,12 @@ def _icl_line(k: str, m: dict) -> str:
         f"{name} {n / max(1, m['examples']):.0%}" for name, n in m["predicted"].items()
     )
     other = m["without_calibration" if m["calibrated"] else "with_calibration"]
-    return (f"{k}-shot: accuracy {m['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}]  macro-F1 "
-            f"{m['macro_f1']:.4f}  predicted: {share}  ({m['examples']} examples; "
-            f"{'calibrated' if m['calibrated'] else 'uncalibrated'}, the other way: accuracy "
-            f"{other['accuracy']:.4f})")  # fmt: skip
+    return (
+        f"{k}-shot: accuracy {m['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}]  macro-F1 "
+        f"{m['macro_f1']:.4f}  predicted: {share}  ({m['examples']} examples; "
+        f"{'calibrated' if m['calibrated'] else 'uncalibrated'}, the other way: accuracy "
+        f"{other['accuracy']:.4f})"
+    )
 
 
 def prompt_spec(a):
@@ -128,11 +136,23 @@ def cmd_icl(a) -> None:
     lm = load_model(a)
     resolve_prompt(spec, lm.tokenizer, labels, a.text_field, a.label_field)  # errors before work
     with Progress(len(scored) * len(shots), label="prompting") as bar:
-        result = evaluate_icl(lm.model, lm.tokenizer, [records[i] for i in scored],
-                              [gold[i] for i in scored], labels, shots, demo_records=pool,
-                              demo_gold=pool_gold, prompt=spec, calibrate_scores=a.calibrate,
-                              text_field=a.text_field, label_field=a.label_field, seed=a.seed,
-                              demo_order=a.demo_order, progress=bar.advance)  # fmt: skip
+        result = evaluate_icl(
+            lm.model,
+            lm.tokenizer,
+            [records[i] for i in scored],
+            [gold[i] for i in scored],
+            labels,
+            shots,
+            demo_records=pool,
+            demo_gold=pool_gold,
+            prompt=spec,
+            calibrate_scores=a.calibrate,
+            text_field=a.text_field,
+            label_field=a.label_field,
+            seed=a.seed,
+            demo_order=a.demo_order,
+            progress=bar.advance,
+        )
     if a.json:
         return print(json.dumps(result))
     p = result["prompt"]
@@ -147,8 +167,10 @@ def instructions_text(r: dict) -> str:
     for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
         lo, hi = r["intervals"][m]
         lines.append(f"{m:<20}{r[m]:.4f}  [{lo:.4f}, {hi:.4f}]")
-    lines.append(f"{r['n']} prompts, {r['instructions']} instructions; "
-                 f"{r['confidence']:.0%} bootstrap intervals over prompts")  # fmt: skip
+    lines.append(
+        f"{r['n']} prompts, {r['instructions']} instructions; "
+        f"{r['confidence']:.0%} bootstrap intervals over prompts"
+    )
     return "\n".join(lines)
 
 
@@ -190,8 +212,10 @@ def cmd_instructions(a) -> None:
     print(instructions_text(result))
     if "generation" in result:
         g = result["generation"]
-        print(f"generation: {g['new_tokens']} tokens in {g['generation_s']:.1f} s "
-              f"({g['tokens_per_s']:.1f} tok/s), batch {g['batch_size']}")  # fmt: skip
+        print(
+            f"generation: {g['new_tokens']} tokens in {g['generation_s']:.1f} s "
+            f"({g['tokens_per_s']:.1f} tok/s), batch {g['batch_size']}"
+        )
     if a.out:
         print(f"responses: {Path(a.out) / 'responses.jsonl'}")
 
@@ -226,12 +250,14 @@ def register(sub) -> None:
         default=None,
         help="new tokens scored per window (default window/2)",
     )
-    q.add_argument("--max-tokens", type=at_least(1), default=None,
-                   help="score only the first N tokens")  # fmt: skip
+    q.add_argument(
+        "--max-tokens", type=at_least(1), default=None, help="score only the first N tokens"
+    )
     q.set_defaults(func=cmd_perplexity)
 
-    q = ev.add_parser("classification", help="accuracy and macro-F1 of a trained classifier",
-                      epilog=EPILOG)  # fmt: skip
+    q = ev.add_parser(
+        "classification", help="accuracy and macro-F1 of a trained classifier", epilog=EPILOG
+    )
     model_args(q)
     _labeled_args(q)
     q.add_argument("--labels", default=None, help=argparse.SUPPRESS)
@@ -244,29 +270,46 @@ def register(sub) -> None:
     model_args(q)
     _labeled_args(q)
     q.add_argument("--labels", default=None, help="label names in index order, comma-separated")
-    q.add_argument("--shots", type=shot_counts, default=[0],
-                   help="comma-separated shot counts, e.g. 0,1,4")  # fmt: skip
+    q.add_argument(
+        "--shots", type=shot_counts, default=[0], help="comma-separated shot counts, e.g. 0,1,4"
+    )
     q.add_argument("--demos", default=None, help="demonstration pool file; default: part of --data")
     q.add_argument("--limit", type=at_least(1), default=None, help="score at most N examples")
     q.add_argument("--seed", type=int, default=0, help="seed for demonstrations and the sample")
-    q.add_argument("--demo-order", choices=("shuffle", "alternate"), default="shuffle",
-                   help="demonstrations in seeded order, or alternating labels [shuffle]")  # fmt: skip
+    q.add_argument(
+        "--demo-order",
+        choices=("shuffle", "alternate"),
+        default="shuffle",
+        help="demonstrations in seeded order, or alternating labels [shuffle]",
+    )
     prompt_args(q)
     q.set_defaults(func=cmd_icl)
 
-    q = ev.add_parser("instructions", epilog=EPILOG,
-                      help="instruction following (IFEval): generate, then check each response")  # fmt: skip
+    q = ev.add_parser(
+        "instructions",
+        epilog=EPILOG,
+        help="instruction following (IFEval): generate, then check each response",
+    )
     model_args(q)
     sampling_args(q)
     q.set_defaults(max_new_tokens=256)
-    q.add_argument("--data", required=True,
-                   help="IFEval-style JSONL: prompt, instruction_id_list, kwargs")  # fmt: skip
+    q.add_argument(
+        "--data", required=True, help="IFEval-style JSONL: prompt, instruction_id_list, kwargs"
+    )
     q.add_argument("--limit", type=at_least(1), default=None, help="the first N prompts only")
     q.add_argument("--batch-size", type=at_least(1), default=8, help="prompts per batch [8]")
-    q.add_argument("--responses", type=Path, default=None,
-                   help="score these responses (JSONL: prompt, response) instead of generating")  # fmt: skip
-    q.add_argument("--out", type=Path, default=None,
-                   help="write responses.jsonl (verdicts per instruction) and summary.json here")  # fmt: skip
+    q.add_argument(
+        "--responses",
+        type=Path,
+        default=None,
+        help="score these responses (JSONL: prompt, response) instead of generating",
+    )
+    q.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write responses.jsonl (verdicts per instruction) and summary.json here",
+    )
     q.set_defaults(func=cmd_instructions)
 
     from tunelab.cli.image import counting_parser

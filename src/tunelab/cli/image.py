@@ -58,11 +58,27 @@ def cmd_counting(a) -> None:
         n = a.n or int(spec.get("images", 4))
         pipeline = load_pipeline(a.model, a.device)
         with _progress(n * len(prompts), "image") as bar:
-            rows = generate_set(pipeline, prompts, n, out, a.seed, a.steps, a.guidance,
-                                progress=lambda i: bar.advance())  # fmt: skip
+            rows = generate_set(
+                pipeline,
+                prompts,
+                n,
+                out,
+                a.seed,
+                a.steps,
+                a.guidance,
+                progress=lambda i: bar.advance(),
+            )
         folder = out / "images"
-        extra = {"model": a.model, "prompts_file": a.prompts, "settings": {
-            "n": n, "seed": a.seed, "steps": rows[0]["steps"], "guidance": rows[0]["guidance"]}}  # fmt: skip
+        extra = {
+            "model": a.model,
+            "prompts_file": a.prompts,
+            "settings": {
+                "n": n,
+                "seed": a.seed,
+                "steps": rows[0]["steps"],
+                "guidance": rows[0]["guidance"],
+            },
+        }
     with _progress(len(rows), "count") as bar:
         summary = evaluate(folder, rows, counter, out, extra, progress=lambda i: bar.advance())
     emit(a, summary, summary_text(summary) + f"\nreport: {out / 'report.md'}")
@@ -82,8 +98,12 @@ def cmd_train(a) -> None:
     if a.max_steps:
         cfg.train.max_steps = a.max_steps
     summary = run_image_training(cfg)
-    emit(a, summary, f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s; "
-         f"model: {Path(cfg.out) / 'final'}")  # fmt: skip
+    emit(
+        a,
+        summary,
+        f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s; "
+        f"model: {Path(cfg.out) / 'final'}",
+    )
 
 
 def cmd_calibrate(a) -> None:
@@ -93,29 +113,49 @@ def cmd_calibrate(a) -> None:
     result = calibrate(SSDMobileNet(), seeds=range(a.seeds))
     path = Path(a.write) if a.write else CALIBRATION
     write_calibration(result, path)
-    emit(a, result, f"threshold {result['threshold']}: exact-count accuracy {result['accuracy']:.3f} "
-         f"on {result['images']} composed images; written to {path}")  # fmt: skip
+    emit(
+        a,
+        result,
+        f"threshold {result['threshold']}: exact-count accuracy {result['accuracy']:.3f} "
+        f"on {result['images']} composed images; written to {path}",
+    )
 
 
 def counting_parser(ev) -> None:
     """`evaluate counting`, registered by cli/evaluate.py."""
-    q = ev.add_parser("counting", help="text-to-image counting: generate, count, exact-count "
-                      "accuracy per number, class and prompt variant")  # fmt: skip
+    q = ev.add_parser(
+        "counting",
+        help="text-to-image counting: generate, count, exact-count "
+        "accuracy per number, class and prompt variant",
+    )
     q.add_argument("--model", default=None, help=MODEL_HELP)
-    q.add_argument("--images", default=None,
-                   help="score these images instead: DIR with manifest.jsonl lines "
-                   '{"image": "f.png", "object": "cat", "expected": 3}')  # fmt: skip
-    q.add_argument("--prompts", default=None,
-                   help="YAML: variants (templates with {number}/{digit} and {object}), numbers, "
-                   "classes; default GenEval-style")  # fmt: skip
+    q.add_argument(
+        "--images",
+        default=None,
+        help="score these images instead: DIR with manifest.jsonl lines "
+        '{"image": "f.png", "object": "cat", "expected": 3}',
+    )
+    q.add_argument(
+        "--prompts",
+        default=None,
+        help="YAML: variants (templates with {number}/{digit} and {object}), numbers, "
+        "classes; default GenEval-style",
+    )
     q.add_argument("--n", type=at_least(1), default=None, help="images per prompt [4]")
     q.add_argument("--steps", type=at_least(1), default=None, help="denoising steps")
     q.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--counter", default="ssd-mobilenet",
-                   help="components (rendered shapes), ssd-mobilenet (COCO) or module:Class")  # fmt: skip
-    q.add_argument("--threshold", type=float, default=None,
-                   help="detector confidence threshold [the calibrated one]")  # fmt: skip
+    q.add_argument(
+        "--counter",
+        default="ssd-mobilenet",
+        help="components (rendered shapes), ssd-mobilenet (COCO) or module:Class",
+    )
+    q.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="detector confidence threshold [the calibrated one]",
+    )
     q.add_argument("--device", default="cpu")
     q.add_argument("--out", required=True, help="new folder: images, scores, grid, report")
     q.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -109,8 +109,11 @@ def cmd_tokenizer_train(a) -> None:
     tok.save(a.out)
     config = {"eos_token": a.special[0], "bos_token": None, "pad_token": None}
     (Path(a.out) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    emit(a, {"out": str(a.out), "vocab_size": tok.vocab_size},
-          f"wrote a {tok.vocab_size}-token BPE tokenizer to {a.out}")  # fmt: skip
+    emit(
+        a,
+        {"out": str(a.out), "vocab_size": tok.vocab_size},
+        f"wrote a {tok.vocab_size}-token BPE tokenizer to {a.out}",
+    )
 
 
 def cmd_merge(a) -> None:
@@ -138,11 +141,20 @@ def cmd_estimate(a) -> None:
     except ModelError:  # a config without weights (or a hub id): assume fp32 files
         stored = None
     targets = tuple(t.strip() for t in a.lora_targets.split(","))
-    est = estimate(cfg, a.method, a.seq_len, a.batch, a.precision, lora_r=a.lora_r,
-                   lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
-                   trainable_layers=a.train_layers, device=a.device, autocast=a.autocast,
-                   activation_checkpointing=a.activation_checkpointing,
-                   source_bytes=bytes_per_param(stored) if stored else None)  # fmt: skip
+    est = estimate(
+        cfg,
+        a.method,
+        a.seq_len,
+        a.batch,
+        a.precision,
+        lora_r=a.lora_r,
+        lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
+        trainable_layers=a.train_layers,
+        device=a.device,
+        autocast=a.autocast,
+        activation_checkpointing=a.activation_checkpointing,
+        source_bytes=bytes_per_param(stored) if stored else None,
+    )
     est["stored_weights"] = stored
     text = format_estimate(est)
     if stored:
@@ -225,9 +237,12 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
-        "estimate", help="predict peak memory and FLOPs of a training step", epilog=EPILOG,
-        description=ESTIMATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "estimate",
+        help="predict peak memory and FLOPs of a training step",
+        epilog=EPILOG,
+        description=ESTIMATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model_args(p)
     p.add_argument("--method", default="full", choices=METHODS)
     p.add_argument("--seq-len", type=at_least(1), default=512)
@@ -235,8 +250,15 @@ def register(sub) -> None:
     p.add_argument("--lora-r", type=at_least(1), default=8)
     p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
     p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
-    p.add_argument("--autocast", default=None, choices=["off", "bf16", "fp16"],
-                   help="compute dtype of the forward pass; default: follows --precision")  # fmt: skip
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="keep block inputs only and recompute in backward")  # fmt: skip
+    p.add_argument(
+        "--autocast",
+        default=None,
+        choices=["off", "bf16", "fp16"],
+        help="compute dtype of the forward pass; default: follows --precision",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep block inputs only and recompute in backward",
+    )
     p.set_defaults(func=cmd_estimate)

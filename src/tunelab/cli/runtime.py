@@ -11,16 +11,25 @@ def cmd_runtime(a) -> None:
     found = choose.measured(rerun=a.rerun)
     rt = resolve(a.linear, a.allocator, a.attention)  # the cached table, environment applied
     if a.json:
-        return print(json.dumps({**found, "cache": str(choose.cache_path(found["machine"])),
-                                 "resolved": rt.record()}))  # fmt: skip
+        return print(
+            json.dumps(
+                {
+                    **found,
+                    "cache": str(choose.cache_path(found["machine"])),
+                    "resolved": rt.record(),
+                }
+            )
+        )
     print(choose.format_table(found))
     print(
         f"resolved here (runtime.linear {rt.linear}): "
         + ", ".join(f"{c} {k}" for c, k in rt.kernels.items())
     )
     print(f"  ({rt.source}); allocator {rt.allocator}, attention {rt.attention}")
-    print("overrides: TUNELAB_ONEDNN=0|1 (runtime.linear torch|onednn), TUNELAB_MALLOC=0|1 "
-          "(runtime.allocator system|keep), TUNELAB_VARLEN=rows|mask|nested (runtime.attention)")  # fmt: skip
+    print(
+        "overrides: TUNELAB_ONEDNN=0|1 (runtime.linear torch|onednn), TUNELAB_MALLOC=0|1 "
+        "(runtime.allocator system|keep), TUNELAB_VARLEN=rows|mask|nested (runtime.attention)"
+    )
 
 
 def register(sub) -> None:
@@ -31,10 +40,15 @@ def register(sub) -> None:
         "runtime): each candidate kernel's time per shape class, and the choice.",
     )
     p.add_argument("--rerun", action="store_true", help="measure again (a few seconds)")
-    p.add_argument("--linear", default="auto", choices=["auto", "torch", "onednn"],
-                   help="resolve this runtime.linear value [auto]")  # fmt: skip
+    p.add_argument(
+        "--linear",
+        default="auto",
+        choices=["auto", "torch", "onednn"],
+        help="resolve this runtime.linear value [auto]",
+    )
     p.add_argument("--allocator", default="auto", choices=["auto", "keep", "system"], help="[auto]")
-    p.add_argument("--attention", default="auto", choices=["auto", "rows", "mask", "nested"],
-                   help="[auto]")  # fmt: skip
+    p.add_argument(
+        "--attention", default="auto", choices=["auto", "rows", "mask", "nested"], help="[auto]"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_runtime)

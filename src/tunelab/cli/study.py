@@ -23,13 +23,31 @@ def print_table(results: dict) -> None:
 
     from tunelab.study.results import short_model
 
-    table = Table("experiment", "model", "method", "seeds", "metric", "value", "wall s",
-                  "peak MiB", "trainable", title=f"study {results['study']}")  # fmt: skip
+    table = Table(
+        "experiment",
+        "model",
+        "method",
+        "seeds",
+        "metric",
+        "value",
+        "wall s",
+        "peak MiB",
+        "trainable",
+        title=f"study {results['study']}",
+    )
     for g in results["groups"]:
         seeds = f"{g['seeds']}" + (f" ({g['failed']} failed)" if g["failed"] else "")
-        table.add_row(g["experiment"], short_model(g["model"]), g["method"], seeds, g["metric"],
-                      _fmt(g.get("value")), _fmt(g.get("wall_time_s")),
-                      _fmt(g.get("peak_memory_mb")), _fmt(g.get("trainable_params")))  # fmt: skip
+        table.add_row(
+            g["experiment"],
+            short_model(g["model"]),
+            g["method"],
+            seeds,
+            g["metric"],
+            _fmt(g.get("value")),
+            _fmt(g.get("wall_time_s")),
+            _fmt(g.get("peak_memory_mb")),
+            _fmt(g.get("trainable_params")),
+        )
     Console(stderr=False, width=160).print(table)
 
 
@@ -47,8 +65,10 @@ def _finish(a, study_dir: Path, results: dict) -> None:
             print(f"failed: {r['run']}: {r['error']}")
         print(f"report: {html}")
     if failed and len(failed) == len(results["rows"]):
-        raise TunelabError(f"every run of the study failed ({len(failed)}); the first: "
-                           f"{failed[0]['run']}: {failed[0]['error']}")  # fmt: skip
+        raise TunelabError(
+            f"every run of the study failed ({len(failed)}); the first: "
+            f"{failed[0]['run']}: {failed[0]['error']}"
+        )
 
 
 def cmd_study(a) -> None:
@@ -76,29 +96,61 @@ def compare_recipe(models: list[str], evals: list[str], data: dict) -> dict:
     """A study recipe that puts every model through the same evaluation-only cells."""
     experiments = []
     if "perplexity" in evals:
-        experiments.append({"name": "perplexity", "task": "perplexity", "models": models,
-                            "methods": {"as-is": {}},
-                            "config": {"eval": {"domain": data["domain"], "general": data["general"]},
-                                       "train": {"samples": data["prompts"]}}})  # fmt: skip
+        experiments.append(
+            {
+                "name": "perplexity",
+                "task": "perplexity",
+                "models": models,
+                "methods": {"as-is": {}},
+                "config": {
+                    "eval": {"domain": data["domain"], "general": data["general"]},
+                    "train": {"samples": data["prompts"]},
+                },
+            }
+        )
     if "icl" in evals:
-        runs = [{"name": f"{Path(m).name}-{k}shot", "model": m, "method": {"shots": k}}
-                for m in models for k in data["shots"]]  # fmt: skip
+        runs = [
+            {"name": f"{Path(m).name}-{k}shot", "model": m, "method": {"shots": k}}
+            for m in models
+            for k in data["shots"]
+        ]
         icl = {
             "limit": data["limit"],
             "calibrate": data["calibrate"],
             **{k: v for k, v in data["prompt"].items() if v is not None},
         }
-        experiments.append({"name": "prompting", "task": "icl", "runs": runs,
-                            "config": {"data": {"path": data["reviews"], "val_path": data["reviews_test"],
-                                                "text_field": data["text_field"]},
-                                       "classify": {"label_field": data["label_field"]},
-                                       "icl": icl}})  # fmt: skip
+        experiments.append(
+            {
+                "name": "prompting",
+                "task": "icl",
+                "runs": runs,
+                "config": {
+                    "data": {
+                        "path": data["reviews"],
+                        "val_path": data["reviews_test"],
+                        "text_field": data["text_field"],
+                    },
+                    "classify": {"label_field": data["label_field"]},
+                    "icl": icl,
+                },
+            }
+        )
     if "instructions" in evals:
-        experiments.append({"name": "instructions", "task": "instructions", "models": models,
-                            "methods": {"greedy": {}},
-                            "config": {"instructions": {"data": data["instructions"],
-                                                        "limit": data["limit"],
-                                                        "max_new_tokens": data["max_new_tokens"]}}})  # fmt: skip
+        experiments.append(
+            {
+                "name": "instructions",
+                "task": "instructions",
+                "models": models,
+                "methods": {"greedy": {}},
+                "config": {
+                    "instructions": {
+                        "data": data["instructions"],
+                        "limit": data["limit"],
+                        "max_new_tokens": data["max_new_tokens"],
+                    }
+                },
+            }
+        )
     return {"study": "compare", "seeds": [0], "experiments": experiments}
 
 
@@ -109,8 +161,10 @@ def print_paired(pairs: list[dict]) -> None:
         for m in ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose"):
             d = p[m]
             lo, hi = d["interval"]
-            print(f"  {m:<20}{d['a']:.3f} -> {d['b']:.3f}  difference {d['difference']:+.3f} "
-                  f"[{lo:+.3f}, {hi:+.3f}]")  # fmt: skip
+            print(
+                f"  {m:<20}{d['a']:.3f} -> {d['b']:.3f}  difference {d['difference']:+.3f} "
+                f"[{lo:+.3f}, {hi:+.3f}]"
+            )
 
 
 def cmd_compare(a) -> None:
@@ -131,15 +185,27 @@ def cmd_compare(a) -> None:
 
         read_prompts(a.instructions, a.limit)  # a bad file stops here, before any model loads
     demo = "${demo}"
-    data = {"domain": a.domain or f"{demo}/plots_test.txt", "general": a.general or f"{demo}/general.txt",
-            "reviews": a.data or f"{demo}/reviews_train.jsonl",
-            "reviews_test": a.test_data or a.data or f"{demo}/reviews_test.jsonl",
-            "text_field": a.text_field, "label_field": a.label_field, "calibrate": a.calibrate,
-            "prompt": {"format": a.format, "template": a.template, "instruction": a.instruction,
-                       "label_words": a.label_words, "layout": a.layout},
-            "shots": [int(k) for k in a.shots.split(",")], "limit": a.limit,
-            "prompts": ["What is the capital of France?"], "instructions": a.instructions,
-            "max_new_tokens": a.max_new_tokens}  # fmt: skip
+    data = {
+        "domain": a.domain or f"{demo}/plots_test.txt",
+        "general": a.general or f"{demo}/general.txt",
+        "reviews": a.data or f"{demo}/reviews_train.jsonl",
+        "reviews_test": a.test_data or a.data or f"{demo}/reviews_test.jsonl",
+        "text_field": a.text_field,
+        "label_field": a.label_field,
+        "calibrate": a.calibrate,
+        "prompt": {
+            "format": a.format,
+            "template": a.template,
+            "instruction": a.instruction,
+            "label_words": a.label_words,
+            "layout": a.layout,
+        },
+        "shots": [int(k) for k in a.shots.split(",")],
+        "limit": a.limit,
+        "prompts": ["What is the capital of France?"],
+        "instructions": a.instructions,
+        "max_new_tokens": a.max_new_tokens,
+    }
     if a.data is None:  # the demo reviews have their own fields
         data.update(text_field="review", label_field="sentiment")
     out = Path(a.out)
@@ -173,11 +239,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("compare", help="the same evaluations over several models, one report")
     p.add_argument("--models", required=True, help="comma-separated model names or directories")
-    p.add_argument("--eval", default="perplexity,icl",
-                   help="suite: perplexity, icl and/or instructions [perplexity,icl]")  # fmt: skip
+    p.add_argument(
+        "--eval",
+        default="perplexity,icl",
+        help="suite: perplexity, icl and/or instructions [perplexity,icl]",
+    )
     p.add_argument("--instructions", help="IFEval-style prompts (JSONL) for --eval instructions")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="new tokens per response for --eval instructions [256]")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="new tokens per response for --eval instructions [256]",
+    )
     p.add_argument("--out", default="studies/compare", help="study directory [studies/compare]")
     p.add_argument("--domain", help="in-domain text for perplexity [demo plots]")
     p.add_argument("--general", help="general text for perplexity [demo general English]")

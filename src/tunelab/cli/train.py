@@ -45,8 +45,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default, doc = docs[key]
         short.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"{doc} [{default}]")
     for flag, key in SWITCHES.items():
-        short.add_argument(flag, dest=key, action="store_const", const=True,
-                           default=argparse.SUPPRESS, help=f"{docs[key][1]} [off]")  # fmt: skip
+        short.add_argument(
+            flag,
+            dest=key,
+            action="store_const",
+            const=True,
+            default=argparse.SUPPRESS,
+            help=f"{docs[key][1]} [off]",
+        )
     every = p.add_argument_group("every option, as --section.key VALUE")
     for key, (default, doc) in docs.items():
         if f"--{key}" in ALIASES or key in ("resume", "task"):
@@ -110,9 +116,11 @@ def print_instructions(summary: dict) -> None:
 
 def register(sub) -> None:
     """Add the training subcommands."""
-    for task, text in (("pretrain", "continued pretraining (or from scratch with --arch) on raw text"),
-                       ("finetune", "supervised fine-tuning on instructions or chat messages"),
-                       ("classify", "train a classifier (decoder or encoder) on labeled text")):  # fmt: skip
+    for task, text in (
+        ("pretrain", "continued pretraining (or from scratch with --arch) on raw text"),
+        ("finetune", "supervised fine-tuning on instructions or chat messages"),
+        ("classify", "train a classifier (decoder or encoder) on labeled text"),
+    ):
         p = sub.add_parser(
             task, help=text, description=text, epilog=EPILOG, usage=f"tunelab {task} [options]"
         )

@@ -272,9 +272,16 @@ def split_records(
     return train, val
 
 
-def load_split(path: str | None, val_path: str | None, val_fraction: float, seed: int, *,
-               fmt: str | None = None, text_mode: str = "file",
-               what: str = "training") -> tuple[list[dict], list[dict], list[dict]]:  # fmt: skip
+def load_split(
+    path: str | None,
+    val_path: str | None,
+    val_fraction: float,
+    seed: int,
+    *,
+    fmt: str | None = None,
+    text_mode: str = "file",
+    what: str = "training",
+) -> tuple[list[dict], list[dict], list[dict]]:
     """(every record of path, train, val): val_path's records validate when given, else a
     seeded split of path's. `what` names the data in the error when there is no path."""
     if not path:

@@ -36,13 +36,18 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     pred_row, pred_pos = torch.tensor(pred_row), torch.tensor(pred_pos)
     order = select.view(-1).cumsum(0) - 1  # where each selected position lands in the logits
     batch = {
-        "input_ids": ids, "position_ids": pos, "branch": branch, "select": select,
-        "attention_mask": (branch >= 0).long(), "pred_row": pred_row,
-        "pred_index": order[pred_row * t + pred_pos], "pred_target": torch.tensor(pred_target),
+        "input_ids": ids,
+        "position_ids": pos,
+        "branch": branch,
+        "select": select,
+        "attention_mask": (branch >= 0).long(),
+        "pred_row": pred_row,
+        "pred_index": order[pred_row * t + pred_pos],
+        "pred_target": torch.tensor(pred_target),
         "pred_side": torch.tensor(pred_side),
         "chosen_tokens": torch.tensor([float(len(e["chosen"])) for e in examples]),
         "rejected_tokens": torch.tensor([float(len(e["rejected"])) for e in examples]),
-    }  # fmt: skip
+    }
     if "ref_chosen" in examples[0]:
         batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples])
         batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples])

@@ -216,8 +216,10 @@ def encode_instructions(
     require_fields(records, [instruction_field, output_field], _source(records))
     chat = bool(tokenizer.chat_template) if use_chat_template is None else use_chat_template
     if records and all(not _text(r, output_field).strip() for r in records):
-        raise DataError(f"{_source(records)}: every {output_field!r} is empty; nothing to learn "
-                        "(give responses, or --data.output_field for the column that has them)")  # fmt: skip
+        raise DataError(
+            f"{_source(records)}: every {output_field!r} is empty; nothing to learn "
+            "(give responses, or --data.output_field for the column that has them)"
+        )
     specials = special_ids(tokenizer)
     bos = [tokenizer.bos_id] if adds_bos(tokenizer) else []
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

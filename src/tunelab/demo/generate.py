@@ -130,26 +130,30 @@ SUBTLE = {
         "On balance, it does not work.", "A few nice moments, but not worth your evening."],
 }  # fmt: skip
 
-TOPICS = ["The river floods every spring, and farmers plant after the water recedes.",
-          "Bread rises because yeast turns sugar into gas that the dough traps.",
-          "The committee met on Tuesday to discuss the new budget for the library.",
-          "Copper conducts electricity well, which is why it is used in wiring.",
-          "Most birds migrate along the same routes each year, guided by the stars.",
-          "The recipe asks for two eggs, a cup of flour and a pinch of salt.",
-          "Trains from the capital leave every hour and take about three hours.",
-          "Photosynthesis lets plants turn light, water and carbon dioxide into sugar.",
-          "The museum reopened after repairs to its roof and heating system.",
-          "A healthy diet includes vegetables, whole grains and enough water.",
-          "The old bridge was replaced by a wider one with a cycle lane.",
-          "Volcanoes form where molten rock escapes through cracks in the crust."]  # fmt: skip
+TOPICS = [
+    "The river floods every spring, and farmers plant after the water recedes.",
+    "Bread rises because yeast turns sugar into gas that the dough traps.",
+    "The committee met on Tuesday to discuss the new budget for the library.",
+    "Copper conducts electricity well, which is why it is used in wiring.",
+    "Most birds migrate along the same routes each year, guided by the stars.",
+    "The recipe asks for two eggs, a cup of flour and a pinch of salt.",
+    "Trains from the capital leave every hour and take about three hours.",
+    "Photosynthesis lets plants turn light, water and carbon dioxide into sugar.",
+    "The museum reopened after repairs to its roof and heating system.",
+    "A healthy diet includes vegetables, whole grains and enough water.",
+    "The old bridge was replaced by a wider one with a cycle lane.",
+    "Volcanoes form where molten rock escapes through cracks in the crust.",
+]
 
 
 def plots(n: int, rng: random.Random) -> list[str]:
     out = []
     for _ in range(n):
         hero, place = rng.choice(HEROES), rng.choice(PLACES)
-        out.append(f"{hero[0].upper()}{hero[1:]} {place} {rng.choice(INCIDENTS)}. "
-                   f"{rng.choice(TURNS)} the hero {rng.choice(ACTS)}. {rng.choice(ENDS)}")  # fmt: skip
+        out.append(
+            f"{hero[0].upper()}{hero[1:]} {place} {rng.choice(INCIDENTS)}. "
+            f"{rng.choice(TURNS)} the hero {rng.choice(ACTS)}. {rng.choice(ENDS)}"
+        )
     return out
 
 
@@ -170,8 +174,9 @@ def review(label: int, rng: random.Random) -> str:
     sentences = [said(p, bool(label) if rng.random() < 0.6 else not label) for p in parts]
     verdict = rng.choice(VERDICT[label] if rng.random() < 0.2 else SUBTLE[label])
     hero, place = rng.choice(HEROES), rng.choice(PLACES)
-    return " ".join([f"I saw this film about {hero} {place}, who {rng.choice(INCIDENTS)}.",
-                     *sentences, verdict])  # fmt: skip
+    return " ".join(
+        [f"I saw this film about {hero} {place}, who {rng.choice(INCIDENTS)}.", *sentences, verdict]
+    )
 
 
 def preference(rng: random.Random) -> dict:
@@ -179,11 +184,13 @@ def preference(rng: random.Random) -> dict:
     hero, place = rng.choice(HEROES), rng.choice(PLACES)
     prompt = f"In one sentence, what is a film about {hero} {place} likely to be about?"
     chosen = f"It probably follows {hero} who {rng.choice(INCIDENTS)} and {rng.choice(ACTS)}."
-    rejected = rng.choice([
-        "Who cares, films like that are all the same.",
-        f"I don't know. {rng.choice(TOPICS)}",
-        "That is a stupid question, look it up yourself.",
-    ])  # fmt: skip
+    rejected = rng.choice(
+        [
+            "Who cares, films like that are all the same.",
+            f"I don't know. {rng.choice(TOPICS)}",
+            "That is a stupid question, look it up yourself.",
+        ]
+    )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -193,8 +200,14 @@ def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, P
     out, rng = Path(out), random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     shipped = (Path(__file__).parent / "plots.txt").read_text().strip()
-    names = ("plots.txt", "plots_test.txt", "general.txt", "reviews_train.jsonl",
-             "reviews_test.jsonl", "preferences.jsonl")  # fmt: skip
+    names = (
+        "plots.txt",
+        "plots_test.txt",
+        "general.txt",
+        "reviews_train.jsonl",
+        "reviews_test.jsonl",
+        "preferences.jsonl",
+    )
     files = {name: out / name for name in names}
     files["plots.txt"].write_text(shipped + "\n\n" + "\n\n".join(plots(n, rng)) + "\n")
     files["plots_test.txt"].write_text("\n\n".join(plots(n // 6, rng)) + "\n")
@@ -204,8 +217,11 @@ def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, P
         with open(files[name], "w") as f:
             for i in range(count):
                 label = rng.randrange(2)
-                row = {"id": f"{name.split('_')[1][:-6]}-{i}", "review": review(label, rng),
-                       "sentiment": ["negative", "positive"][label]}  # fmt: skip
+                row = {
+                    "id": f"{name.split('_')[1][:-6]}-{i}",
+                    "review": review(label, rng),
+                    "sentiment": ["negative", "positive"][label],
+                }
                 f.write(json.dumps(row) + "\n")
     with open(files["preferences.jsonl"], "w") as f:
         for _ in range(n // 3):  # DPO's reference pass covers them all: keep the set small

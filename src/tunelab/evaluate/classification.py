@@ -11,8 +11,9 @@ import torch
 from tunelab.files import atomic_file
 
 
-def bootstrap_interval(correct: list[int], level: float = 0.95, resamples: int = 1000,
-                       seed: int = 0) -> list[float]:  # fmt: skip
+def bootstrap_interval(
+    correct: list[int], level: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> list[float]:
     """[low, high] of accuracy over `resamples` bootstrap resamples of the examples (seeded)."""
     n = len(correct)
     if not n:
@@ -69,15 +70,24 @@ def predict(model, batches) -> tuple[list[int], torch.Tensor]:
             else {}
         )
         mask = batch.get("attention_mask")
-        logits = model(batch["input_ids"].to(device), attention_mask=None if mask is None
-                       else mask.to(device), **kw)  # fmt: skip
+        logits = model(
+            batch["input_ids"].to(device),
+            attention_mask=None if mask is None else mask.to(device),
+            **kw,
+        )
         probs.append(logits.float().softmax(-1).cpu())
         gold += batch["label"].tolist()
     return gold, torch.cat(probs) if probs else torch.zeros(0, len(model.cfg.labels))
 
 
-def write_predictions(path: str | Path, records: list[dict], gold: list[int], probs: torch.Tensor,
-                      labels: list[str], text_field: str = "text") -> None:  # fmt: skip
+def write_predictions(
+    path: str | Path,
+    records: list[dict],
+    gold: list[int],
+    probs: torch.Tensor,
+    labels: list[str],
+    text_field: str = "text",
+) -> None:
     """One JSON line per example: id, text, gold, predicted, probabilities; for error analysis."""
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         for i, (record, g, p) in enumerate(zip(records, gold, probs.tolist())):

@@ -76,8 +76,9 @@ def prefix_cache(model, ids: list[int], room: int):
     return cache
 
 
-def demonstrations(records: list[dict], gold: list[int], k: int, seed: int,
-                   order: str = "shuffle") -> list[int]:  # fmt: skip
+def demonstrations(
+    records: list[dict], gold: list[int], k: int, seed: int, order: str = "shuffle"
+) -> list[int]:
     """k record indices, labels as balanced as k allows (round-robin), drawn by seed; in an
     order shuffled by seed, or alternating labels from label seed % n (the same records)."""
     rng = random.Random(seed)
@@ -137,8 +138,15 @@ def _shared_length(ids: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def score_texts(model, tokenizer, prompt: Prompt, demos: list[tuple[str, int]], texts: list[str],
-                forms: list[list[list[int]]], progress=None) -> list[list[float]]:  # fmt: skip
+def score_texts(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    demos: list[tuple[str, int]],
+    texts: list[str],
+    forms: list[list[list[int]]],
+    progress=None,
+) -> list[list[float]]:
     """Label scores for each text under the prompt: log of the summed probability of each
     label's forms (token id lists). The tokens all inputs share (instruction, demonstrations)
     are computed once; splitting on tokens rather than text keeps each input tokenized exactly
@@ -165,13 +173,26 @@ def _summary(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
     return {k: m[k] for k in ("accuracy", "macro_f1", "accuracy_interval", "predicted")}
 
 
-def evaluate_icl(model, tokenizer, records: list[dict], gold: list[int], labels: list[str],
-                 shots: list[int], *, demo_records: list[dict] | None = None,
-                 demo_gold: list[int] | None = None, template: str | None = None,
-                 prompt: PromptSpec | None = None, calibrate_scores: bool | None = None,
-                 text_field: str = "text", label_field: str = "label", seed: int = 0,
-                 demo_order: str = "shuffle", max_text_tokens: int = 256,
-                 progress=None) -> dict:  # fmt: skip
+def evaluate_icl(
+    model,
+    tokenizer,
+    records: list[dict],
+    gold: list[int],
+    labels: list[str],
+    shots: list[int],
+    *,
+    demo_records: list[dict] | None = None,
+    demo_gold: list[int] | None = None,
+    template: str | None = None,
+    prompt: PromptSpec | None = None,
+    calibrate_scores: bool | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    seed: int = 0,
+    demo_order: str = "shuffle",
+    max_text_tokens: int = 256,
+    progress=None,
+) -> dict:
     """{"shots": {"k": metrics}, "prompt": what was used} for each k; demonstrations come from
     demo_records (a pool kept apart from the scored records), the same for every example.
     Each k's metrics are calibrated when calibrate_scores (None: at k = 0 only), with both
@@ -189,18 +210,23 @@ def evaluate_icl(model, tokenizer, records: list[dict], gold: list[int], labels:
     for k in shots:
         if k > len(pool):
             raise ConfigError(f"{k}-shot needs {k} demonstrations; the pool has {len(pool)}")
-        demos = [(_clip(tokenizer, str(pool[i][text_field]), max_text_tokens), pool_gold[i])
-                 for i in demonstrations(pool, pool_gold, k, seed, demo_order)]  # fmt: skip
+        demos = [
+            (_clip(tokenizer, str(pool[i][text_field]), max_text_tokens), pool_gold[i])
+            for i in demonstrations(pool, pool_gold, k, seed, demo_order)
+        ]
         scores = score_texts(model, tokenizer, resolved, demos, texts, forms, progress)
         prior = label_prior(
             score_texts(model, tokenizer, resolved, demos, list(CONTENT_FREE), forms)
         )
         raw, fixed = _argmax(scores), _argmax(calibrate(scores, prior))
         on = k == 0 if calibrate_scores is None else calibrate_scores
-        results[str(k)] = {**metrics(gold, fixed if on else raw, labels), "calibrated": on,
-                           "label_prior": {name: round(p, 6) for name, p in zip(labels, prior)},
-                           "without_calibration": _summary(gold, raw, labels),
-                           "with_calibration": _summary(gold, fixed, labels)}  # fmt: skip
+        results[str(k)] = {
+            **metrics(gold, fixed if on else raw, labels),
+            "calibrated": on,
+            "label_prior": {name: round(p, 6) for name, p in zip(labels, prior)},
+            "without_calibration": _summary(gold, raw, labels),
+            "with_calibration": _summary(gold, fixed, labels),
+        }
     return {
         "shots": results,
         "labels": labels,

@@ -12,8 +12,9 @@ from tunelab.generate import Sampling, generate_from_ids
 from tunelab.instructions.score import score, summarize
 
 
-def generate_responses(model, tokenizer, prompts: list[str], s: Sampling, batch_size: int = 8,
-                       progress=None) -> tuple[list[str], dict]:  # fmt: skip
+def generate_responses(
+    model, tokenizer, prompts: list[str], s: Sampling, batch_size: int = 8, progress=None
+) -> tuple[list[str], dict]:
     """The response to each prompt (one user turn), and the generation's cost. Prompts of
     similar length share a batch (less left padding); the answers come back in prompt order."""
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
@@ -31,9 +32,12 @@ def generate_responses(model, tokenizer, prompts: list[str], s: Sampling, batch_
         for k in range(len(rows)) if progress else ():
             last = k == len(rows) - 1
             progress(f"{new_tokens / seconds:,.0f} tok/s" if last and seconds else "")
-    stats = {"new_tokens": new_tokens, "generation_s": round(seconds, 3),
-             "tokens_per_s": round(new_tokens / seconds, 2) if seconds else 0.0,
-             "prompt_tokens": sum(len(e) for e in encoded)}  # fmt: skip
+    stats = {
+        "new_tokens": new_tokens,
+        "generation_s": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / seconds, 2) if seconds else 0.0,
+        "prompt_tokens": sum(len(e) for e in encoded),
+    }
     return texts, stats
 
 
@@ -43,16 +47,24 @@ def score_responses(records: list[dict], responses: list[str], seed: int = 0) ->
     return summarize(records, scores, seed), scores
 
 
-def evaluate_instructions(model, tokenizer, records: list[dict], s: Sampling,
-                          batch_size: int = 8, progress=None) -> tuple[dict, list[str], list]:  # fmt: skip
+def evaluate_instructions(
+    model, tokenizer, records: list[dict], s: Sampling, batch_size: int = 8, progress=None
+) -> tuple[dict, list[str], list]:
     """Generate and score: (summary with the generation's cost, responses, verdicts)."""
     model.eval()
-    responses, stats = generate_responses(model, tokenizer, [r["prompt"] for r in records], s,
-                                          batch_size, progress)  # fmt: skip
+    responses, stats = generate_responses(
+        model, tokenizer, [r["prompt"] for r in records], s, batch_size, progress
+    )
     summary, scores = score_responses(records, responses)
-    summary["generation"] = {**stats, "max_new_tokens": s.max_new_tokens,
-                             "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                             "seed": s.seed, "batch_size": batch_size}  # fmt: skip
+    summary["generation"] = {
+        **stats,
+        "max_new_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "seed": s.seed,
+        "batch_size": batch_size,
+    }
     return summary, responses, scores
 
 
@@ -60,26 +72,54 @@ def write_responses(path: Path, records: list[dict], responses: list[str], score
     """responses.jsonl: prompt, response and each instruction's verdicts, strict and loose."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r, text, sc in zip(records, responses, scores):
-            verdicts = [{"id": iid, "kwargs": kw, "strict": st, "loose": lo}
-                        for iid, kw, st, lo in zip(r["instruction_id_list"], r["kwargs"],
-                                                   sc["strict"], sc["loose"])]  # fmt: skip
-            f.write(json.dumps({"key": r["key"], "prompt": r["prompt"], "response": text,
-                                "follow_all_strict": all(sc["strict"]),
-                                "follow_all_loose": all(sc["loose"]),
-                                "instructions": verdicts}, ensure_ascii=False) + "\n")  # fmt: skip
+            verdicts = [
+                {"id": iid, "kwargs": kw, "strict": st, "loose": lo}
+                for iid, kw, st, lo in zip(
+                    r["instruction_id_list"], r["kwargs"], sc["strict"], sc["loose"]
+                )
+            ]
+            f.write(
+                json.dumps(
+                    {
+                        "key": r["key"],
+                        "prompt": r["prompt"],
+                        "response": text,
+                        "follow_all_strict": all(sc["strict"]),
+                        "follow_all_loose": all(sc["loose"]),
+                        "instructions": verdicts,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
-def measure_instructions(model, tokenizer, path: str, limit: int | None = None,
-                         max_new_tokens: int = 256, batch_size: int = 8) -> dict:  # fmt: skip
+def measure_instructions(
+    model,
+    tokenizer,
+    path: str,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+) -> dict:
     """Greedy responses to the first `limit` prompts of an IFEval file, scored: the entry a
     training run records before and after training (per-prompt counts kept for pairing)."""
     from tunelab.instructions.score import read_prompts
 
     records = read_prompts(path, limit)
     was_training = model.training
-    summary, _, _ = evaluate_instructions(model, tokenizer, records,
-                                          Sampling(max_new_tokens=max_new_tokens), batch_size)  # fmt: skip
+    summary, _, _ = evaluate_instructions(
+        model, tokenizer, records, Sampling(max_new_tokens=max_new_tokens), batch_size
+    )
     model.train(was_training)
-    keep = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "n",
-            "intervals", "by_instruction", "per_prompt")  # fmt: skip
+    keep = (
+        "prompt_strict",
+        "instruction_strict",
+        "prompt_loose",
+        "instruction_loose",
+        "n",
+        "intervals",
+        "by_instruction",
+        "per_prompt",
+    )
     return {k: summary[k] for k in keep}

@@ -81,8 +81,13 @@ def perplexity_of_ids(model, ids: list[int], window: int, stride: int, batch_siz
         losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
         nll += losses.item()
         count += int((targets != IGNORE).sum())
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
-            "window": window, "stride": stride}  # fmt: skip
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "window": window,
+        "stride": stride,
+    }
 
 
 def perplexity(

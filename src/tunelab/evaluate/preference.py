@@ -14,8 +14,14 @@ import torch
 from tunelab.data.batching import FILLER
 from tunelab.data.preference import pair_logps
 
-METRICS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected",
-           "logp_chosen", "logp_rejected")  # fmt: skip
+METRICS = (
+    "reward_accuracy",
+    "reward_margin",
+    "reward_chosen",
+    "reward_rejected",
+    "logp_chosen",
+    "logp_rejected",
+)
 TIE = 1e-3  # nats of log-ratio margin below which a pair counts as a tie
 
 

@@ -19,8 +19,20 @@ FORMATS = ("auto", "chat", "plain")
 LAYOUTS = ("auto", "turns", "inline")  # where a chat prompt's demonstrations go
 SPEC_KEYS = ("format", "template", "pre", "post", "instruction", "label_words", "layout")
 # Field names that say nothing about the task: the instruction leaves them out.
-GENERIC = {"text", "label", "label_name", "labels", "class", "target", "y", "x", "input",
-           "output", "sentence", "content"}  # fmt: skip
+GENERIC = {
+    "text",
+    "label",
+    "label_name",
+    "labels",
+    "class",
+    "target",
+    "y",
+    "x",
+    "input",
+    "output",
+    "sentence",
+    "content",
+}
 POLARITY = {"negative", "positive", "neutral", "mixed"}
 
 
@@ -48,10 +60,13 @@ class PromptSpec:
         words = options.get("label_words")
         if isinstance(words, str):
             words = words.split(",")
-        return cls(format=options.get("format", "auto"), template=template,
-                   instruction=options.get("instruction"),
-                   label_words=[str(w).strip() for w in words] if words else None,
-                   layout=options.get("layout", "auto"))  # fmt: skip
+        return cls(
+            format=options.get("format", "auto"),
+            template=template,
+            instruction=options.get("instruction"),
+            label_words=[str(w).strip() for w in words] if words else None,
+            layout=options.get("layout", "auto"),
+        )
 
 
 def _noun(name: str) -> str:
@@ -120,8 +135,10 @@ class Prompt:
             shown = "".join(f"{self.fill(t)}\nAnswer: {self.words[y]}\n\n" for t, y in demos)
             return out + [{"role": "user", "content": head + shown + self.fill(text)}]
         for demo_text, label in demos:
-            out += [{"role": "user", "content": head + self.fill(demo_text)},
-                    {"role": "assistant", "content": self.words[label]}]  # fmt: skip
+            out += [
+                {"role": "user", "content": head + self.fill(demo_text)},
+                {"role": "assistant", "content": self.words[label]},
+            ]
         return out + [{"role": "user", "content": head + self.fill(text)}]
 
     def render(self, demos: list[tuple[str, int]], text: str) -> str:
@@ -136,40 +153,62 @@ class Prompt:
 
     def describe(self) -> dict:
         """What results record: format, instruction, template, words and a 0-shot example."""
-        out = {"format": self.format, "instruction": self.instruction,
-               "template": self.template, "label_words": self.words,
-               "example": self.render([], "{text}")}  # fmt: skip
+        out = {
+            "format": self.format,
+            "instruction": self.instruction,
+            "template": self.template,
+            "label_words": self.words,
+            "example": self.render([], "{text}"),
+        }
         return {**out, "layout": self.layout} if self.format == "chat" else out
 
 
-def resolve_prompt(spec: PromptSpec | None, tokenizer, labels: list[str], text_field: str = "text",
-                   label_field: str = "label") -> Prompt:  # fmt: skip
+def resolve_prompt(
+    spec: PromptSpec | None,
+    tokenizer,
+    labels: list[str],
+    text_field: str = "text",
+    label_field: str = "label",
+) -> Prompt:
     """The prompt a spec means for this tokenizer and these labels; bad specs are one-line errors."""
     spec = spec or PromptSpec()
     if spec.format not in FORMATS:
-        raise ConfigError(f"prompt format {spec.format!r}: expected one of {', '.join(FORMATS)}"
-                          f"{closest(spec.format, FORMATS)}")  # fmt: skip
+        raise ConfigError(
+            f"prompt format {spec.format!r}: expected one of {', '.join(FORMATS)}"
+            f"{closest(spec.format, FORMATS)}"
+        )
     if spec.layout not in LAYOUTS:
-        raise ConfigError(f"prompt layout {spec.layout!r}: expected one of {', '.join(LAYOUTS)}"
-                          f"{closest(spec.layout, LAYOUTS)}")  # fmt: skip
+        raise ConfigError(
+            f"prompt layout {spec.layout!r}: expected one of {', '.join(LAYOUTS)}"
+            f"{closest(spec.layout, LAYOUTS)}"
+        )
     chat = spec.format == "chat"
     words = spec.label_words or list(labels)
     if len(words) != len(labels):
-        raise ConfigError(f"label words {words}: expected one per label ({len(labels)}: "
-                          f"{', '.join(labels)})")  # fmt: skip
+        raise ConfigError(
+            f"label words {words}: expected one per label ({len(labels)}: {', '.join(labels)})"
+        )
     if len({w.strip().lower() for w in words}) != len(words) or not all(w.strip() for w in words):
         raise ConfigError(f"label words {words}: each must be non-empty and different")
-    template = spec.template if spec.template is not None else default_template(
-        chat, text_field, label_field, words)  # fmt: skip
+    template = (
+        spec.template
+        if spec.template is not None
+        else default_template(chat, text_field, label_field, words)
+    )
     if template.count("{text}") != 1:
         raise ConfigError(f"template {template!r}: must hold {{text}} exactly once")
     if spec.instruction is not None:
         instruction = spec.instruction
     else:  # an instruction in chat turns; plain text scored lower with one (65-66% on IMDB)
         instruction = default_instruction(words, text_field, label_field) if chat else ""
-    prompt = Prompt("chat" if chat else "plain", template, instruction, words,
-                    tokenizer if chat else None,
-                    layout=spec.layout if spec.layout != "auto" else "turns")  # fmt: skip
+    prompt = Prompt(
+        "chat" if chat else "plain",
+        template,
+        instruction,
+        words,
+        tokenizer if chat else None,
+        layout=spec.layout if spec.layout != "auto" else "turns",
+    )
     if chat and instruction:
         try:  # some chat templates (Gemma's) refuse a system turn
             prompt.render([], "x")

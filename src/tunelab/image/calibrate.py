@@ -32,8 +32,9 @@ def photo_path(wheel: str, name: str) -> Path:
 
     spec = importlib.util.find_spec(wheel)
     if spec is None:
-        raise ModelError(f"calibration photos: {wheel} is not installed (pip install "
-                         f"'tunelab[image]')")  # fmt: skip
+        raise ModelError(
+            f"calibration photos: {wheel} is not installed (pip install 'tunelab[image]')"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     path = root / "data" / name if wheel == "skimage" else root / "mpl-data" / "sample_data" / name
     if not path.exists():
@@ -77,8 +78,7 @@ def known_counts(classes, counts=(1, 2, 3, 4), seeds=range(3)):
                 yield compose(obj, n, seed), obj, n
 
 
-def calibrate(detector, classes=("cat", "person", "horse", "cup"),
-              seeds=range(3)) -> dict:  # fmt: skip
+def calibrate(detector, classes=("cat", "person", "horse", "cup"), seeds=range(3)) -> dict:
     """Sweep the threshold over composed images; keep the one with the best exact-count
     accuracy (the lowest of equals, so fewer objects are missed on harder images)."""
     from tunelab.image.counters import count

@@ -17,8 +17,9 @@ from tunelab.evaluate.classification import bootstrap_interval
 from tunelab.image.counters import count, exact
 
 
-def generate_set(pipeline, prompts, n: int, out: Path, seed: int = 0, steps=None,
-                 guidance=None, progress=None) -> list[dict]:  # fmt: skip
+def generate_set(
+    pipeline, prompts, n: int, out: Path, seed: int = 0, steps=None, guidance=None, progress=None
+) -> list[dict]:
     """n images per prompt into out/images with manifest.jsonl; prompt k's image i has seed
     seed + 1000 k + i, so a sweep over settings sees the same noise for the same prompt."""
     from tunelab.image.pipeline import Settings, generate
@@ -33,9 +34,16 @@ def generate_set(pipeline, prompts, n: int, out: Path, seed: int = 0, steps=None
             for i, image in enumerate(images):
                 name = f"{k:04d}-{i:02d}.png"
                 image.save(folder / name)
-                row = {"image": name, "object": p.object, "expected": p.expected,
-                       "prompt": p.text, "variant": p.variant, "seed": used.seed + i,
-                       "steps": used.steps, "guidance": used.guidance}  # fmt: skip
+                row = {
+                    "image": name,
+                    "object": p.object,
+                    "expected": p.expected,
+                    "prompt": p.text,
+                    "variant": p.variant,
+                    "seed": used.seed + i,
+                    "steps": used.steps,
+                    "guidance": used.guidance,
+                }
                 manifest.write(json.dumps(row) + "\n")
                 rows.append(row)
     return rows
@@ -45,8 +53,10 @@ def read_manifest(folder: Path) -> list[dict]:
     """The manifest.jsonl of a folder of images made elsewhere, checked line by line."""
     path = Path(folder) / "manifest.jsonl"
     if not path.exists():
-        raise DataError(f"--images {folder}: no manifest.jsonl (one JSON line per image: "
-                        f'{{"image": "file.png", "object": "cat", "expected": 3}})')  # fmt: skip
+        raise DataError(
+            f"--images {folder}: no manifest.jsonl (one JSON line per image: "
+            f'{{"image": "file.png", "object": "cat", "expected": 3}})'
+        )
     rows = []
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -75,8 +85,9 @@ def score(rows: list[dict], folder: Path, counter, progress=None) -> list[dict]:
         found = [d for d in counter.detect(Path(folder) / row["image"]) if d.label == row["object"]]
         counted = count(found, row["object"])
         boxes = [[*d.box, round(d.score, 4)] for d in found]
-        scored.append({**row, "counted": counted, "correct": exact(counted, row["expected"]),
-                       "boxes": boxes})  # fmt: skip
+        scored.append(
+            {**row, "counted": counted, "correct": exact(counted, row["expected"]), "boxes": boxes}
+        )
         if progress:
             progress(len(scored))
     return scored
@@ -86,8 +97,11 @@ def group(scored: list[dict], key: str) -> dict:
     out = {}
     for value in sorted({r[key] for r in scored}, key=str):
         hits = [int(r["correct"]) for r in scored if r[key] == value]
-        out[str(value)] = {"accuracy": round(sum(hits) / len(hits), 4),
-                           "interval": bootstrap_interval(hits), "images": len(hits)}  # fmt: skip
+        out[str(value)] = {
+            "accuracy": round(sum(hits) / len(hits), 4),
+            "interval": bootstrap_interval(hits),
+            "images": len(hits),
+        }
     return out
 
 
@@ -111,8 +125,9 @@ def summarize(scored: list[dict], counter) -> dict:
     }
 
 
-def evaluate(folder: Path, rows: list[dict], counter, out: Path, extra: dict | None = None,
-             progress=None) -> dict:  # fmt: skip
+def evaluate(
+    folder: Path, rows: list[dict], counter, out: Path, extra: dict | None = None, progress=None
+) -> dict:
     """Score the images, write scores.jsonl, summary.json, grid.png and report.md to out."""
     t0 = time.perf_counter()
     scored = score(rows, folder, counter, progress)
@@ -132,8 +147,10 @@ def evaluate(folder: Path, rows: list[dict], counter, out: Path, extra: dict | N
 
 def summary_text(s: dict) -> str:
     lo, hi = s["accuracy_interval"]
-    lines = [f"exact-count accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] over {s['images']} "
-             f"images ({s['counter']['name']} counter)"]  # fmt: skip
+    lines = [
+        f"exact-count accuracy {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] over {s['images']} "
+        f"images ({s['counter']['name']} counter)"
+    ]
     for title, key in (("count", "by_count"), ("class", "by_class"), ("variant", "by_variant")):
         parts = [f"{k} {g['accuracy']:.2f}" for k, g in s[key].items()]
         lines.append(f"  by {title}: " + ", ".join(parts))

@@ -19,17 +19,99 @@ from tunelab.errors import ModelError
 from tunelab.image.counters import Counter, Detection, as_array
 
 # The TF object-detection API's COCO label map: 90 ids, some unused ("").
-COCO = ("", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-        "traffic light", "fire hydrant", "", "stop sign", "parking meter", "bench", "bird", "cat",
-        "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "", "backpack",
-        "umbrella", "", "", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-        "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-        "tennis racket", "bottle", "", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
-        "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
-        "cake", "chair", "couch", "potted plant", "bed", "", "dining table", "", "", "toilet", "",
-        "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-        "toaster", "sink", "refrigerator", "", "book", "clock", "vase", "scissors", "teddy bear",
-        "hair drier", "toothbrush")  # fmt: skip
+COCO = (
+    "",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "",
+    "backpack",
+    "umbrella",
+    "",
+    "",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "",
+    "dining table",
+    "",
+    "",
+    "toilet",
+    "",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 GRAPH = "frozen_inference_graph.pb"
 CONFIG = "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
 CALIBRATION = Path(__file__).with_name("calibration.json")
@@ -100,12 +182,18 @@ class SSDMobileNet(Counter):
         return found
 
     def detect(self, image, threshold: float | None = None) -> list[Detection]:
-        return suppress(self.raw(image), self.threshold if threshold is None else threshold,
-                        self.nms_iou)  # fmt: skip
+        return suppress(
+            self.raw(image), self.threshold if threshold is None else threshold, self.nms_iou
+        )
 
     def record(self) -> dict:
-        out = {"name": self.name, "threshold": self.threshold, "nms_iou": self.nms_iou,
-               "input": INPUT, "calibrated": self.calibrated}  # fmt: skip
+        out = {
+            "name": self.name,
+            "threshold": self.threshold,
+            "nms_iou": self.nms_iou,
+            "input": INPUT,
+            "calibrated": self.calibrated,
+        }
         if self.calibrated:
             out["calibration"] = json.loads(CALIBRATION.read_text())
         return out

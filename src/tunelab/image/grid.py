@@ -33,8 +33,11 @@ def annotated_grid(scored: list[dict], folder: Path, limit: int = 48, columns: i
             draw.rectangle([x + x0, y + y0, x + x1, y + y1], outline=(255, 220, 0), width=2)
         draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], outline=colour, width=3)
         verdict = "pass" if r["correct"] else "fail"
-        draw.text((x + 4, y + CELL + 2), f"{r['counted']}/{r['expected']} {r['object']} {verdict}",
-                  fill=colour)  # fmt: skip
+        draw.text(
+            (x + 4, y + CELL + 2),
+            f"{r['counted']}/{r['expected']} {r['object']} {verdict}",
+            fill=colour,
+        )
         draw.text((x + 4, y + CELL + 15), str(r.get("variant", ""))[:24], fill=(90, 90, 90))
     return grid
 
@@ -51,17 +54,28 @@ def report_markdown(s: dict, grid: str | None) -> str:
     lo, hi = s["accuracy_interval"]
     c = s["counter"]
     threshold = f", threshold {c['threshold']}" if "threshold" in c else ""
-    lines = ["# Counting: exact-count accuracy", "",
-             f"**{s['accuracy']:.3f}** [{lo:.3f}, {hi:.3f}] over {s['images']} images of "
-             f"{s['prompts']} prompts; counter `{c['name']}`{threshold}. {s['rule']}; intervals "
-             "are 95% bootstrap intervals over the images.", ""]  # fmt: skip
+    lines = [
+        "# Counting: exact-count accuracy",
+        "",
+        f"**{s['accuracy']:.3f}** [{lo:.3f}, {hi:.3f}] over {s['images']} images of "
+        f"{s['prompts']} prompts; counter `{c['name']}`{threshold}. {s['rule']}; intervals "
+        "are 95% bootstrap intervals over the images.",
+        "",
+    ]
     if s.get("model"):
         lines += [f"Model `{s['model']}`, settings: {s.get('settings', {})}.", ""]
-    for title, key in (("expected count", "by_count"), ("class", "by_class"),
-                       ("prompt variant", "by_variant")):  # fmt: skip
+    for title, key in (
+        ("expected count", "by_count"),
+        ("class", "by_class"),
+        ("prompt variant", "by_variant"),
+    ):
         lines += _table(title, s[key]) + [""]
-    lines += ["Counted for each expected number (where the misses go):", "",
-              "| expected | counted |", "|---|---|"]  # fmt: skip
+    lines += [
+        "Counted for each expected number (where the misses go):",
+        "",
+        "| expected | counted |",
+        "|---|---|",
+    ]
     for expected, counted in s["counted"].items():
         lines.append(
             f"| {expected} | " + ", ".join(f"{k}: {v}" for k, v in sorted(counted.items())) + " |"

@@ -39,9 +39,15 @@ class Pipeline:
         self.source = source
 
     def resolved(self, s: Settings) -> Settings:
-        return Settings(s.prompt, s.n, s.steps or self.defaults["steps"],
-                        s.size or self.native_size, self.defaults["guidance"]
-                        if s.guidance is None else s.guidance, s.seed, s.negative_prompt)  # fmt: skip
+        return Settings(
+            s.prompt,
+            s.n,
+            s.steps or self.defaults["steps"],
+            s.size or self.native_size,
+            self.defaults["guidance"] if s.guidance is None else s.guidance,
+            s.seed,
+            s.negative_prompt,
+        )
 
     def describe(self) -> dict:
         return {"source": self.source, "kind": self.kind}
@@ -92,13 +98,22 @@ class DiffusersPipeline(Pipeline):
 
     def image(self, s: Settings, i: int):
         g = torch.Generator(self.pipe.device).manual_seed(s.seed + i)
-        return self.pipe(s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.steps,
-                         guidance_scale=s.guidance, height=s.size, width=s.size,
-                         generator=g).images[0]  # fmt: skip
+        return self.pipe(
+            s.prompt,
+            negative_prompt=s.negative_prompt,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            height=s.size,
+            width=s.size,
+            generator=g,
+        ).images[0]
 
     def describe(self) -> dict:
-        return {**super().describe(), "pipeline": type(self.pipe).__name__,
-                "scheduler": type(self.pipe.scheduler).__name__}  # fmt: skip
+        return {
+            **super().describe(),
+            "pipeline": type(self.pipe).__name__,
+            "scheduler": type(self.pipe.scheduler).__name__,
+        }
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -112,8 +127,10 @@ def load_pipeline(source: str, device: str = "cpu") -> Pipeline:
     if path.is_dir() and (path / "model_index.json").exists():
         return DiffusersPipeline(source, _from_pretrained(source, device))
     if path.exists():
-        raise ModelError(f"--model {source}: not an image model (no model_index.json for a "
-                         f"diffusers pipeline, no {MARKER} for a tunelab one)")  # fmt: skip
+        raise ModelError(
+            f"--model {source}: not an image model (no model_index.json for a "
+            f"diffusers pipeline, no {MARKER} for a tunelab one)"
+        )
     if not HUB_ID.match(source) or Path(source.split("/")[0]).exists():
         raise ModelError(f"--model {source}: no such model folder")
     return DiffusersPipeline(source, _from_pretrained(source, device))
@@ -142,8 +159,9 @@ def generate(pipeline: Pipeline, settings: Settings, on_image=None) -> tuple[lis
     return pipeline.images(s, on_image), s
 
 
-def write_images(images: list, out: Path, s: Settings, pipeline: Pipeline, wall: float,
-                 stem: str = "image") -> dict:  # fmt: skip
+def write_images(
+    images: list, out: Path, s: Settings, pipeline: Pipeline, wall: float, stem: str = "image"
+) -> dict:
     """PNGs and images.json, the sidecar with every setting and each file's seed."""
     import diffusers
 
@@ -153,9 +171,14 @@ def write_images(images: list, out: Path, s: Settings, pipeline: Pipeline, wall:
         name = f"{stem}-{i:03d}.png"
         image.save(out / name)
         files.append({"file": name, "seed": s.seed + i})
-    sidecar = {**asdict(s), "model": pipeline.describe(), "images": files,
-               "wall_time_s": round(wall, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}  # fmt: skip
+    sidecar = {
+        **asdict(s),
+        "model": pipeline.describe(),
+        "images": files,
+        "wall_time_s": round(wall, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
     (out / "images.json").write_text(json.dumps(sidecar, indent=1) + "\n")
     return sidecar
 

@@ -29,10 +29,22 @@ GENEVAL = {
 DEFAULT_CLASSES = {
     "ssd-mobilenet": ["cat", "dog", "person", "car", "cup", "apple", "bird", "horse"]
 }
-IRREGULAR = {"person": "people", "mouse": "mice", "knife": "knives", "sheep": "sheep",
-             "skis": "skis", "scissors": "scissors", "bus": "buses", "glass": "glasses",
-             "wine glass": "wine glasses", "couch": "couches", "bench": "benches",
-             "sandwich": "sandwiches", "toothbrush": "toothbrushes", "tv": "tvs"}  # fmt: skip
+IRREGULAR = {
+    "person": "people",
+    "mouse": "mice",
+    "knife": "knives",
+    "sheep": "sheep",
+    "skis": "skis",
+    "scissors": "scissors",
+    "bus": "buses",
+    "glass": "glasses",
+    "wine glass": "wine glasses",
+    "couch": "couches",
+    "bench": "benches",
+    "sandwich": "sandwiches",
+    "toothbrush": "toothbrushes",
+    "tv": "tvs",
+}
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 KEYS = ("variants", "numbers", "classes", "plurals", "images")
 
@@ -69,8 +81,11 @@ def default_spec(counter) -> dict:
     if counter.name == "components":
         from tunelab.image.shapes import MAX_COUNT, PHRASINGS
 
-        return {"variants": dict(PHRASINGS), "numbers": list(range(1, MAX_COUNT + 1)),
-                "classes": list(counter.classes)}  # fmt: skip
+        return {
+            "variants": dict(PHRASINGS),
+            "numbers": list(range(1, MAX_COUNT + 1)),
+            "classes": list(counter.classes),
+        }
     classes = DEFAULT_CLASSES.get(counter.name, list(counter.classes)[:8])
     return {"variants": dict(GENEVAL), "numbers": [2, 3, 4], "classes": classes}
 
@@ -107,8 +122,10 @@ def expand(spec: dict, counter, where: str = "prompts") -> list[Prompt]:
     )
     for name, template in variants.items():
         if not isinstance(template, str) or not ("{number}" in template or "{digit}" in template):
-            raise ConfigError(f"{where}: variant {name!r} ({template!r}) holds no {{number}} "
-                              f"or {{digit}}, so it asks for no count")  # fmt: skip
+            raise ConfigError(
+                f"{where}: variant {name!r} ({template!r}) holds no {{number}} "
+                f"or {{digit}}, so it asks for no count"
+            )
         if "{object}" not in template:
             raise ConfigError(f"{where}: variant {name!r} ({template!r}) holds no {{object}}")
     for n in numbers:
@@ -117,5 +134,9 @@ def expand(spec: dict, counter, where: str = "prompts") -> list[Prompt]:
     for obj in classes:
         counter.check_class(str(obj))
     plurals = spec.get("plurals") or {}
-    return [Prompt(fill(t, n, obj, plurals), obj, n, name)
-            for name, t in variants.items() for n in numbers for obj in classes]  # fmt: skip
+    return [
+        Prompt(fill(t, n, obj, plurals), obj, n, name)
+        for name, t in variants.items()
+        for n in numbers
+        for obj in classes
+    ]

@@ -28,8 +28,12 @@ UNET = {
     "norm_num_groups": 8,
 }
 TEXT = {"dim": 64, "layers": 2, "heads": 4, "max_len": 16}
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-             "prediction_type": "epsilon", "clip_sample": True}  # fmt: skip
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+}
 
 
 def plain_attention(unet) -> None:
@@ -66,8 +70,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True,
-                                           norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -79,8 +84,13 @@ class TextEncoder(nn.Module):
 class TinyDiffusion(nn.Module):
     """The UNet and the text encoder as one module (one optimizer, one checkpoint)."""
 
-    def __init__(self, vocab: list[str], unet: dict | None = None, text: dict | None = None,
-                 scheduler: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        vocab: list[str],
+        unet: dict | None = None,
+        text: dict | None = None,
+        scheduler: dict | None = None,
+    ):
         from diffusers import UNet2DConditionModel
 
         super().__init__()
@@ -116,8 +126,9 @@ class TinyDiffusion(nn.Module):
 
     def forward(self, noisy, timesteps, captions: list[str]) -> torch.Tensor:
         hidden, mask = self.encode(captions)
-        return self.unet(noisy, timesteps, encoder_hidden_states=hidden,
-                         encoder_attention_mask=mask).sample  # fmt: skip
+        return self.unet(
+            noisy, timesteps, encoder_hidden_states=hidden, encoder_attention_mask=mask
+        ).sample
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -127,8 +138,12 @@ class TinyDiffusion(nn.Module):
         self.unet.save_pretrained(path / "unet")
         state = {k: v.contiguous() for k, v in self.text_encoder.state_dict().items()}
         save_file(state, str(path / "text_encoder.safetensors"))
-        meta = {"kind": "tiny-diffusion", "vocab": self.tokenizer.vocab,
-                "text": self.text_config, "scheduler": self.scheduler_config}  # fmt: skip
+        meta = {
+            "kind": "tiny-diffusion",
+            "vocab": self.tokenizer.vocab,
+            "text": self.text_config,
+            "scheduler": self.scheduler_config,
+        }
         (path / MARKER).write_text(json.dumps(meta, indent=1))
 
     @classmethod
@@ -158,8 +173,9 @@ def from_pixels(images) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: TinyDiffusion, prompt: str, seeds: list[int], steps: int,
-           guidance: float) -> list:  # fmt: skip
+def sample(
+    model: TinyDiffusion, prompt: str, seeds: list[int], steps: int, guidance: float
+) -> list:
     """One image per seed for one prompt, denoised together as one batch (DDIM is
     deterministic, so image i depends only on its own seed's noise), with classifier-free
     guidance against the empty caption."""
@@ -175,8 +191,9 @@ def sample(model: TinyDiffusion, prompt: str, seeds: list[int], steps: int,
     shape = (1, 3, model.size, model.size)
     x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     for t in scheduler.timesteps:
-        eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=hidden,
-                         encoder_attention_mask=mask).sample  # fmt: skip
+        eps = model.unet(
+            torch.cat([x, x]), t, encoder_hidden_states=hidden, encoder_attention_mask=mask
+        ).sample
         cond, uncond = eps.chunk(2)
         x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
     return [Image.fromarray(a.numpy()) for a in to_pixels(x)]

@@ -16,8 +16,9 @@ def english_lowercase(response: str) -> bool:
     return response.islower() and language(response) in ("en", None)
 
 
-def capital_word_frequency(response: str, *, capital_frequency: int,
-                           capital_relation: Relation) -> bool:  # fmt: skip
+def capital_word_frequency(
+    response: str, *, capital_frequency: int, capital_relation: Relation
+) -> bool:
     """Words in all capitals (NLTK word tokens) fewer than / at least `capital_frequency`."""
     count = sum(1 for w in word_tokens(response) if w.isupper())
     return compare(count, capital_relation, capital_frequency)

@@ -39,8 +39,15 @@ def multiple_sections(response: str, *, num_sections: int, section_spliter: str)
 
 def json_format(response: str) -> bool:
     """The whole response parses as JSON (markdown ``` fences allowed)."""
-    value = (response.strip().removeprefix("```json").removeprefix("```Json")
-             .removeprefix("```JSON").removeprefix("```").removesuffix("```").strip())  # fmt: skip
+    value = (
+        response.strip()
+        .removeprefix("```json")
+        .removeprefix("```Json")
+        .removeprefix("```JSON")
+        .removeprefix("```")
+        .removesuffix("```")
+        .strip()
+    )
     try:
         json.loads(value)
     except ValueError:

@@ -26,8 +26,9 @@ def forbidden_words(response: str, *, forbidden_words: list[str]) -> bool:
     )
 
 
-def letter_frequency(response: str, *, letter: str, let_frequency: int,
-                     let_relation: Relation) -> bool:  # fmt: skip
+def letter_frequency(
+    response: str, *, letter: str, let_frequency: int, let_relation: Relation
+) -> bool:
     """The letter (either case) appears fewer than / at least `let_frequency` times."""
     found = Counter(response.lower())[letter.strip().lower()]
     return compare(found, let_relation, let_frequency)

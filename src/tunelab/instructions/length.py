@@ -29,8 +29,9 @@ def number_paragraphs(response: str, *, num_paragraphs: int) -> bool:
     return count == num_paragraphs
 
 
-def nth_paragraph_first_word(response: str, *, num_paragraphs: int, nth_paragraph: int,
-                             first_word: str) -> bool:  # fmt: skip
+def nth_paragraph_first_word(
+    response: str, *, num_paragraphs: int, nth_paragraph: int, first_word: str
+) -> bool:
     """`num_paragraphs` paragraphs separated by blank lines; paragraph n starts with the word."""
     parts = re.split(r"\n\n", response)
     count = sum(1 for p in parts if p.strip())

@@ -48,8 +48,9 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
             raise DataError(f"{where}: field 'instruction_id_list': missing or empty")
         kwargs = r.get("kwargs", [{}] * len(ids))
         if not isinstance(kwargs, list) or len(kwargs) != len(ids):
-            raise DataError(f"{where}: field 'kwargs': expected one object per instruction id "
-                            f"({len(ids)})")  # fmt: skip
+            raise DataError(
+                f"{where}: field 'kwargs': expected one object per instruction id ({len(ids)})"
+            )
         checked = []
         for i, (iid, kw) in enumerate(zip(ids, kwargs)):
             try:
@@ -57,8 +58,14 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
             except KwargsError as e:
                 field = f"kwargs[{i}].{e.field}" if e.field else f"instruction_id_list[{i}]"
                 raise DataError(f"{where}: field '{field}': {e}") from None
-        out.append({"key": r.get("key", n), "prompt": r["prompt"], "instruction_id_list": ids,
-                    "kwargs": checked})  # fmt: skip
+        out.append(
+            {
+                "key": r.get("key", n),
+                "prompt": r["prompt"],
+                "instruction_id_list": ids,
+                "kwargs": checked,
+            }
+        )
         if limit and len(out) == limit:
             break
     if not out:
@@ -77,8 +84,10 @@ def read_responses(path: str | Path, records: list[dict]) -> list[str]:
         by_prompt[r["prompt"]] = r["response"]
     missing = [r for r in records if r["prompt"] not in by_prompt]
     if missing:
-        raise DataError(f"{path}: no response to {len(missing)} of {len(records)} prompts "
-                        f"(the first: key {missing[0]['key']}: {missing[0]['prompt'][:60]!r})")  # fmt: skip
+        raise DataError(
+            f"{path}: no response to {len(missing)} of {len(records)} prompts "
+            f"(the first: key {missing[0]['key']}: {missing[0]['prompt'][:60]!r})"
+        )
     return [by_prompt[r["prompt"]] for r in records]
 
 
@@ -86,8 +95,11 @@ def loose_variants(response: str) -> list[str]:
     """The response, without its first and/or last line, and without asterisks: loose scoring
     passes an instruction when any of these passes it."""
     lines = response.split("\n")
-    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(),
-           "\n".join(lines[1:-1]).strip()]  # fmt: skip
+    cut = [
+        "\n".join(lines[1:]).strip(),
+        "\n".join(lines[:-1]).strip(),
+        "\n".join(lines[1:-1]).strip(),
+    ]
     return [response, response.replace("*", ""), *cut, *(c.replace("*", "") for c in cut)]
 
 
@@ -115,8 +127,12 @@ def counts(scores: list[dict]) -> np.ndarray:
 def accuracies(c: np.ndarray) -> dict:
     """The four accuracies of per-prompt counts; c may carry leading resample axes."""
     s, lo, n = c[..., 0], c[..., 1], c[..., 2]
-    return {"prompt_strict": (s == n).mean(-1), "instruction_strict": s.sum(-1) / n.sum(-1),
-            "prompt_loose": (lo == n).mean(-1), "instruction_loose": lo.sum(-1) / n.sum(-1)}  # fmt: skip
+    return {
+        "prompt_strict": (s == n).mean(-1),
+        "instruction_strict": s.sum(-1) / n.sum(-1),
+        "prompt_loose": (lo == n).mean(-1),
+        "instruction_loose": lo.sum(-1) / n.sum(-1),
+    }
 
 
 def _resample(n: int, seed: int) -> np.ndarray:
@@ -125,8 +141,10 @@ def _resample(n: int, seed: int) -> np.ndarray:
 
 def _interval(values: np.ndarray) -> list[float]:
     tail = (1 - CONFIDENCE) / 2 * 100
-    return [round(float(np.percentile(values, tail)), 4),
-            round(float(np.percentile(values, 100 - tail)), 4)]  # fmt: skip
+    return [
+        round(float(np.percentile(values, tail)), 4),
+        round(float(np.percentile(values, 100 - tail)), 4),
+    ]
 
 
 def summarize(records: list[dict], scores: list[dict], seed: int = 0) -> dict:
@@ -154,10 +172,13 @@ def by_instruction(records: list[dict], scores: list[dict], seed: int = 0) -> di
     for iid in sorted(found):
         v = np.array(found[iid], dtype=float)
         boot = v[_resample(len(v), seed)].mean(1)
-        out[iid] = {"n": len(v), "strict": round(float(v[:, 0].mean()), 4),
-                    "loose": round(float(v[:, 1].mean()), 4),
-                    "strict_interval": _interval(boot[:, 0]),
-                    "loose_interval": _interval(boot[:, 1])}  # fmt: skip
+        out[iid] = {
+            "n": len(v),
+            "strict": round(float(v[:, 0].mean()), 4),
+            "loose": round(float(v[:, 1].mean()), 4),
+            "strict_interval": _interval(boot[:, 0]),
+            "loose_interval": _interval(boot[:, 1]),
+        }
     return out
 
 
@@ -170,6 +191,12 @@ def paired_difference(a, b, seed: int = 0) -> dict:
     idx = _resample(len(a), seed)
     pa, pb = accuracies(a), accuracies(b)
     ba, bb = accuracies(a[idx]), accuracies(b[idx])
-    return {m: {"a": round(float(pa[m]), 4), "b": round(float(pb[m]), 4),
-                "difference": round(float(pb[m] - pa[m]), 4),
-                "interval": _interval(bb[m] - ba[m])} for m in METRICS}  # fmt: skip
+    return {
+        m: {
+            "a": round(float(pa[m]), 4),
+            "b": round(float(pb[m]), 4),
+            "difference": round(float(pb[m] - pa[m]), 4),
+            "interval": _interval(bb[m] - ba[m]),
+        }
+        for m in METRICS
+    }

@@ -130,8 +130,9 @@ def _tied(model: nn.Module, name: str) -> bool:
     return model.cfg.tie_embeddings and name in ("lm_head.weight", "mlm_head.decoder.weight")
 
 
-def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-                   on_linear=None):  # fmt: skip
+def load_model_dir(
+    path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", on_linear=None
+):
     """(model, tokenizer) from a tunelab or HF-layout directory, read one tensor at a time.
 
     Every floating-point tensor is stored in `dtype` as it is read; on_linear(name, linear)
@@ -149,8 +150,13 @@ def load_model_dir(path: str | Path, dtype: torch.dtype = torch.float32, device=
     return model.eval(), Tokenizer.from_dir(path)
 
 
-def save_model_dir(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path,
-                   extra: dict | None = None, tensors=None) -> None:  # fmt: skip
+def save_model_dir(
+    model: nn.Module,
+    tokenizer: Tokenizer | None,
+    path: str | Path,
+    extra: dict | None = None,
+    tensors=None,
+) -> None:
     """Write a tunelab checkpoint directory atomically: weights (sharded past 512 MiB), config,
     tokenizer. tensors: (name, tensor) pairs to write instead of the model's state dict, e.g.
     a LoRA model's merged weights made one at a time."""

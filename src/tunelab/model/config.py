@@ -152,41 +152,75 @@ def _from_hf_config(hf: dict) -> ModelConfig:
     )
     if kind == "gpt2":
         return ModelConfig(
-            family="gpt2", n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
-            d_ff=hf.get("n_inner") or 4 * hf["n_embd"], max_seq_len=hf["n_positions"],
-            pos="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            mlp="gelu", act=_act(hf.get("activation_function", "gelu_new")), qkv_bias=True,
-            out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+            family="gpt2",
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            d_model=hf["n_embd"],
+            d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_seq_len=hf["n_positions"],
+            pos="learned",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu",
+            act=_act(hf.get("activation_function", "gelu_new")),
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
             **common,
-        )  # fmt: skip
+        )
     if kind == "bert":
         return ModelConfig(
-            family="bert", n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-            d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
-            max_seq_len=hf["max_position_embeddings"], pos="learned", norm="layernorm",
-            norm_eps=hf.get("layer_norm_eps", 1e-12), post_norm=True, mlp="gelu",
-            act=_act(hf.get("hidden_act", "gelu")), qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_embeddings=True, causal=False, type_vocab_size=hf.get("type_vocab_size", 2),
-            pooler=True, **common,
-        )  # fmt: skip
+            family="bert",
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            d_model=hf["hidden_size"],
+            d_ff=hf["intermediate_size"],
+            max_seq_len=hf["max_position_embeddings"],
+            pos="learned",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_eps", 1e-12),
+            post_norm=True,
+            mlp="gelu",
+            act=_act(hf.get("hidden_act", "gelu")),
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=True,
+            causal=False,
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            pooler=True,
+            **common,
+        )
     if kind in ("llama", "mistral", "qwen2", "gemma"):
         n_head = hf["num_attention_heads"]
         act = _act(hf.get("hidden_activation") or hf.get("hidden_act", "silu"))
         return ModelConfig(
-            family=kind, n_layer=hf["num_hidden_layers"], n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
-            d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
-            max_seq_len=hf.get("max_position_embeddings", 2048), pos="rope",
-            rope_theta=_rope_theta(hf), norm="rmsnorm",
-            norm_eps=_hf_get(hf, "rms_norm_eps", default=1e-6), norm_offset=kind == "gemma",
-            mlp="geglu" if kind == "gemma" else "swiglu", act=act,
+            family=kind,
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            d_model=hf["hidden_size"],
+            d_ff=hf["intermediate_size"],
+            head_dim=hf.get("head_dim"),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            pos="rope",
+            rope_theta=_rope_theta(hf),
+            norm="rmsnorm",
+            norm_eps=_hf_get(hf, "rms_norm_eps", default=1e-6),
+            norm_offset=kind == "gemma",
+            mlp="geglu" if kind == "gemma" else "swiglu",
+            act=act,
             qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias")),
-            out_bias=bool(hf.get("attention_bias")), mlp_bias=bool(hf.get("mlp_bias")),
+            out_bias=bool(hf.get("attention_bias")),
+            mlp_bias=bool(hf.get("mlp_bias")),
             tie_embeddings=hf.get("tie_word_embeddings", kind == "gemma"),
             embed_scale=kind == "gemma",
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None,
+            sliding_window=hf.get("sliding_window")
+            if hf.get("use_sliding_window", kind == "mistral")
+            else None,
             **common,
-        )  # fmt: skip
+        )
     supported = "gpt2, llama (SmolLM2, Llama), mistral (Zephyr), qwen2, gemma, bert (MiniLM)"
     raise ModelError(
         f"unsupported architecture {kind or hf.get('architectures')!r}; supported: {supported}"
@@ -195,9 +229,13 @@ def _from_hf_config(hf: dict) -> ModelConfig:
 
 def _act(name: str) -> str:
     table = {
-        "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-        "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-    }  # fmt: skip
+        "silu": "silu",
+        "swish": "silu",
+        "gelu": "gelu",
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+    }
     if name not in table:
         raise ModelError(f"unsupported activation {name!r}; supported: {', '.join(table)}")
     return table[name]

@@ -90,7 +90,7 @@ def _compile(table):
     def rx(p):
         return re.compile("^" + re.escape(p).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
-    return [(rx(hf), ours, rx(ours), hf) for hf, ours in table]  # fmt: skip
+    return [(rx(hf), ours, rx(ours), hf) for hf, ours in table]
 
 
 _COMPILED = {family: _compile(table) for family, table in TABLES.items()}
@@ -190,29 +190,58 @@ def _to_hf_config(cfg: ModelConfig) -> dict:
     act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.act]
     if cfg.family == "gpt2":
         return dict(
-            model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-            n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_inner=cfg.d_ff, activation_function="gelu_new" if cfg.act == "gelu_tanh" else cfg.act,
-            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, **ids,
-        )  # fmt: skip
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_seq_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.d_ff,
+            activation_function="gelu_new" if cfg.act == "gelu_tanh" else cfg.act,
+            layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            **ids,
+        )
     if cfg.family == "bert":
         return dict(
-            model_type="bert", architectures=["BertModel"], vocab_size=cfg.vocab_size,
-            hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-            intermediate_size=cfg.d_ff, hidden_act=act if cfg.act != "gelu_tanh" else "gelu_new",
-            max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
-            layer_norm_eps=cfg.norm_eps, **ids,
-        )  # fmt: skip
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}[cfg.family]  # fmt: skip
+            model_type="bert",
+            architectures=["BertModel"],
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            intermediate_size=cfg.d_ff,
+            hidden_act=act if cfg.act != "gelu_tanh" else "gelu_new",
+            max_position_embeddings=cfg.max_seq_len,
+            type_vocab_size=cfg.type_vocab_size,
+            layer_norm_eps=cfg.norm_eps,
+            **ids,
+        )
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "gemma": "GemmaForCausalLM",
+    }[cfg.family]
     out = dict(
-        model_type=cfg.family, architectures=[arch], vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act=act,
-        hidden_activation=act, **ids,
-    )  # fmt: skip
+        model_type=cfg.family,
+        architectures=[arch],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act=act,
+        hidden_activation=act,
+        **ids,
+    )
     if cfg.family in ("llama", "mistral"):
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     if cfg.family in ("mistral", "qwen2"):

@@ -141,9 +141,13 @@ def _add(by_dtype: dict, largest: dict, name: str, dtype: str, params: int, size
 
 
 def _summary(by_dtype: dict, largest: dict, files: list[Path]) -> dict:
-    return dict(total_bytes=sum(r["bytes"] for r in by_dtype.values()),
-                params=sum(r["params"] for r in by_dtype.values()),
-                by_dtype=by_dtype, largest=largest, files=[str(f) for f in files])  # fmt: skip
+    return dict(
+        total_bytes=sum(r["bytes"] for r in by_dtype.values()),
+        params=sum(r["params"] for r in by_dtype.values()),
+        by_dtype=by_dtype,
+        largest=largest,
+        files=[str(f) for f in files],
+    )
 
 
 def bytes_per_param(weights: dict) -> float:

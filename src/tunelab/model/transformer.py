@@ -1,12 +1,14 @@
 """The one transformer: every family is this module built from a different ModelConfig.
 
-Read it top to bottom: norms, rotary positions, attention, MLP, block, the stack.
+Read it top to bottom: norms, rotary positions, the cache, packed rows and the per-call
+layout, attention, MLP, block, the stack.
 It knows nothing of LoRA, quantization or losses; those act on it from outside.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -86,68 +88,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.out_bias)
-
-    def forward(self, x, mask, rope, cache, layer: int, keep=None, packed=None) -> torch.Tensor:
-        """keep: (B,) one position per row whose output alone is wanted (its query alone).
-        packed: x holds the batch's real tokens alone (N, d), see Packed."""
-        if packed is not None:
-            return self.forward_packed(x, rope, packed)
-        cfg = self.cfg
-        xq = x if keep is None else take(x, keep)
-        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
-        (b, tq, _), t = q.shape, k.shape[1]
-        q = q.view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if rope is not None:
-            q_rope = rope if keep is None else tuple(take(r, keep, dim=2) for r in rope)
-            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
-        if keep is not None:
-            mask = _query_rows(mask, keep, t)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        k, v, extra = self._shared_kv(k, v)
-        is_causal = isinstance(mask, str)  # "causal": the fast path without a mask tensor
-        y = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
-        ).to(q.dtype)  # a cache may hold fp32 keys for a bf16 model: see generate_ids
-        return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
-
-    def _shared_kv(self, k, v) -> tuple:
-        """Grouped-query attention: K/V heads (dim 1) shared by SDPA itself where torch can,
-        else repeated; returns k, v and SDPA's extra arguments."""
-        cfg = self.cfg
-        if cfg.n_kv_head == cfg.n_head:
-            return k, v, {}
-        if _SDPA_GQA:
-            return k, v, {"enable_gqa": True}
-        n = cfg.n_head // cfg.n_kv_head
-        return k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1), {}
-
-    def forward_packed(self, x, rope, packed: Packed) -> torch.Tensor:
-        """Each sequence attends within itself, on its real tokens alone, with no padding
-        (model/varlen.py picks how for the device). rope: cos and sin (N, 1, head_dim)."""
-        cfg, n = self.cfg, x.shape[0]
-        q = self.q_proj(x).view(n, cfg.n_head, cfg.head_dim)
-        k = self.k_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
-        v = self.v_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v, extra = self._shared_kv(k, v)
-        extra["backend"] = backend_for(x.device, q.dtype, cfg.head_dim, cfg.causal, packed.backend)
-        y = varlen_attention(q, k, v, packed.lengths, cfg.causal, offsets=packed.offsets, **extra)
-        return self.o_proj(y.reshape(n, cfg.n_head * cfg.head_dim))
-
-
 class Packed:
     """The real tokens of a padded batch packed into (N, ...), row after row: norms,
     projections and the MLP skip the padding (often a sixth of a dynamically padded batch), and
@@ -180,6 +120,83 @@ class Packed:
 def right_padded(mask: torch.Tensor) -> bool:
     """True when every row of a (B, T) mask is real tokens, then padding."""
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one forward call lays out its tokens, made once by Transformer.forward and handed to
+    every block: dense (B, T, d) rows with their `mask` (a bool tensor, "causal" or None) and
+    `cache`, or `packed` (N, d), the real tokens alone (see Packed); `rope`: cos and sin for
+    that layout, or None; `keep`: (B,) one position per row whose output alone is wanted (the
+    last block, when a head reads one position)."""
+
+    mask: torch.Tensor | str | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: KVCache | None = None
+    keep: torch.Tensor | None = None
+    packed: Packed | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=cfg.out_bias)
+
+    def forward(self, x, layout: Layout, layer: int) -> torch.Tensor:
+        """layer: this block's index (its slot in the cache). With `layout.keep`, the kept
+        positions' queries alone; with `layout.packed`, x holds the real tokens alone (N, d)."""
+        if layout.packed is not None:
+            return self.forward_packed(x, layout.rope, layout.packed)
+        cfg, mask, rope, keep = self.cfg, layout.mask, layout.rope, layout.keep
+        xq = x if keep is None else take(x, keep)
+        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
+        (b, tq, _), t = q.shape, k.shape[1]
+        q = q.view(b, tq, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q_rope = rope if keep is None else tuple(take(r, keep, dim=2) for r in rope)
+            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
+        if keep is not None:
+            mask = _query_rows(mask, keep, t)
+        if layout.cache is not None:
+            k, v = layout.cache.update(layer, k, v)
+        k, v, extra = self._shared_kv(k, v)
+        is_causal = isinstance(mask, str)  # "causal": the fast path without a mask tensor
+        y = F.scaled_dot_product_attention(
+            q.to(k.dtype), k, v, attn_mask=None if is_causal else mask, is_causal=is_causal, **extra
+        ).to(q.dtype)  # a cache may hold fp32 keys for a bf16 model: see generate_ids
+        return self.o_proj(y.transpose(1, 2).reshape(b, tq, cfg.n_head * cfg.head_dim))
+
+    def _shared_kv(self, k, v) -> tuple:
+        """Grouped-query attention: K/V heads (dim 1) shared by SDPA itself where torch can,
+        else repeated; returns k, v and SDPA's extra arguments."""
+        cfg = self.cfg
+        if cfg.n_kv_head == cfg.n_head:
+            return k, v, {}
+        if _SDPA_GQA:
+            return k, v, {"enable_gqa": True}
+        n = cfg.n_head // cfg.n_kv_head
+        return k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1), {}
+
+    def forward_packed(self, x, rope, packed: Packed) -> torch.Tensor:
+        """Each sequence attends within itself, on its real tokens alone, with no padding
+        (model/varlen.py picks how for the device). rope: cos and sin (N, 1, head_dim)."""
+        cfg, n = self.cfg, x.shape[0]
+        q = self.q_proj(x).view(n, cfg.n_head, cfg.head_dim)
+        k = self.k_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
+        v = self.v_proj(x).view(n, cfg.n_kv_head, cfg.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v, extra = self._shared_kv(k, v)
+        extra["backend"] = backend_for(x.device, q.dtype, cfg.head_dim, cfg.causal, packed.backend)
+        y = varlen_attention(q, k, v, packed.lengths, cfg.causal, offsets=packed.offsets, **extra)
+        return self.o_proj(y.reshape(n, cfg.n_head * cfg.head_dim))
 
 
 def take(x: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -224,17 +241,16 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.dropout = nn.Dropout(0.0)  # set by training config; identity by default
 
-    def forward(self, x, mask, rope, cache, layer, keep=None, packed=None) -> torch.Tensor:
-        """keep: (B,) positions; the block then returns (B, 1, d) for those alone.
-        packed: x is (N, d), the real tokens alone (see Packed)."""
-        residual = x if keep is None else take(x, keep)
-        args = (mask, rope, cache, layer, keep, packed)
+    def forward(self, x, layout: Layout, layer: int) -> torch.Tensor:
+        """With `layout.keep` (B,) positions, the block returns (B, 1, d) for those alone;
+        with `layout.packed`, x is (N, d), the real tokens alone (see Packed)."""
+        residual = x if layout.keep is None else take(x, layout.keep)
         # no dropout call when it does nothing: decoding runs this 60 times per token
         drop = self.dropout if self.training and self.dropout.p > 0 else _identity
         if self.post_norm:  # BERT: add, then normalise
-            x = self.attn_norm(residual + drop(self.attn(x, *args)))
+            x = self.attn_norm(residual + drop(self.attn(x, layout, layer)))
             return self.mlp_norm(x + drop(self.mlp(x)))
-        x = residual + drop(self.attn(self.attn_norm(x), *args))
+        x = residual + drop(self.attn(self.attn_norm(x), layout, layer))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -305,27 +321,34 @@ class Transformer(nn.Module):
                 self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, x.device)
             rope = rope_cos_sin(position_ids, self._inv_freq, x.dtype)
         window = cfg.sliding_window if cfg.causal else None
-        packed, mask, layer_rope = None, None, rope
-        if cache is None and segment_ids is None and attention_mask is not None:
-            if Packed.fits(attention_mask, window):
-                packed = Packed(attention_mask, self.attention_backend)
-                x = packed.pack(x)
-                if rope is not None:
-                    layer_rope = tuple(packed.pack(r.squeeze(1))[:, None] for r in rope)
-        if packed is None:
+        packs = cache is None and segment_ids is None and attention_mask is not None
+        if packs and Packed.fits(attention_mask, window):
+            packed = Packed(attention_mask, self.attention_backend)
+            x = packed.pack(x)
+            packed_rope = None
+            if rope is not None:
+                packed_rope = tuple(packed.pack(r.squeeze(1))[:, None] for r in rope)
+            layout = Layout(rope=packed_rope, packed=packed)
+        else:
             mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+            layout = Layout(mask=mask, rope=rope, cache=cache)
         last = len(self.layers) - 1
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            if i == last and keep is not None and packed is not None:
-                # the last block computes the `keep` rows alone, at their (B, T) places
-                x, packed, layer_rope = packed.unpack(x), None, rope
-                mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
-            args = (x, mask, layer_rope, cache, i, keep if i == last else None, packed)
+        for i, block in enumerate(self.layers):
+            if i == last and keep is not None:
+                if layout.packed is not None:
+                    # the last block computes the `keep` rows alone, at their (B, T) places
+                    x = layout.packed.unpack(x)
+                    mask = self.build_mask(attention_mask, segment_ids, past, t, x.device)
+                    layout = Layout(mask=mask, rope=rope, cache=cache)
+                layout = replace(layout, keep=keep)
             # checkpointed: backward runs the block again (same dropout: RNG state restored)
-            x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
-        if packed is not None:
-            x = packed.unpack(x)
+            if recompute:
+                x = checkpoint(block, x, layout, i, use_reentrant=False)
+            else:
+                x = block(x, layout, i)
+        if layout.packed is not None:
+            x = layout.packed.unpack(x)
         if cache is not None:
             cache.length += t
         return x if cfg.post_norm else self.norm(x)

@@ -30,8 +30,16 @@ from tunelab.errors import ConfigError
 BACKENDS = ("rows", "mask", "nested")
 
 
-def varlen_attention(q, k, v, lengths: list[int], causal: bool, enable_gqa: bool = False,
-                     offsets: torch.Tensor | None = None, backend: str | None = None):  # fmt: skip
+def varlen_attention(
+    q,
+    k,
+    v,
+    lengths: list[int],
+    causal: bool,
+    enable_gqa: bool = False,
+    offsets: torch.Tensor | None = None,
+    backend: str | None = None,
+):
     """q (N, H, D) and k, v (N, Hkv, D) hold rows of `lengths` tokens one after another;
     returns (N, H, D), each row attending within itself. enable_gqa: H is a multiple of Hkv.
 
@@ -50,8 +58,13 @@ def nested_offsets(lengths: list[int], device) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(n for n in lengths if n)], device=device)
 
 
-def backend_for(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
-                choice: str | None = "auto") -> str:  # fmt: skip
+def backend_for(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    causal: bool,
+    choice: str | None = "auto",
+) -> str:
     """The backend for this device: TUNELAB_VARLEN if set, else `choice` (runtime.attention),
     where auto is nested on CUDA, rows elsewhere; nested becomes mask where it does not run."""
     env = os.environ.get("TUNELAB_VARLEN")
@@ -72,12 +85,14 @@ def _gqa(enable_gqa: bool) -> dict:
 
 def _rows(q, k, v, lengths, causal, enable_gqa) -> torch.Tensor:
     # split, not slices: its backward concatenates the rows' gradients in one copy
-    return torch.cat([
-        F.scaled_dot_product_attention(
-            *(t.transpose(0, 1)[None] for t in row), is_causal=causal, **_gqa(enable_gqa)
-        )[0].transpose(0, 1)
-        for row in zip(*(t.split(lengths) for t in (q, k, v)))
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t.transpose(0, 1)[None] for t in row), is_causal=causal, **_gqa(enable_gqa)
+            )[0].transpose(0, 1)
+            for row in zip(*(t.split(lengths) for t in (q, k, v)))
+        ]
+    )
 
 
 def _mask(q, k, v, lengths, causal, enable_gqa) -> torch.Tensor:

@@ -71,8 +71,9 @@ def read_header(path: Path, whole: bool = True) -> dict[str, Entry]:
             raise ModelError(f"{path}: {name} ends past the end of the file; it may be truncated")
         if info["dtype"] not in DTYPES:
             raise ModelError(f"{path}: {name} has dtype {info['dtype']}, which tunelab cannot read")
-        entries[name] = Entry(path, 8 + n + start, end - start, DTYPES[info["dtype"]],
-                              tuple(info["shape"]))  # fmt: skip
+        entries[name] = Entry(
+            path, 8 + n + start, end - start, DTYPES[info["dtype"]], tuple(info["shape"])
+        )
     return entries
 
 
@@ -202,8 +203,11 @@ def write_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | No
     offset = 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}  # fmt: skip
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -215,8 +219,12 @@ def write_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | No
                 f.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
-def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path,
-                 max_bytes: int | None = None, metadata: dict | None = None) -> None:  # fmt: skip
+def write_shards(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    directory: Path,
+    max_bytes: int | None = None,
+    metadata: dict | None = None,
+) -> None:
     """Write tensors as they come into safetensors shards of at most max_bytes (512 MiB), with
     HF's index when there is more than one, so saving holds one shard at most, never the model."""
     max_bytes = max_bytes or SHARD_BYTES

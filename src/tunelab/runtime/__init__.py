@@ -44,9 +44,14 @@ class Runtime:
 
     def record(self, model: nn.Module | None = None) -> dict:
         """What summary.json keeps: the configured values, the resolved ones, and why."""
-        rec = dict(linear=self.linear, kernels=dict(self.kernels), source=self.source,
-                   allocator=self.allocator, malloc_settings=active(),
-                   attention=self.attention)  # fmt: skip
+        rec = dict(
+            linear=self.linear,
+            kernels=dict(self.kernels),
+            source=self.source,
+            allocator=self.allocator,
+            malloc_settings=active(),
+            attention=self.attention,
+        )
         if model is not None:
             rec["attention_backend"] = attention_backend(model, self.attention)
         if self.machine:
@@ -70,8 +75,14 @@ def _env(name: str, value: str, mapping: dict | None = None) -> tuple[str, str |
     return (mapping or {}).get(got, got), name
 
 
-def resolve(linear: str = "auto", allocator: str = "auto", attention: str = "auto",
-            device: str | torch.device = "cpu", sharded: bool = False, rerun: bool = False) -> Runtime:  # fmt: skip
+def resolve(
+    linear: str = "auto",
+    allocator: str = "auto",
+    attention: str = "auto",
+    device: str | torch.device = "cpu",
+    sharded: bool = False,
+    rerun: bool = False,
+) -> Runtime:
     """The choices for a model on `device`, environment overrides applied; `linear: auto`
     reads this machine's measured table (measuring it the first time)."""
     linear, lenv = _env("TUNELAB_ONEDNN", linear, {"0": "torch", "1": "onednn"})
@@ -99,8 +110,12 @@ def resolve(linear: str = "auto", allocator: str = "auto", attention: str = "aut
             )
         return Runtime(**common, kernels=kernels, source=why)
     found = choose.measured(rerun=rerun)
-    return Runtime(**common, kernels=dict(found["choice"]), source=f"measured {found['measured']}",
-                   machine=found["machine"])  # fmt: skip
+    return Runtime(
+        **common,
+        kernels=dict(found["choice"]),
+        source=f"measured {found['measured']}",
+        machine=found["machine"],
+    )
 
 
 def prepare_runtime(model: nn.Module, config=None, *, sharded: bool = False) -> Runtime:
@@ -109,8 +124,13 @@ def prepare_runtime(model: nn.Module, config=None, *, sharded: bool = False) -> 
     the chosen kernels, its transformer gets the attention backend. Returns the choices."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    runtime = resolve(getattr(config, "linear", "auto"), getattr(config, "allocator", "auto"),
-                      getattr(config, "attention", "auto"), device, sharded)  # fmt: skip
+    runtime = resolve(
+        getattr(config, "linear", "auto"),
+        getattr(config, "allocator", "auto"),
+        getattr(config, "attention", "auto"),
+        device,
+        sharded,
+    )
     prepare_linears(model, runtime.kernels)
     for m in model.modules():
         if hasattr(m, "attention_backend"):

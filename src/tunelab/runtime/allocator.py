@@ -83,7 +83,12 @@ def keep_freed_memory(configured: str | None = "keep") -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    ok = [mallopt(k, int(MALLOC_ENV[e])) for k, e in
-          ((_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"))]  # fmt: skip
+    ok = [
+        mallopt(k, int(MALLOC_ENV[e]))
+        for k, e in (
+            (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+            (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+        )
+    ]
     _done = all(ok)
     return _done

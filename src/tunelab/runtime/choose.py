@@ -204,12 +204,19 @@ def measured(rerun: bool = False) -> dict:
         started = time.perf_counter()
         rows = measure()
         release_freed()  # its 7B-sized test matrices must not stay in the heap for the run
-        found = dict(machine=key, measured=datetime.now(UTC).isoformat(timespec="seconds"),
-                     seconds=round(time.perf_counter() - started, 2), load=_load(), rows=rows,
-                     choice=decide(rows))  # fmt: skip
+        found = dict(
+            machine=key,
+            measured=datetime.now(UTC).isoformat(timespec="seconds"),
+            seconds=round(time.perf_counter() - started, 2),
+            load=_load(),
+            rows=rows,
+            choice=decide(rows),
+        )
         if (found["load"] or 0) > (key["cores"] or 1):
-            log.warning(f"the machine was busy (load {found['load']}): the kernel times are noisy; "
-                        "`tunelab runtime --rerun` when it is idle")  # fmt: skip
+            log.warning(
+                f"the machine was busy (load {found['load']}): the kernel times are noisy; "
+                "`tunelab runtime --rerun` when it is idle"
+            )
         try:
             atomic_write(path, json.dumps(found, indent=1))  # a concurrent reader never sees half
         except OSError:  # a read-only cache: measure again next time
@@ -228,10 +235,13 @@ def _load() -> float | None:
 def format_table(found: dict) -> str:
     """The table as `tunelab runtime` prints it."""
     m = found["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}",
-             f"measured: {found['measured']} in {found['seconds']} s, load average "
-             f"{found.get('load')} ({cache_path(m)})", "",
-             f"{'class':<12} {'shape':<28} {'candidate':<13} {'ms':>9} {'vs torch':>9}"]  # fmt: skip
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}",
+        f"measured: {found['measured']} in {found['seconds']} s, load average "
+        f"{found.get('load')} ({cache_path(m)})",
+        "",
+        f"{'class':<12} {'shape':<28} {'candidate':<13} {'ms':>9} {'vs torch':>9}",
+    ]
     torch_ms = {(r["cls"], r["shape"]): r["ms"] for r in found["rows"] if r["candidate"] == "torch"}
     for r in found["rows"]:
         base = torch_ms.get((r["cls"], r["shape"]))
@@ -240,8 +250,11 @@ def format_table(found: dict) -> str:
         lines.append(
             f"{r['cls']:<12} {r['shape']:<28} {r['candidate']:<13} {r['ms']:>9.3f} {speed:>9}{mark}"
         )
-    lines += ["", "chosen (*): " + ", ".join(f"{c} {k}" for c, k in found["choice"].items()),
-              f"a path other than torch is chosen only when {MARGIN:.2f}x faster and slower nowhere"]  # fmt: skip
+    lines += [
+        "",
+        "chosen (*): " + ", ".join(f"{c} {k}" for c, k in found["choice"].items()),
+        f"a path other than torch is chosen only when {MARGIN:.2f}x faster and slower nowhere",
+    ]
     if (found.get("load") or 0) > (m["cores"] or 1):
         lines.append(
             "the machine was busy (load above its cores): `tunelab runtime --rerun` when idle"

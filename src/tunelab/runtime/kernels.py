@@ -51,9 +51,12 @@ def onednn_works(dtype: torch.dtype) -> bool:
             torch.randn(*s, generator=gen).to(dtype) for s in ((3, 8), (5, 8), (3, 5), (5,))
         )
         tol = 1e-4 if dtype == torch.float32 else 5e-2
-        pairs = [(onednn_linear(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
-                 (onednn_linear(g, w.t(), None), g @ w), (onednn_linear(g.t(), x.t(), None), g.t() @ x),
-                 (onednn_linear(x, reorder(w, 3), b), F.linear(x, w, b))]  # fmt: skip
+        pairs = [
+            (onednn_linear(x, w, None), F.linear(x, w)),  # and the transposed views backward passes
+            (onednn_linear(g, w.t(), None), g @ w),
+            (onednn_linear(g.t(), x.t(), None), g.t() @ x),
+            (onednn_linear(x, reorder(w, 3), b), F.linear(x, w, b)),
+        ]
         return all(torch.allclose(a.float(), b.float(), atol=tol) for a, b in pairs)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False

@@ -30,18 +30,31 @@ def blocks(study_dir: Path, rows: list[dict]) -> list[tuple]:
     variants = sorted({k for _, s, _ in cells for k in s["by_variant"]})
     table = []
     for r, s, _ in cells:
-        table.append([r["run"], str(s["images"]), _acc(s),
-                      *(_acc(s["by_count"][k]) if k in s["by_count"] else "–" for k in counts),
-                      *(_acc(s["by_variant"][k]) if k in s["by_variant"] else "–" for k in variants)])  # fmt: skip
+        table.append(
+            [
+                r["run"],
+                str(s["images"]),
+                _acc(s),
+                *(_acc(s["by_count"][k]) if k in s["by_count"] else "–" for k in counts),
+                *(_acc(s["by_variant"][k]) if k in s["by_variant"] else "–" for k in variants),
+            ]
+        )
     counter = cells[0][1]["counter"]
-    out = [("h2", "Counting"),
-           ("p", f"Exact-count accuracy (an image passes when the {counter['name']} counter finds "
-                 "exactly the number asked for) with 95% bootstrap intervals over the images, "
-                 "overall, per expected number and per prompt variant."),
-           ("table", ["Run", "Images", "accuracy", *(f"n={k}" for k in counts), *variants], table)]  # fmt: skip
+    out = [
+        ("h2", "Counting"),
+        (
+            "p",
+            f"Exact-count accuracy (an image passes when the {counter['name']} counter finds "
+            "exactly the number asked for) with 95% bootstrap intervals over the images, "
+            "overall, per expected number and per prompt variant.",
+        ),
+        ("table", ["Run", "Images", "accuracy", *(f"n={k}" for k in counts), *variants], table),
+    ]
     r, _, run_dir = max(cells, key=lambda c: c[1]["accuracy"])  # the best cell's images
     if (run_dir / "grid.png").is_file():
-        alt = (f"{r['run']} (the most accurate cell): generated images with the counter's "
-               "boxes, counted/expected, pass or fail")  # fmt: skip
+        alt = (
+            f"{r['run']} (the most accurate cell): generated images with the counter's "
+            "boxes, counted/expected, pass or fail"
+        )
         out.append(("img", "counting-grid", alt, (run_dir / "grid.png").read_bytes()))
     return out

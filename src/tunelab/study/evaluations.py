@@ -12,8 +12,9 @@ from pathlib import Path
 from tunelab.errors import ConfigError, closest
 
 
-def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
-                   run_dir: Path) -> dict:  # fmt: skip
+def run_evaluation(
+    task: str, model: str, config: dict, method: dict, seed: int, run_dir: Path
+) -> dict:
     """Evaluate `model` as the cell says and write run_dir/summary.json."""
     from tunelab.loading import load
     from tunelab.train.run import write_summary
@@ -32,14 +33,31 @@ def run_evaluation(task: str, model: str, config: dict, method: dict, seed: int,
     else:
         summary = _perplexity(lm, config)
     total = sum(p.numel() for p in lm.model.parameters())
-    summary.update(task=task, model=model, wall_time_s=round(time.perf_counter() - t0, 3),
-                   trainable_params=0, total_params=total)  # fmt: skip
+    summary.update(
+        task=task,
+        model=model,
+        wall_time_s=round(time.perf_counter() - t0, 3),
+        trainable_params=0,
+        total_params=total,
+    )
     write_summary(run_dir, summary)
     return summary
 
 
-ICL_KEYS = ("limit", "shots", "prompt", "calibrate", "max_text_tokens", "format", "template",
-            "pre", "post", "instruction", "label_words", "layout")  # fmt: skip
+ICL_KEYS = (
+    "limit",
+    "shots",
+    "prompt",
+    "calibrate",
+    "max_text_tokens",
+    "format",
+    "template",
+    "pre",
+    "post",
+    "instruction",
+    "label_words",
+    "layout",
+)
 
 
 def _optional_bool(value) -> bool | None:
@@ -70,12 +88,22 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
     scored = scored[:limit] if limit else scored
     k = int(options.get("shots", 0))
     spec = PromptSpec.from_dict({key: options[key] for key in SPEC_KEYS if key in options})
-    result = evaluate_icl(lm.model, lm.tokenizer, scored,
-                          [label_index(r, label_field, labels) for r in scored], labels, [k],
-                          demo_records=pool, demo_gold=[label_index(r, label_field, labels) for r in pool],
-                          prompt=spec, calibrate_scores=_optional_bool(options.get("calibrate")),
-                          text_field=text_field, label_field=label_field, seed=seed,
-                          max_text_tokens=int(options.get("max_text_tokens", 256)))  # fmt: skip
+    result = evaluate_icl(
+        lm.model,
+        lm.tokenizer,
+        scored,
+        [label_index(r, label_field, labels) for r in scored],
+        labels,
+        [k],
+        demo_records=pool,
+        demo_gold=[label_index(r, label_field, labels) for r in pool],
+        prompt=spec,
+        calibrate_scores=_optional_bool(options.get("calibrate")),
+        text_field=text_field,
+        label_field=label_field,
+        seed=seed,
+        max_text_tokens=int(options.get("max_text_tokens", 256)),
+    )
     metrics = result["shots"][str(k)]
     return {
         "shots": k,
@@ -99,21 +127,39 @@ def _instructions(lm, config: dict, method: dict, seed: int, run_dir: Path) -> d
         raise ConfigError("an instructions cell needs instructions.data (IFEval-style JSONL)")
     unknown = set(method) - {"name", "temperature", "top_k", "top_p"}
     if unknown:
-        raise ConfigError(f"instructions: decoding settings are temperature, top_k and top_p; "
-                          f"got {', '.join(sorted(unknown))}")  # fmt: skip
+        raise ConfigError(
+            f"instructions: decoding settings are temperature, top_k and top_p; "
+            f"got {', '.join(sorted(unknown))}"
+        )
     records = read_prompts(c["data"], c.get("limit"))
-    s = Sampling(max_new_tokens=int(c.get("max_new_tokens", 256)),
-                 temperature=float(method.get("temperature", 0.0)), top_k=int(method.get("top_k", 0)),
-                 top_p=float(method.get("top_p", 1.0)), seed=seed)  # fmt: skip
-    summary, responses, scores = evaluate_instructions(lm.model, lm.tokenizer, records, s,
-                                                       int(c.get("batch_size", 8)))  # fmt: skip
+    s = Sampling(
+        max_new_tokens=int(c.get("max_new_tokens", 256)),
+        temperature=float(method.get("temperature", 0.0)),
+        top_k=int(method.get("top_k", 0)),
+        top_p=float(method.get("top_p", 1.0)),
+        seed=seed,
+    )
+    summary, responses, scores = evaluate_instructions(
+        lm.model, lm.tokenizer, records, s, int(c.get("batch_size", 8))
+    )
     write_responses(run_dir / "responses.jsonl", records, responses, scores)
     summary["tokens_per_s"] = summary["generation"]["tokens_per_s"]
     return summary
 
 
-COUNTING_KEYS = ("counter", "threshold", "prompts", "variants", "numbers", "classes", "plurals",
-                 "images", "steps", "guidance", "threads")  # fmt: skip
+COUNTING_KEYS = (
+    "counter",
+    "threshold",
+    "prompts",
+    "variants",
+    "numbers",
+    "classes",
+    "plurals",
+    "images",
+    "steps",
+    "guidance",
+    "threads",
+)
 
 
 def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, t0) -> dict:
@@ -142,13 +188,22 @@ def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, 
     )
     prompts = expand(spec, counter, where="counting")
     n = int(options.get("images", spec.get("images", 4)))
-    rows = generate_set(load_pipeline(model), prompts, n, run_dir, seed, options.get("steps"),
-                        options.get("guidance"))  # fmt: skip
+    rows = generate_set(
+        load_pipeline(model),
+        prompts,
+        n,
+        run_dir,
+        seed,
+        options.get("steps"),
+        options.get("guidance"),
+    )
     settings = {"n": n, "seed": seed, "steps": rows[0]["steps"], "guidance": rows[0]["guidance"]}
-    summary = evaluate(run_dir / "images", rows, counter, run_dir,
-                       {"model": model, "settings": settings})  # fmt: skip
-    summary.update(task="counting", wall_time_s=round(time.perf_counter() - t0, 3),
-                   trainable_params=0)  # fmt: skip
+    summary = evaluate(
+        run_dir / "images", rows, counter, run_dir, {"model": model, "settings": settings}
+    )
+    summary.update(
+        task="counting", wall_time_s=round(time.perf_counter() - t0, 3), trainable_params=0
+    )
     write_summary(run_dir, summary)
     return summary
 
@@ -160,8 +215,14 @@ def _perplexity(lm, config: dict) -> dict:
     out = {}
     for name in ("domain", "general"):
         if e.get(name):
-            r = perplexity(lm.model, lm.tokenizer, read_texts([e[name]]), e.get("window", 256),
-                           e.get("stride", 128), e.get("max_tokens", 8192))  # fmt: skip
+            r = perplexity(
+                lm.model,
+                lm.tokenizer,
+                read_texts([e[name]]),
+                e.get("window", 256),
+                e.get("stride", 128),
+                e.get("max_tokens", 8192),
+            )
             out["in_domain" if name == "domain" else name] = r["perplexity"]
     if not out:
         raise ConfigError("a perplexity cell needs eval.domain or eval.general")

@@ -9,8 +9,12 @@ from pathlib import Path
 
 from tunelab.instructions.score import METRICS, paired_difference
 
-SHORT = {"prompt_strict": "prompt strict", "instruction_strict": "instruction strict",
-         "prompt_loose": "prompt loose", "instruction_loose": "instruction loose"}  # fmt: skip
+SHORT = {
+    "prompt_strict": "prompt strict",
+    "instruction_strict": "instruction strict",
+    "prompt_loose": "prompt loose",
+    "instruction_loose": "instruction loose",
+}
 
 
 def measured(study_dir: Path, rows: list[dict]) -> list[dict]:
@@ -28,8 +32,10 @@ def measured(study_dir: Path, rows: list[dict]) -> list[dict]:
             out.append({**base, "kind": "eval", "after": summary})
         elif isinstance(summary.get("instructions"), dict):
             ins = summary["instructions"]
-            sides = {w: {k: v[w] for k, v in ins.items() if isinstance(v, dict) and w in v}
-                     for w in ("before", "after")}  # fmt: skip
+            sides = {
+                w: {k: v[w] for k, v in ins.items() if isinstance(v, dict) and w in v}
+                for w in ("before", "after")
+            }
             out.append({**base, "kind": "train", **sides})
     return out
 
@@ -71,19 +77,38 @@ def blocks(study_dir: Path, rows: list[dict], plots: bool) -> list[tuple]:
             s = e[side]
             name = e["run"] + (f" ({side})" if e["kind"] == "train" else "")
             acc_rows.append([name, str(s["n"]), *(_acc(s, m) for m in METRICS)])
-    out = [("h2", "Instruction following"),
-           ("p", "IFEval-style verifiable instructions: share of prompts whose every instruction "
-                 "was followed, and of instructions followed, strict and loose, with 95% bootstrap "
-                 "intervals over prompts."),
-           ("table", ["Run", "Prompts", *(SHORT[m] for m in METRICS)], acc_rows)]  # fmt: skip
+    out = [
+        ("h2", "Instruction following"),
+        (
+            "p",
+            "IFEval-style verifiable instructions: share of prompts whose every instruction "
+            "was followed, and of instructions followed, strict and loose, with 95% bootstrap "
+            "intervals over prompts.",
+        ),
+        ("table", ["Run", "Prompts", *(SHORT[m] for m in METRICS)], acc_rows),
+    ]
     pairs = paired(entries)
     if pairs:
         head = ["Run", "Against", *(f"Δ {SHORT[m]}" for m in METRICS)]
-        body = [[p["run"], p["against"],
-                 *(f"{p[m]['difference']:+.3f} [{p[m]['interval'][0]:+.3f}, {p[m]['interval'][1]:+.3f}]"
-                   for m in METRICS)] for p in pairs]  # fmt: skip
-        out += [("p", "Paired differences on the same prompts: an interval that holds 0 says the "
-                      "change may be noise."), ("table", head, body)]  # fmt: skip
+        body = [
+            [
+                p["run"],
+                p["against"],
+                *(
+                    f"{p[m]['difference']:+.3f} [{p[m]['interval'][0]:+.3f}, {p[m]['interval'][1]:+.3f}]"
+                    for m in METRICS
+                ),
+            ]
+            for p in pairs
+        ]
+        out += [
+            (
+                "p",
+                "Paired differences on the same prompts: an interval that holds 0 says the "
+                "change may be noise.",
+            ),
+            ("table", head, body),
+        ]
     if plots:
         png = type_figure(entries)
         alt = "Strict accuracy per instruction type, one bar per run (before and after training)"
@@ -106,8 +131,13 @@ def type_figure(entries: list[dict]) -> bytes:
     height = 0.8 / len(series)
     for k, (name, by) in enumerate(series):
         ys = [i + k * height for i in range(len(ids))]
-        ax.barh(ys, [by.get(i, {}).get("strict", 0) for i in ids], height=height,
-                color=f"C{k % 10}", label=name)  # fmt: skip
+        ax.barh(
+            ys,
+            [by.get(i, {}).get("strict", 0) for i in ids],
+            height=height,
+            color=f"C{k % 10}",
+            label=name,
+        )
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(ids))], ids, fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="strict accuracy", xlim=(0, 1))

@@ -135,8 +135,13 @@ def bar_figure(panels: dict[tuple, list[dict]]) -> bytes:
     for ax, ((exp, metric), ents) in zip(axes, panels.items()):
         many = len({e["model"] for e in ents}) > 1
         means, stds = zip(*(stat(e["stats"], "value") for e in ents))
-        bars = ax.bar(range(len(ents)), means, yerr=stds if any(stds) else None, capsize=3,
-                      color=[f"C{i % 10}" for i in range(len(ents))])  # fmt: skip
+        bars = ax.bar(
+            range(len(ents)),
+            means,
+            yerr=stds if any(stds) else None,
+            capsize=3,
+            color=[f"C{i % 10}" for i in range(len(ents))],
+        )
         ax.bar_label(bars, fmt="%.4g", fontsize=7)
         ax.set_xticks(range(len(ents)), [label(e, many) for e in ents], rotation=30, ha="right")
         ax.set_title(exp)
@@ -162,8 +167,9 @@ def scatter_figure(panels: dict[tuple, list[dict]]) -> bytes | None:
                 ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
             for j, (x, y, e) in enumerate(points):
                 ax.scatter([x], [y], color=f"C{j % 10}")
-                ax.annotate(label(e, many), (x, y), fontsize=7, xytext=(4, 4),
-                            textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    label(e, many), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+                )
     return _png(fig)
 
 
@@ -185,22 +191,46 @@ def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
     done = sum(r["status"] == "done" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]
     blocks: list[tuple] = [
-        ("p", f"{len(rows)} runs: {done} finished, {len(failed)} failed, "
-              f"{len(rows) - done - len(failed)} not run. Values are mean ± std over seeds; "
-              "– means not measured; the best value of each experiment is in bold."),  # fmt: skip
-        ("h2", "Results"), ("table", *results_table(ents)),
-    ]  # fmt: skip
+        (
+            "p",
+            f"{len(rows)} runs: {done} finished, {len(failed)} failed, "
+            f"{len(rows) - done - len(failed)} not run. Values are mean ± std over seeds; "
+            "– means not measured; the best value of each experiment is in bold.",
+        ),
+        ("h2", "Results"),
+        ("table", *results_table(ents)),
+    ]
     if failed:
-        blocks += [("h2", "Failed runs"), ("table", ["Run", "Model", "Method", "Seed", "Error"],
-                   [[r.get("run", ""), str(r["model"]), r["method"], str(r.get("seed", "")),
-                     str(r.get("error") or "unknown error")] for r in failed])]  # fmt: skip
+        blocks += [
+            ("h2", "Failed runs"),
+            (
+                "table",
+                ["Run", "Model", "Method", "Seed", "Error"],
+                [
+                    [
+                        r.get("run", ""),
+                        str(r["model"]),
+                        r["method"],
+                        str(r.get("seed", "")),
+                        str(r.get("error") or "unknown error"),
+                    ]
+                    for r in failed
+                ],
+            ),
+        ]
     headers, prompts = prompt_table(ents)
     if prompts:
-        blocks += [("h2", "Prompts"),
-                   ("p", "Accuracy per prompt and shot count: mean ± std over the demonstration "
-                         "seeds, the 95% bootstrap interval over the scored examples, the range "
-                         "over seeds, and how often each label was predicted (a one-label "
-                         "collapse shows there)."), ("table", headers, prompts)]  # fmt: skip
+        blocks += [
+            ("h2", "Prompts"),
+            (
+                "p",
+                "Accuracy per prompt and shot count: mean ± std over the demonstration "
+                "seeds, the 95% bootstrap interval over the scored examples, the range "
+                "over seeds, and how often each label was predicted (a one-label "
+                "collapse shows there).",
+            ),
+            ("table", headers, prompts),
+        ]
     headers, ba = before_after_table(ents)
     if ba:
         blocks += [("h2", "Before and after"), ("table", headers, ba)]
@@ -226,22 +256,31 @@ def plot_blocks(study_dir: Path, rows: list[dict], ents: list[dict]) -> list[tup
             logs[r.get("run", "")] = (r, *read_metrics(run_dir))
     blocks: list[tuple] = [("h2", "Loss curves")]
     for exp in dict.fromkeys(r["experiment"] for r in rows):
-        runs = [(run.split("/")[-1], tr, va) for run, (r, tr, va) in logs.items()
-                if r["experiment"] == exp]  # fmt: skip
+        runs = [
+            (run.split("/")[-1], tr, va)
+            for run, (r, tr, va) in logs.items()
+            if r["experiment"] == exp
+        ]
         alt = f"Loss curves of experiment {exp}: train loss against step, validation loss dashed"
         note = f"{exp}: no loss curves (no run logged metrics.jsonl)."
         blocks.append(_figure(f"loss-{slug(exp)}", alt, loss_figure(runs), note))
     panels = by_metric(ents)
     alt = "Bar chart of the main metric per method and model, one panel per experiment"
     bars = bar_figure(panels) if panels else None
-    blocks += [("h2", "Main metric per method"),
-               _figure("metric-bars", alt, bars, "No main metric was measured.")]  # fmt: skip
+    blocks += [
+        ("h2", "Main metric per method"),
+        _figure("metric-bars", alt, bars, "No main metric was measured."),
+    ]
     alt = "Wall time and peak memory against the main metric, one labelled point per group"
     note = "No group has both a cost and a main metric."
-    blocks += [("h2", "Cost against quality"),
-               _figure("cost-quality", alt, scatter_figure(panels), note)]  # fmt: skip
-    pref = [(run, [v for v in va if is_num(v.get("val_reward_accuracy"))])
-            for run, (_, _, va) in logs.items()]  # fmt: skip
+    blocks += [
+        ("h2", "Cost against quality"),
+        _figure("cost-quality", alt, scatter_figure(panels), note),
+    ]
+    pref = [
+        (run, [v for v in va if is_num(v.get("val_reward_accuracy"))])
+        for run, (_, _, va) in logs.items()
+    ]
     pref = [p for p in pref if p[1]]
     alt = "Validation preference agreement against step for each alignment run"
     note = "No alignment run logged val_reward_accuracy."
@@ -252,9 +291,12 @@ def plot_blocks(study_dir: Path, rows: list[dict], ents: list[dict]) -> list[tup
 
 def render_html(title: str, blocks: list[tuple]) -> str:
     esc = html.escape
-    out = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
-           f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
-           f"<h1>{esc(title)}</h1>"]  # fmt: skip
+    out = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+    ]
     for kind, *rest in blocks:
         if kind == "h2":
             out.append(f"<h2>{esc(rest[0])}</h2>")
@@ -267,8 +309,10 @@ def render_html(title: str, blocks: list[tuple]) -> str:
         elif kind == "img":
             _, alt, png = rest
             data = base64.b64encode(png).decode()
-            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{esc(alt)}'>"
-                       f"<figcaption>{esc(alt)}</figcaption></figure>")  # fmt: skip
+            out.append(
+                f"<figure><img src='data:image/png;base64,{data}' alt='{esc(alt)}'>"
+                f"<figcaption>{esc(alt)}</figcaption></figure>"
+            )
     return "\n".join(out + ["</body></html>\n"])
 
 

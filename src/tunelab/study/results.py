@@ -11,10 +11,17 @@ from pathlib import Path
 from tunelab.files import atomic_file, atomic_write
 
 COST_KEYS = ("trainable_params", "total_params", "wall_time_s", "tokens_per_s", "peak_memory_mb")
-MAIN_METRIC = {"classify": "accuracy", "icl": "accuracy", "align": "preference_accuracy",
-               "pretrain": "ppl_in_domain", "finetune": "final_val_loss",
-               "perplexity": "ppl_in_domain", "instructions": "prompt_strict",
-               "counting": "accuracy", "image": "final_loss"}  # fmt: skip
+MAIN_METRIC = {
+    "classify": "accuracy",
+    "icl": "accuracy",
+    "align": "preference_accuracy",
+    "pretrain": "ppl_in_domain",
+    "finetune": "final_val_loss",
+    "perplexity": "ppl_in_domain",
+    "instructions": "prompt_strict",
+    "counting": "accuracy",
+    "image": "final_loss",
+}
 INSTRUCTION_METRICS = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")
 # Lower is better for these; the report flips its "best" marks by this.
 LOWER_IS_BETTER = ("ppl_in_domain", "ppl_general", "final_val_loss", "forgetting")
@@ -47,9 +54,13 @@ def metrics_of(task: str, summary: dict) -> dict:
             row[f"share:{name}"] = count / summary["examples"]
     if task == "icl":
         prompt = summary.get("prompt") if isinstance(summary.get("prompt"), dict) else {}
-        row.update(shots=summary.get("shots"), examples=summary.get("examples"),
-                   prompt=summary.get("prompt_name", "default"), prompt_format=prompt.get("format"),
-                   calibrated=summary.get("calibrated"))  # fmt: skip
+        row.update(
+            shots=summary.get("shots"),
+            examples=summary.get("examples"),
+            prompt=summary.get("prompt_name", "default"),
+            prompt_format=prompt.get("format"),
+            calibrated=summary.get("calibrated"),
+        )
         for key in ("with_calibration", "without_calibration"):
             if isinstance(summary.get(key), dict):
                 row[f"accuracy_{key}"] = summary[key].get("accuracy")
@@ -81,9 +92,18 @@ def short_model(model: str) -> str:
 
 
 def row_of(cell: dict, run_dir: Path) -> dict:
-    row = {"experiment": cell["experiment"], "run": cell["run"], "dir": f"runs/{cell['run']}",
-           "task": cell["task"], "model": _model_name(cell["model"]), "method": cell["method_label"],
-           "data": cell.get("data", ""), "seed": cell["seed"], "status": "pending", "error": None}  # fmt: skip
+    row = {
+        "experiment": cell["experiment"],
+        "run": cell["run"],
+        "dir": f"runs/{cell['run']}",
+        "task": cell["task"],
+        "model": _model_name(cell["model"]),
+        "method": cell["method_label"],
+        "data": cell.get("data", ""),
+        "seed": cell["seed"],
+        "status": "pending",
+        "error": None,
+    }
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
         row.update(status="done", **metrics_of(cell["task"], summary))
@@ -107,11 +127,22 @@ def group_rows(rows: list[dict]) -> list[dict]:
     out = []
     for (experiment, model, method, data), members in groups.items():
         done = [r for r in members if r["status"] == "done"]
-        g = {"experiment": experiment, "model": model, "method": method, "data": data,
-             "task": members[0]["task"], "seeds": len(done), "failed": len(members) - len(done),
-             "metric": members[0].get("metric") or MAIN_METRIC[members[0]["task"]]}  # fmt: skip
-        numeric = {k for r in done for k, v in r.items() if isinstance(v, int | float)
-                   and not isinstance(v, bool) and k != "seed"}  # fmt: skip
+        g = {
+            "experiment": experiment,
+            "model": model,
+            "method": method,
+            "data": data,
+            "task": members[0]["task"],
+            "seeds": len(done),
+            "failed": len(members) - len(done),
+            "metric": members[0].get("metric") or MAIN_METRIC[members[0]["task"]],
+        }
+        numeric = {
+            k
+            for r in done
+            for k, v in r.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "seed"
+        }
         for key in sorted(numeric):
             values = [r[key] for r in done if isinstance(r.get(key), int | float)]
             if values:

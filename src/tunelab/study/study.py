@@ -39,11 +39,29 @@ from tunelab.files import read_yaml
 from tunelab.paths import slug
 
 log = logging.getLogger("tunelab")
-TASKS = ("pretrain", "finetune", "classify", "align", "icl", "perplexity", "instructions",
-         "image", "counting")  # fmt: skip
+TASKS = (
+    "pretrain",
+    "finetune",
+    "classify",
+    "align",
+    "icl",
+    "perplexity",
+    "instructions",
+    "image",
+    "counting",
+)
 EVALUATIONS = ("icl", "perplexity", "instructions", "counting")  # measure a model, no training
-EXPERIMENT_KEYS = ("name", "task", "config", "methods", "models", "runs", "seeds", "prompts",
-                   "shots")  # fmt: skip
+EXPERIMENT_KEYS = (
+    "name",
+    "task",
+    "config",
+    "methods",
+    "models",
+    "runs",
+    "seeds",
+    "prompts",
+    "shots",
+)
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -75,7 +93,9 @@ def load_recipe(path: str | Path, quick: bool = False) -> dict:
             if key not in EXPERIMENT_KEYS + ("skip",):
                 raise ConfigError(f"{where}: unknown key {key!r}{closest(key, EXPERIMENT_KEYS)}")
         if e.get("task") not in TASKS:
-            raise ConfigError(f"{where}: task {e.get('task')!r}; expected one of {', '.join(TASKS)}")  # fmt: skip
+            raise ConfigError(
+                f"{where}: task {e.get('task')!r}; expected one of {', '.join(TASKS)}"
+            )
         if not e.get("name"):
             raise ConfigError(f"{where}: every experiment needs a name")
         if (e.get("prompts") or e.get("shots")) and e["task"] != "icl":
@@ -92,8 +112,10 @@ def check_name(name, what: str) -> str:
     """A recipe name that becomes a folder: a slug, no separators, no `..`."""
     text = str(name)
     if not NAME.fullmatch(text) or ".." in text:
-        raise ConfigError(f"{what} {text!r}: use letters, digits, '.', '_', '-' and '+' only "
-                          "(it names a folder; no '/' or '..')")  # fmt: skip
+        raise ConfigError(
+            f"{what} {text!r}: use letters, digits, '.', '_', '-' and '+' only "
+            "(it names a folder; no '/' or '..')"
+        )
     return text
 
 
@@ -122,12 +144,20 @@ def cells(recipe: dict) -> list[dict]:
                 seeds = seeds[:1]  # no demonstrations: every seed would score the same
             for seed in seeds:
                 data = merge(e.get("config") or {}, run_config).get("data") or {}
-                out.append({"experiment": e["name"], "task": e["task"], "cell": name,
-                            "data": Path(data["path"]).stem if data.get("path") else "",
-                            "model": run.get("model"), "method_label": str(label),
-                            "method": dict(method or {}), "seed": seed,
-                            "config": merge(e.get("config") or {}, run_config),
-                            "run": f"{e['name']}/{name}-s{seed}"})  # fmt: skip
+                out.append(
+                    {
+                        "experiment": e["name"],
+                        "task": e["task"],
+                        "cell": name,
+                        "data": Path(data["path"]).stem if data.get("path") else "",
+                        "model": run.get("model"),
+                        "method_label": str(label),
+                        "method": dict(method or {}),
+                        "seed": seed,
+                        "config": merge(e.get("config") or {}, run_config),
+                        "run": f"{e['name']}/{name}-s{seed}",
+                    }
+                )
     return out
 
 
@@ -137,8 +167,10 @@ def sweep_methods(e: dict) -> dict | None:
         return None
     prompts = e.get("prompts") or {"default": {}}
     if isinstance(prompts, list):  # [{name: x, format: ...}, ...]
-        prompts = {p.get("name", f"prompt{i}"): {k: v for k, v in p.items() if k != "name"}
-                   for i, p in enumerate(prompts)}  # fmt: skip
+        prompts = {
+            p.get("name", f"prompt{i}"): {k: v for k, v in p.items() if k != "name"}
+            for i, p in enumerate(prompts)
+        }
     shots = e.get("shots") or [0]
     where = f"experiment {e['name']}"
     if not isinstance(shots, list) or not all(isinstance(k, int) and k >= 0 for k in shots):
@@ -147,8 +179,10 @@ def sweep_methods(e: dict) -> dict | None:
     for name, options in prompts.items():
         check_name(name, f"{where}: prompt name")
         if not isinstance(options, dict):
-            raise ConfigError(f"{where}: prompt {name!r}: expected keys (format, template, "
-                              f"pre, post, instruction, label_words), got {options!r}")  # fmt: skip
+            raise ConfigError(
+                f"{where}: prompt {name!r}: expected keys (format, template, "
+                f"pre, post, instruction, label_words), got {options!r}"
+            )
         for k in shots:
             out[f"{name}-{k}shot"] = {**options, "prompt": name, "shots": k}
     return out
@@ -166,8 +200,10 @@ class Study:
                 r"\$\{run:([^}]+)\}", json.dumps([cell["model"], cell["config"]])
             ):
                 if ref not in seen:
-                    raise ConfigError(f"{cell['run']}: ${{run:{ref}}} names no earlier cell"
-                                      f"{closest(ref, sorted(seen))}")  # fmt: skip
+                    raise ConfigError(
+                        f"{cell['run']}: ${{run:{ref}}} names no earlier cell"
+                        f"{closest(ref, sorted(seen))}"
+                    )
             seen.add(f"{cell['experiment']}/{cell['cell']}")
 
     def resolve(self, value, seed: int):
@@ -189,7 +225,9 @@ class Study:
                 found = sorted(target.parent.glob(f"{Path(exp_cell).name}-s*"))
                 target = found[0] if found else target
             if not (target / "final").exists():
-                raise ConfigError(f"${{run:{exp_cell}}}: {target} has no final model (did it fail?)")  # fmt: skip
+                raise ConfigError(
+                    f"${{run:{exp_cell}}}: {target} has no final model (did it fail?)"
+                )
             return str(target / "final")
 
         return re.sub(r"\$\{run:([^}]+)\}", run_ref, value)
@@ -231,8 +269,11 @@ class Study:
         from tunelab.study.results import group_rows, row_of, write_results
 
         rows = [row_of(cell, self.out / "runs" / cell["run"]) for cell in self.cells]
-        results = {"study": self.recipe.get("study", self.out.name), "rows": rows,
-                   "groups": group_rows(rows)}  # fmt: skip
+        results = {
+            "study": self.recipe.get("study", self.out.name),
+            "rows": rows,
+            "groups": group_rows(rows),
+        }
         write_results(self.out, results)
         return results
 
@@ -246,8 +287,9 @@ def _guarded(study: Study, cell: dict, run_dir: Path) -> None:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, TunelabError):
             message = f"{type(e).__name__}: {message}"
-        (run_dir / "error.json").write_text(json.dumps(
-            {"error": message, "traceback": traceback.format_exc()}, indent=2))  # fmt: skip
+        (run_dir / "error.json").write_text(
+            json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=2)
+        )
 
 
 def _child(recipe: dict, out: str, index: int) -> None:
@@ -273,8 +315,9 @@ def _in_child(study: Study, index: int, run_dir: Path) -> None:
     if child.exitcode and not (run_dir / "error.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         why = "killed (out of memory?)" if child.exitcode < 0 else "exited"
-        (run_dir / "error.json").write_text(json.dumps(
-            {"error": f"the run's process {why} with code {child.exitcode}"}))  # fmt: skip
+        (run_dir / "error.json").write_text(
+            json.dumps({"error": f"the run's process {why} with code {child.exitcode}"})
+        )
 
 
 def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
@@ -296,8 +339,16 @@ def run_cell(study: Study, cell: dict, run_dir: Path) -> dict:
     from tunelab.train.tasks import run_task
 
     resume = (run_dir / "config.yaml").exists()
-    config = merge(config, {"task": cell["task"], "out": str(run_dir), "resume": resume,
-                            "method": cell["method"], "train": {"seed": seed}})  # fmt: skip
+    config = merge(
+        config,
+        {
+            "task": cell["task"],
+            "out": str(run_dir),
+            "resume": resume,
+            "method": cell["method"],
+            "train": {"seed": seed},
+        },
+    )
     if model:
         config["model"] = model
     cfg = load_config(None, _flatten(config))

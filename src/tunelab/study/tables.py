@@ -19,12 +19,16 @@ USE_CASES = {
     "prompt": "no training: few-shot prompt",
     "base": "baseline: the model as released",
 }
-BEFORE_AFTER = {"ppl_in_domain": "perplexity, in-domain", "ppl_general": "perplexity, general",
-                "preference_accuracy": "preference agreement", "reward_margin": "reward margin",
-                "prompt_strict": "instructions, prompt strict",
-                "instruction_strict": "instructions, instruction strict",
-                "prompt_loose": "instructions, prompt loose",
-                "instruction_loose": "instructions, instruction loose"}  # fmt: skip
+BEFORE_AFTER = {
+    "ppl_in_domain": "perplexity, in-domain",
+    "ppl_general": "perplexity, general",
+    "preference_accuracy": "preference agreement",
+    "reward_margin": "reward margin",
+    "prompt_strict": "instructions, prompt strict",
+    "instruction_strict": "instructions, instruction strict",
+    "prompt_loose": "instructions, prompt loose",
+    "instruction_loose": "instructions, instruction loose",
+}
 
 
 class Best(str):
@@ -113,9 +117,24 @@ def label(e: dict, many_models: bool) -> str:
 
 def results_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The main table: one row per group, best value of each experiment's metric marked."""
-    headers = ["Experiment", "Model", "Method", "Data", "Seeds", "Metric", "Value", "95% CI",
-               "Macro-F1", "Predicted", "Val loss", "Trainable", "Wall time (s)", "Tokens/s",
-               "Peak memory (MB)", "Forgetting"]  # fmt: skip
+    headers = [
+        "Experiment",
+        "Model",
+        "Method",
+        "Data",
+        "Seeds",
+        "Metric",
+        "Value",
+        "95% CI",
+        "Macro-F1",
+        "Predicted",
+        "Val loss",
+        "Trainable",
+        "Wall time (s)",
+        "Tokens/s",
+        "Peak memory (MB)",
+        "Forgetting",
+    ]
     panels, rows = by_metric(ents), []
     for e in ents:
         g, n_failed = e["stats"], len(e["failed"])
@@ -125,32 +144,72 @@ def results_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
             value = Best(value)
         elif not stat(g, "value") and (n_failed or not g["seeds"]):
             value = "failed" if n_failed else "not run"
-        rows.append([e["experiment"], str(e["model"]), e["method"], str(e["data"]), seeds,
-                     e["metric"], value, interval(g), cell(g, "macro_f1"), shares(g),
-                     cell(g, "final_val_loss"),
-                     trainable(g), cell(g, "wall_time_s"), cell(g, "tokens_per_s"),
-                     cell(g, "peak_memory_mb"), cell(g, "forgetting", pct=True)])  # fmt: skip
+        rows.append(
+            [
+                e["experiment"],
+                str(e["model"]),
+                e["method"],
+                str(e["data"]),
+                seeds,
+                e["metric"],
+                value,
+                interval(g),
+                cell(g, "macro_f1"),
+                shares(g),
+                cell(g, "final_val_loss"),
+                trainable(g),
+                cell(g, "wall_time_s"),
+                cell(g, "tokens_per_s"),
+                cell(g, "peak_memory_mb"),
+                cell(g, "forgetting", pct=True),
+            ]
+        )
     return _drop_empty(headers, rows)
 
 
 def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Prompting groups: accuracy per prompt and shot count, its interval over the examples,
     its spread over demonstration seeds, and what the model predicted."""
-    headers = ["Experiment", "Model", "Prompt", "Format", "Shots", "Seeds", "Accuracy",
-               "95% CI (examples)", "Seed range", "Macro-F1", "Predicted", "Calibrated",
-               "Uncalibrated accuracy", "Examples"]  # fmt: skip
+    headers = [
+        "Experiment",
+        "Model",
+        "Prompt",
+        "Format",
+        "Shots",
+        "Seeds",
+        "Accuracy",
+        "95% CI (examples)",
+        "Seed range",
+        "Macro-F1",
+        "Predicted",
+        "Calibrated",
+        "Uncalibrated accuracy",
+        "Examples",
+    ]
     rows = []
     for e in ents:
         g = e["stats"]
         if e["runs"][0].get("task") != "icl" or not stat(g, "value"):
             continue
         shots = stat(g, "shots")
-        rows.append([e["experiment"], short_model(str(e["model"])), str(g.get("prompt", e["method"])),
-                     str(g.get("prompt_format") or "–"), fmt(shots[0]) if shots else "–",
-                     str(g["seeds"]), cell(g, "value"), interval(g), seed_range(g),
-                     cell(g, "macro_f1"), shares(g),
-                     {True: "yes", False: "no"}.get(g.get("calibrated"), "–"),
-                     cell(g, "accuracy_without_calibration"), cell(g, "examples")])  # fmt: skip
+        rows.append(
+            [
+                e["experiment"],
+                short_model(str(e["model"])),
+                str(g.get("prompt", e["method"])),
+                str(g.get("prompt_format") or "–"),
+                fmt(shots[0]) if shots else "–",
+                str(g["seeds"]),
+                cell(g, "value"),
+                interval(g),
+                seed_range(g),
+                cell(g, "macro_f1"),
+                shares(g),
+                {True: "yes", False: "no"}.get(g.get("calibrated"), "–"),
+                cell(g, "accuracy_without_calibration"),
+                cell(g, "examples"),
+            ]
+        )
     return headers, rows
 
 
@@ -173,8 +232,11 @@ def technique_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for e in ents:
         g = e["stats"]
-        cost = [f"{name} {cell(g, key)}" for key, name in (("wall_time_s", "wall s"),
-                ("peak_memory_mb", "peak MB")) if stat(g, key)]  # fmt: skip
+        cost = [
+            f"{name} {cell(g, key)}"
+            for key, name in (("wall_time_s", "wall s"), ("peak_memory_mb", "peak MB"))
+            if stat(g, key)
+        ]
         cost += [f"trainable {trainable(g)}"] if stat(g, "trainable_params") else []
         gen = [f"forgetting {cell(g, 'forgetting', pct=True)}"] if stat(g, "forgetting") else []
         gen += [f"val loss {cell(g, 'final_val_loss')}"] if stat(g, "final_val_loss") else []
@@ -185,8 +247,16 @@ def technique_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
         shot = next((w for w in words if w.endswith("shot") and w[:-4].isdigit()), None)
         use = use or (f"no training: {shot[:-4]}-shot prompt" if shot else "–")
         none = "run failed" if e["failed"] and not g["seeds"] else "not measured"
-        rows.append([e["experiment"], e["method"], str(e["model"]), use,
-                     "; ".join(cost) or none, "; ".join(gen) or none])  # fmt: skip
+        rows.append(
+            [
+                e["experiment"],
+                e["method"],
+                str(e["model"]),
+                use,
+                "; ".join(cost) or none,
+                "; ".join(gen) or none,
+            ]
+        )
     return headers, rows
 
 

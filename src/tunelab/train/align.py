@@ -44,8 +44,10 @@ class AlignTask:
         require_causal(model, "alignment")
         a = cfg.align
         if a.loss not in PREFERENCE_LOSSES:
-            raise ConfigError(f"align.loss {a.loss!r}{closest(a.loss, PREFERENCE_LOSSES)}; "
-                              f"expected one of {', '.join(PREFERENCE_LOSSES)}")  # fmt: skip
+            raise ConfigError(
+                f"align.loss {a.loss!r}{closest(a.loss, PREFERENCE_LOSSES)}; "
+                f"expected one of {', '.join(PREFERENCE_LOSSES)}"
+            )
         if a.beta <= 0:
             raise ConfigError(f"align.beta must be positive, got {a.beta}")
         if not 0.0 <= a.label_smoothing < 0.5:
@@ -59,21 +61,28 @@ class AlignTask:
 
         d, t = cfg.data, cfg.train
         # No text_mode: a text file holds no preference pairs (they come from JSON, CSV, the hub).
-        _, train, val = load_split(d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format,
-                                   what="preference")  # fmt: skip
+        _, train, val = load_split(
+            d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format, what="preference"
+        )
         skipped: dict[str, list[str]] = {}
         parts = {"train": self._encode(train, "train", tokenizer, cfg, skipped)}
         if val:
             parts["val"] = self._encode(val, "val", tokenizer, cfg, skipped)
         if skipped:
-            log.warning("%s: %s (align.strict stops at the first instead)", d.path,
-                        skip_summary(skipped, len(train) + len(val)))  # fmt: skip
+            log.warning(
+                "%s: %s (align.strict stops at the first instead)",
+                d.path,
+                skip_summary(skipped, len(train) + len(val)),
+            )
         pad = tokenizer.batch_pad_id
         model = self.model
         started = time.perf_counter()
         if cfg.align.precompute_ref:
-            ref = (cached_reference(model, parts, cfg, pad, Path(cfg.out) / REFERENCE_FILE)
-                   if cfg.out else compute_reference(model, parts, cfg, pad))  # fmt: skip
+            ref = (
+                cached_reference(model, parts, cfg, pad, Path(cfg.out) / REFERENCE_FILE)
+                if cfg.out
+                else compute_reference(model, parts, cfg, pad)
+            )
             for name, examples in parts.items():
                 chosen, rejected = ref[name]
                 for e, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
@@ -85,17 +94,24 @@ class AlignTask:
         collate = lambda b: collate_pairs(b, pad)  # noqa: E731
         common = dict(collate_fn=collate, rank=rank, world_size=world)
         train_b = Batches(parts["train"], t.batch_size, seed=t.seed, **common)
-        val_b = (Batches(parts["val"], t.batch_size, shuffle=False, keep_all=True, **common)
-                 if val else None)  # fmt: skip
-        stats = {"kind": "preference", "train_examples": len(parts["train"]),
-                 "val_examples": len(parts.get("val", [])),
-                 "train_tokens": sum(map(pair_tokens, parts["train"])),
-                 "skipped_pairs": sum(map(len, skipped.values())),
-                 "skipped_reasons": {k: len(at) for k, at in skipped.items()}}  # fmt: skip
+        val_b = (
+            Batches(parts["val"], t.batch_size, shuffle=False, keep_all=True, **common)
+            if val
+            else None
+        )
+        stats = {
+            "kind": "preference",
+            "train_examples": len(parts["train"]),
+            "val_examples": len(parts.get("val", [])),
+            "train_tokens": sum(map(pair_tokens, parts["train"])),
+            "skipped_pairs": sum(map(len, skipped.values())),
+            "skipped_reasons": {k: len(at) for k, at in skipped.items()},
+        }
         return train_b, val_b, stats
 
-    def _encode(self, records: list[dict], part: str, tokenizer, cfg: RunConfig,
-                skipped: dict) -> list[dict]:  # fmt: skip
+    def _encode(
+        self, records: list[dict], part: str, tokenizer, cfg: RunConfig, skipped: dict
+    ) -> list[dict]:
         """The part's pairs, cached with the file:line of the pairs skipped (added to skipped)."""
         from tunelab.data import cached_encode, file_fingerprint, tokenizer_fingerprint
 
@@ -106,12 +122,25 @@ class AlignTask:
         d, a = cfg.data, cfg.align
         paths = [p for p in (d.path, d.val_path) if p]
         if all(Path(p).exists() for p in paths):
-            fields = [a.prompt_field, a.chosen_field, a.rejected_field, d.instruction_field,
-                      d.input_field]  # fmt: skip
-            key = dict(data=file_fingerprint(paths), part=part, val=d.val_fraction,
-                       seed=cfg.train.seed, tok=tokenizer_fingerprint(tokenizer),
-                       kind="preference-2", seq_len=cfg.train.seq_len, fields=fields,
-                       n=len(records), strict=a.strict)  # fmt: skip
+            fields = [
+                a.prompt_field,
+                a.chosen_field,
+                a.rejected_field,
+                d.instruction_field,
+                d.input_field,
+            ]
+            key = dict(
+                data=file_fingerprint(paths),
+                part=part,
+                val=d.val_fraction,
+                seed=cfg.train.seed,
+                tok=tokenizer_fingerprint(tokenizer),
+                kind="preference-2",
+                seq_len=cfg.train.seq_len,
+                fields=fields,
+                n=len(records),
+                strict=a.strict,
+            )
             got = cached_encode(key, encode)
         else:  # hub datasets: nothing to fingerprint
             got = encode()
@@ -127,10 +156,17 @@ class AlignTask:
             rc, rr = batch["ref_chosen"], batch["ref_rejected"]
         else:
             rc, rr = self.reference(batch)
-        loss = preference_loss(a.loss, pc, pr, rc, rr, beta=a.beta,
-                               label_smoothing=a.label_smoothing,
-                               chosen_tokens=batch["chosen_tokens"],
-                               rejected_tokens=batch["rejected_tokens"])  # fmt: skip
+        loss = preference_loss(
+            a.loss,
+            pc,
+            pr,
+            rc,
+            rr,
+            beta=a.beta,
+            label_smoothing=a.label_smoothing,
+            chosen_tokens=batch["chosen_tokens"],
+            rejected_tokens=batch["rejected_tokens"],
+        )
         return loss.sum(), len(loss), reward_sums(pc, pr, rc, rr, a.beta)
 
     def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
@@ -145,15 +181,23 @@ class AlignTask:
             val_batches.set_epoch(val_batches.epoch)  # a capped evaluation may stop mid-epoch
             with autocast(device, compute_precision(cfg.train)):
                 m = preference_metrics(model, val_batches, cfg.align.beta, self.reference)
-            out = {"preference_accuracy": m["reward_accuracy"], "reward_margin": m["reward_margin"],
-                   "logp_chosen": m["logp_chosen"], "logp_rejected": m["logp_rejected"]}  # fmt: skip
+            out = {
+                "preference_accuracy": m["reward_accuracy"],
+                "reward_margin": m["reward_margin"],
+                "logp_chosen": m["logp_chosen"],
+                "logp_rejected": m["logp_rejected"],
+            }
         if cfg.eval.instructions:  # does aligning change instruction following?
             from tunelab.evaluate.instructions import measure_instructions
 
             e = cfg.eval
-            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
-                                                       e.instructions_limit,
-                                                       e.instructions_max_new_tokens)  # fmt: skip
+            out["instructions"] = measure_instructions(
+                model,
+                tokenizer,
+                e.instructions,
+                e.instructions_limit,
+                e.instructions_max_new_tokens,
+            )
         ppl = perplexities(cfg, model, tokenizer)
         model.eval()  # perplexities() leaves the model in training mode
         return out | ({"perplexity": ppl} if ppl else {})
@@ -166,5 +210,11 @@ class AlignTask:
 
     def finish(self, model, tokenizer, cfg: RunConfig, val_batches, run_dir: Path) -> dict:
         a = cfg.align
-        return {"align": {"loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
-                          **self.info}}  # fmt: skip
+        return {
+            "align": {
+                "loss": a.loss,
+                "beta": a.beta,
+                "label_smoothing": a.label_smoothing,
+                **self.info,
+            }
+        }

@@ -27,8 +27,9 @@ def to_classifier(model: nn.Module, labels: list[str], pooling: str | None = Non
             raise ConfigError(f"the model classifies {cfg.labels}, the data has labels {labels}")
         return model
     pooling = pooling or ("last" if cfg.causal else "cls")
-    new = cfg.replace(labels=list(labels), pooling=pooling,
-                      classifier_dropout=0.0 if cfg.causal else 0.1)  # fmt: skip
+    new = cfg.replace(
+        labels=list(labels), pooling=pooling, classifier_dropout=0.0 if cfg.causal else 0.1
+    )
     with torch.device("meta"):
         clf = SequenceClassifier(new)
     clf.transformer = model.transformer
@@ -50,18 +51,21 @@ def load_labeled(cfg: RunConfig):
     from tunelab.data.templates import label_names
 
     d = cfg.data
-    records, train, val = load_split(d.path, d.val_path, d.val_fraction, cfg.train.seed,
-                                     fmt=d.format, text_mode=d.text_mode)  # fmt: skip
+    records, train, val = load_split(
+        d.path, d.val_path, d.val_fraction, cfg.train.seed, fmt=d.format, text_mode=d.text_mode
+    )
     labels = label_names(records, cfg.classify.label_field, cfg.classify.labels)
     seen = {str(r.get(cfg.classify.label_field)) for r in train}
     if len(seen) == 1:
-        raise DataError(f"{d.path}: every training record has the label {seen.pop()!r} in "
-                        f"{cfg.classify.label_field!r}; a classifier needs at least two classes")  # fmt: skip
+        raise DataError(
+            f"{d.path}: every training record has the label {seen.pop()!r} in "
+            f"{cfg.classify.label_field!r}; a classifier needs at least two classes"
+        )
     return train, val, labels
 
 
 class ClassifyTask:
-    """The classification task for `run_training` (see LMTask in train/lm.py for the shape)."""
+    """The classification task for `run_training` (a `Task`: see train/tasks.py)."""
 
     def __init__(self, records: tuple | None = None):
         self.records = records  # (train, val, labels) given by k-fold; else read from the config
@@ -75,7 +79,9 @@ class ClassifyTask:
         self.train_records, self.val_records, self.labels = train, val, labels
         weights = cfg.classify.class_weights
         if weights and len(weights) != len(labels):
-            raise ConfigError(f"classify.class_weights has {len(weights)} values for {len(labels)} labels {labels}")  # fmt: skip
+            raise ConfigError(
+                f"classify.class_weights has {len(weights)} values for {len(labels)} labels {labels}"
+            )
         weight = torch.tensor([float(w) for w in weights]) if weights else None
 
         def objective(model, batch):
@@ -88,9 +94,15 @@ class ClassifyTask:
         from tunelab.data.templates import encode_classification
 
         c = cfg.classify
-        return encode_classification(records, tokenizer, self.labels, text_field=cfg.data.text_field,
-                                     label_field=c.label_field, template=c.template,
-                                     seq_len=cfg.train.seq_len)  # fmt: skip
+        return encode_classification(
+            records,
+            tokenizer,
+            self.labels,
+            text_field=cfg.data.text_field,
+            label_field=c.label_field,
+            template=c.template,
+            seq_len=cfg.train.seq_len,
+        )
 
     def data(self, cfg: RunConfig, tokenizer, rank: int = 0, world: int = 1):
         from tunelab.data import Batches
@@ -100,14 +112,20 @@ class ClassifyTask:
         pad = tokenizer.batch_pad_id
         common = dict(pad_id=pad, rank=rank, world_size=world)
         b = cfg.train.batch_size
-        train_b = Batches(train, b, seed=cfg.train.seed,
-                          group_by_length=cfg.data.group_by_length, **common)  # fmt: skip
+        train_b = Batches(
+            train, b, seed=cfg.train.seed, group_by_length=cfg.data.group_by_length, **common
+        )
         val_b = Batches(val, b, shuffle=False, keep_all=True, **common) if val else None
         # finish() scores the whole validation set on every rank (torchrun shards val_b)
         self.all_val = Batches(val, b, shuffle=False, pad_id=pad) if val else None
         counts = {name: sum(e["label"] == i for e in train) for i, name in enumerate(self.labels)}
-        stats = {"kind": "classification", "labels": self.labels, "train_examples": len(train),
-                 "val_examples": len(val), "train_label_counts": counts}  # fmt: skip
+        stats = {
+            "kind": "classification",
+            "labels": self.labels,
+            "train_examples": len(train),
+            "val_examples": len(val),
+            "train_label_counts": counts,
+        }
         return train_b, val_b, stats
 
     def measure(self, model, tokenizer, cfg: RunConfig, val_batches) -> dict:
@@ -124,8 +142,14 @@ class ClassifyTask:
             return {"labels": self.labels}
         gold, probs = predict(model, self.all_val)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            write_predictions(run_dir / "predictions.jsonl", self.val_records, gold, probs,
-                              self.labels, cfg.data.text_field)  # fmt: skip
+            write_predictions(
+                run_dir / "predictions.jsonl",
+                self.val_records,
+                gold,
+                probs,
+                self.labels,
+                cfg.data.text_field,
+            )
         return {"labels": self.labels, **metrics(gold, probs.argmax(-1).tolist(), self.labels)}
 
 
@@ -149,8 +173,13 @@ def run_classify(cfg: RunConfig) -> dict:
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.out = str(out / f"fold-{fold}")
         results.append(run_training(fold_cfg, task=ClassifyTask((train, val, records[2]))))
-    summary = {"task": "classify", "folds": k, "labels": records[2], **summarize_folds(results),
-               "runs": [str(out / f"fold-{i}") for i in range(k)]}  # fmt: skip
+    summary = {
+        "task": "classify",
+        "folds": k,
+        "labels": records[2],
+        **summarize_folds(results),
+        "runs": [str(out / f"fold-{i}") for i in range(k)],
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_summary(out, summary)
     (out / "folds.json").write_text(json.dumps(results, indent=2))

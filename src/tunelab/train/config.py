@@ -136,8 +136,11 @@ class AlignConfig:
     prompt_field: str = opt("prompt", "column holding the prompt (text or chat messages)")
     chosen_field: str = opt("chosen", "column holding the preferred response")
     rejected_field: str = opt("rejected", "column holding the dispreferred response")
-    strict: bool = opt(False, "stop at the first unusable pair (identical, empty, prompts differ) "
-                       "instead of skipping and counting it")  # fmt: skip
+    strict: bool = opt(
+        False,
+        "stop at the first unusable pair (identical, empty, prompts differ) "
+        "instead of skipping and counting it",
+    )
 
 
 @dataclass
@@ -292,19 +295,28 @@ def option_docs() -> list[tuple[str, Any, str, type]]:
 
 
 # (dotted key, flag, smallest value, whether the smallest is excluded) checked before any work.
-LIMITS = (("train.lr", "--lr", 0, True), ("train.max_steps", "--max-steps", 1, False),
-          ("train.seq_len", "--seq-len", 1, False), ("train.batch_size", "--batch-size", 1, False),
-          ("train.grad_accum", "--grad-accum", 1, False), ("train.epochs", "--epochs", 0, True),
-          ("train.max_tokens", "--train.max_tokens", 1, False),
-          ("train.eval_every", "--eval-every", 1, False), ("train.save_every", "--save-every", 1, False),
-          ("train.log_every", "--train.log_every", 1, False),
-          ("eval.window", "--eval.window", 2, False), ("eval.stride", "--eval.stride", 1, False),
-          ("eval.instructions_limit", "--eval.instructions_limit", 1, False),
-          ("eval.instructions_max_new_tokens", "--eval.instructions_max_new_tokens", 1, False),
-          ("data.val_fraction", "--data.val_fraction", 0, False))  # fmt: skip
-CHOICES = {"train.precision": ("--precision", ("fp32", "bf16", "fp16", "auto")),
-           "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
-           "train.schedule": ("--train.schedule", ("cosine", "linear", "constant"))}  # fmt: skip
+LIMITS = (
+    ("train.lr", "--lr", 0, True),
+    ("train.max_steps", "--max-steps", 1, False),
+    ("train.seq_len", "--seq-len", 1, False),
+    ("train.batch_size", "--batch-size", 1, False),
+    ("train.grad_accum", "--grad-accum", 1, False),
+    ("train.epochs", "--epochs", 0, True),
+    ("train.max_tokens", "--train.max_tokens", 1, False),
+    ("train.eval_every", "--eval-every", 1, False),
+    ("train.save_every", "--save-every", 1, False),
+    ("train.log_every", "--train.log_every", 1, False),
+    ("eval.window", "--eval.window", 2, False),
+    ("eval.stride", "--eval.stride", 1, False),
+    ("eval.instructions_limit", "--eval.instructions_limit", 1, False),
+    ("eval.instructions_max_new_tokens", "--eval.instructions_max_new_tokens", 1, False),
+    ("data.val_fraction", "--data.val_fraction", 0, False),
+)
+CHOICES = {
+    "train.precision": ("--precision", ("fp32", "bf16", "fp16", "auto")),
+    "train.autocast": ("--autocast", ("auto", "off", "bf16", "fp16")),
+    "train.schedule": ("--train.schedule", ("cosine", "linear", "constant")),
+}
 
 
 def check_options(cfg: RunConfig) -> None:

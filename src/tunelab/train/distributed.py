@@ -119,8 +119,15 @@ def _sum_hook(state, bucket):
 class Dist:
     """This process's place in the job and the collectives the loop needs (no-ops alone)."""
 
-    def __init__(self, strategy: str = "none", rank: int = 0, world: int = 1,
-                 device: torch.device | None = None, precision: str = "fp32", owner: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        strategy: str = "none",
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | None = None,
+        precision: str = "fp32",
+        owner: bool = True,
+    ):
         self.strategy, self.rank, self.world = strategy, rank, world
         self.device, self.precision = device or torch.device("cpu"), precision
         self.owner = owner  # False when the caller initialised the group: the caller ends it

@@ -101,8 +101,11 @@ class Scenes:
             captions = ["" if drop.random() < self.cfg.caption_dropout else e[1] for e in examples]
             self.position += 1
             # attention_mask: one per image, so the loop's "tokens" count images
-            yield {"pixels": from_pixels(np.stack([e[0] for e in examples])),
-                   "captions": captions, "attention_mask": torch.ones(len(examples))}  # fmt: skip
+            yield {
+                "pixels": from_pixels(np.stack([e[0] for e in examples])),
+                "captions": captions,
+                "attention_mask": torch.ones(len(examples)),
+            }
 
 
 class EMA:
@@ -145,8 +148,10 @@ def run_image_training(cfg: ImageConfig) -> dict:
     if cfg.resume and (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     if not cfg.resume and out.is_dir() and any(p.name != ".lock" for p in out.iterdir()):
-        raise ConfigError(f"--out {out} holds files; choose a new or empty folder "
-                          f"(or continue an interrupted run with --resume {out})")  # fmt: skip
+        raise ConfigError(
+            f"--out {out} holds files; choose a new or empty folder "
+            f"(or continue an interrupted run with --resume {out})"
+        )
     if not cfg.train.max_steps:
         raise ConfigError("train.max_steps: the rendered dataset is endless; say how many steps")
     if cfg.threads:
@@ -160,8 +165,9 @@ def run_image_training(cfg: ImageConfig) -> dict:
         cfg.out = str(out)
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         batches = Scenes(cfg.data, cfg.train.batch_size)
-        trainer = Trainer(model, denoising, batches, cfg.train, out, cfg.train.max_steps,
-                          callbacks=callbacks)  # fmt: skip
+        trainer = Trainer(
+            model, denoising, batches, cfg.train, out, cfg.train.max_steps, callbacks=callbacks
+        )
         checkpoint = latest_checkpoint(out) if cfg.resume else None
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
@@ -174,9 +180,14 @@ def run_image_training(cfg: ImageConfig) -> dict:
         losses = [
             json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
         ]
-        summary.update(task="image", final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 5), images=summary.pop("tokens"),
-                       images_per_s=round(summary.pop("tokens_per_s"), 2),
-                       threads=torch.get_num_threads(), data=dataclasses.asdict(cfg.data))  # fmt: skip
+        summary.update(
+            task="image",
+            final_loss=round(sum(losses[-20:]) / len(losses[-20:]), 5),
+            images=summary.pop("tokens"),
+            images_per_s=round(summary.pop("tokens_per_s"), 2),
+            threads=torch.get_num_threads(),
+            data=dataclasses.asdict(cfg.data),
+        )
         write_summary(out, summary)
         (out / "final" / "training.json").write_text(json.dumps(summary, indent=1))
     return summary

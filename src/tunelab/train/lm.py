@@ -13,10 +13,13 @@ def encode_options(cfg: RunConfig, kind: str) -> dict:
     d = cfg.data
     return {
         "text": {"text_field": d.text_field},
-        "instruction": {"instruction_field": d.instruction_field, "input_field": d.input_field,
-                        "output_field": d.output_field},
+        "instruction": {
+            "instruction_field": d.instruction_field,
+            "input_field": d.input_field,
+            "output_field": d.output_field,
+        },
         "chat": {"messages_field": d.messages_field},
-    }[kind]  # fmt: skip
+    }[kind]
 
 
 def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int = 1):
@@ -33,8 +36,9 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
     )
 
     d, t = cfg.data, cfg.train
-    records, train, val = load_split(d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format,
-                                     text_mode=d.text_mode)  # fmt: skip
+    records, train, val = load_split(
+        d.path, d.val_path, d.val_fraction, t.seed, fmt=d.format, text_mode=d.text_mode
+    )
     kind = detect_kind(records, d.text_field) if kind == "auto" else kind
     options = encode_options(cfg, kind)
 
@@ -42,9 +46,17 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
     cut = None if d.pack and kind == "text" else t.seq_len
 
     def encode(part: list[dict], name: str) -> list[dict]:
-        key = dict(data=file_fingerprint([p for p in (d.path, d.val_path) if p]), part=name,
-                   val=d.val_fraction, seed=t.seed, tok=tokenizer_fingerprint(tokenizer), kind=kind,
-                   seq_len=cut, options=options, n=len(part))  # fmt: skip
+        key = dict(
+            data=file_fingerprint([p for p in (d.path, d.val_path) if p]),
+            part=name,
+            val=d.val_fraction,
+            seed=t.seed,
+            tok=tokenizer_fingerprint(tokenizer),
+            kind=kind,
+            seq_len=cut,
+            options=options,
+            n=len(part),
+        )
         return cached_encode(
             key, lambda: encode_records(part, tokenizer, kind=kind, seq_len=cut, **options)[0]
         )
@@ -63,8 +75,12 @@ def build_data(cfg: RunConfig, tokenizer, kind: str, rank: int = 0, world: int =
     val_b = (
         Batches(val_ex, t.batch_size, shuffle=False, keep_all=True, **common) if val_ex else None
     )
-    stats = {"kind": kind, "train_examples": len(train_ex), "val_examples": len(val_ex),
-             "train_tokens": sum(len(e["input_ids"]) for e in train_ex)}  # fmt: skip
+    stats = {
+        "kind": kind,
+        "train_examples": len(train_ex),
+        "val_examples": len(val_ex),
+        "train_tokens": sum(len(e["input_ids"]) for e in train_ex),
+    }
     return train_b, val_b, stats
 
 
@@ -100,9 +116,10 @@ def sampler(cfg: RunConfig, tokenizer, chat: bool):
 class LMTask:
     """Causal language modelling: raw text (pretrain) or instructions/chat (finetune).
 
-    A task is what a training command plugs into `run_training`: how the model is prepared
-    before the method is applied, the data, the objective, and what is measured before and
-    after training and at each evaluation. Classification and alignment are tasks too.
+    A task is what a training command plugs into `run_training` (the `Task` protocol in
+    train/tasks.py): how the model is prepared before the method is applied, the data, the
+    objective, and what is measured before and after training and at each evaluation.
+    Classification and alignment are tasks too.
     """
 
     def __init__(self, kind: str = "auto"):
@@ -125,9 +142,13 @@ class LMTask:
             from tunelab.evaluate.instructions import measure_instructions
 
             e = cfg.eval
-            out["instructions"] = measure_instructions(model, tokenizer, e.instructions,
-                                                       e.instructions_limit,
-                                                       e.instructions_max_new_tokens)  # fmt: skip
+            out["instructions"] = measure_instructions(
+                model,
+                tokenizer,
+                e.instructions,
+                e.instructions_limit,
+                e.instructions_max_new_tokens,
+            )
         return out
 
     def evaluators(self, cfg: RunConfig, tokenizer) -> list:

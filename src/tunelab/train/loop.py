@@ -14,8 +14,10 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +30,9 @@ from tunelab.train.distributed import full, full_state, load_weights, no_sync, s
 from tunelab.train.optim import make_optimizer, stage_groups, trainable_named
 from tunelab.train.progress import Progress
 from tunelab.train.schedule import make_scheduler
+
+if TYPE_CHECKING:
+    from tunelab.train.tasks import Objective
 
 
 class TrainingError(TunelabError):
@@ -54,12 +59,49 @@ def _rng_state() -> dict:
     return state
 
 
+@runtime_checkable
+class Callback(Protocol):
+    """A loop callback: what changes the training from outside the loop (gradual unfreezing in
+    adapt/freeze.py, the image model's EMA in train/image.py). Every hook is called on every
+    callback, in the order given. A callback may also have `optimizer_stages()` (parameter names
+    and lr factors the loop builds optimizer groups from, held from the start) and `plan(model)`
+    (what will train later, kept in fp32 by `fp32_master_weights`); both are looked up by name."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        """Before the optimizer is built (e.g. freeze what trains later)."""
+        ...
+
+    def on_resume(self, trainer: Trainer, step: int) -> None:
+        """When a checkpoint resumes: its step is set, the optimizer not yet rebuilt."""
+        ...
+
+    def on_optimizer(self, trainer: Trainer) -> None:
+        """After the optimizer and scheduler are rebuilt from a checkpoint."""
+        ...
+
+    def on_step(self, trainer: Trainer, step: int) -> None:
+        """Before each optimizer step; `step` counts the steps done so far."""
+        ...
+
+
 class Trainer:
     """Runs optimizer steps on a model with an objective; callbacks may change what trains."""
 
-    def __init__(self, model, objective, batches, cfg: TrainConfig, run_dir: Path, total_steps: int,
-                 val_batches=None, callbacks=(), evaluators=(), is_main: bool = True, reduce=None,
-                 dist=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        objective: Objective,
+        batches,
+        cfg: TrainConfig,
+        run_dir: Path,
+        total_steps: int,
+        val_batches=None,
+        callbacks: Sequence[Callback] = (),
+        evaluators: Sequence[Callable[[Any], dict]] = (),
+        is_main: bool = True,
+        reduce=None,
+        dist=None,
+    ):
         # `dist` (train/distributed.py) wraps the model for DDP and brings rank and reduce.
         if dist is not None:
             is_main, reduce = dist.is_main, dist.reduce
@@ -120,10 +162,18 @@ class Trainer:
             save_file(weights, str(tmp / "trainable.safetensors"))
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            state = dict(step=self.step, tokens=self.tokens, elapsed=self.elapsed,
-                         best_val=self.best_val, bad_evals=self.bad_evals, last_val=self.last_val,
-                         scheduler=self.scheduler.state_dict(), data=self.batches.state_dict(),
-                         python_rng=random.getstate()[1], trainable=sorted(weights))  # fmt: skip
+            state = dict(
+                step=self.step,
+                tokens=self.tokens,
+                elapsed=self.elapsed,
+                best_val=self.best_val,
+                bad_evals=self.bad_evals,
+                last_val=self.last_val,
+                scheduler=self.scheduler.state_dict(),
+                data=self.batches.state_dict(),
+                python_rng=random.getstate()[1],
+                trainable=sorted(weights),
+            )
             (tmp / "state.json").write_text(json.dumps(state))
         old = sorted(_checkpoints(self.run_dir))[: -self.cfg.keep_checkpoints or None]
         for _, path in old:
@@ -336,12 +386,17 @@ class Trainer:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return dict(
-            steps=self.step, stop_reason=stop_reason, wall_time_s=round(self.elapsed, 3),
-            tokens=self.tokens, tokens_per_s=self.tokens / self.elapsed if self.elapsed else 0.0,
-            peak_memory_mb=round(peak_memory_mb(self.device), 1), trainable_params=trainable,
-            total_params=total, final_val_loss=self.last_val,
+            steps=self.step,
+            stop_reason=stop_reason,
+            wall_time_s=round(self.elapsed, 3),
+            tokens=self.tokens,
+            tokens_per_s=self.tokens / self.elapsed if self.elapsed else 0.0,
+            peak_memory_mb=round(peak_memory_mb(self.device), 1),
+            trainable_params=trainable,
+            total_params=total,
+            final_val_loss=self.last_val,
             best_val_loss=None if math.isinf(self.best_val) else self.best_val,
-        )  # fmt: skip
+        )
 
 
 def _add_metrics(sums: dict, metrics: dict) -> dict:

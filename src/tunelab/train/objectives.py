@@ -53,23 +53,37 @@ def classification(model, batch: dict, weight: torch.Tensor | None = None):
 # ---- preference losses: per pair, from summed response log-probs (prompt masked, EOS counted) ----
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+def dpo_loss(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Sigmoid DPO per pair; label_smoothing > 0 gives conservative DPO (cDPO)."""
     logits = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
-             chosen_tokens=1, rejected_tokens=1) -> torch.Tensor:  # fmt: skip
+def ipo_loss(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float = 0.1,
+    chosen_tokens=1,
+    rejected_tokens=1,
+) -> torch.Tensor:
     """IPO per pair: (per-token log-ratio margin - 1/(2 beta))^2, length-normalised as TRL does."""
     chosen = (policy_chosen - ref_chosen) / torch.as_tensor(chosen_tokens).clamp(min=1)
     rejected = (policy_rejected - ref_rejected) / torch.as_tensor(rejected_tokens).clamp(min=1)
     return (chosen - rejected - 1 / (2 * beta)) ** 2
 
 
-def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-               beta: float = 0.1) -> torch.Tensor:  # fmt: skip
+def hinge_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1
+) -> torch.Tensor:
     """SLiC's hinge per pair: relu(1 - beta * log-ratio margin)."""
     return torch.relu(1 - beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
 
@@ -77,9 +91,18 @@ def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
 PREFERENCE_LOSSES = ("dpo", "ipo", "hinge")
 
 
-def preference_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *,
-                    beta: float, label_smoothing: float = 0.0, chosen_tokens=1,
-                    rejected_tokens=1) -> torch.Tensor:  # fmt: skip
+def preference_loss(
+    name: str,
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_tokens=1,
+    rejected_tokens=1,
+) -> torch.Tensor:
     """The named loss per pair; only DPO uses label smoothing, only IPO the token counts."""
     logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     if name == "dpo":

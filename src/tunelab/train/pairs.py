@@ -37,8 +37,11 @@ def split_prompt(chosen, rejected) -> tuple:
 
 def _check_messages(value, field: str, at: str) -> list[dict]:
     for i, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):  # fmt: skip
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise DataError(f"{at}: {field} message {i} must be {{'role': str, 'content': str}}")
     return value
 
@@ -81,7 +84,10 @@ class PairEncoder:
         a, d = cfg.align, cfg.data
         self.tok, self.seq_len, self.strict = tokenizer, cfg.train.seq_len, a.strict
         self.prompt_field, self.chosen_field, self.rejected_field = (
-            a.prompt_field, a.chosen_field, a.rejected_field)  # fmt: skip
+            a.prompt_field,
+            a.chosen_field,
+            a.rejected_field,
+        )
         self.instruction_field, self.input_field = d.instruction_field, d.input_field
         self.specials, self.eos = special_ids(tokenizer), tokenizer.eos_id
         self.bos = [tokenizer.bos_id] if adds_bos(tokenizer) else []
@@ -93,8 +99,10 @@ class PairEncoder:
         for f in (self.chosen_field, self.rejected_field):
             if f not in record:
                 have = fields_of(record)
-                raise DataError(f"{at}: pair has no field {f!r}{closest(f, have)}; "
-                                f"fields: {', '.join(have) or '(none)'}")  # fmt: skip
+                raise DataError(
+                    f"{at}: pair has no field {f!r}{closest(f, have)}; "
+                    f"fields: {', '.join(have) or '(none)'}"
+                )
         chosen, rejected = record[self.chosen_field], record[self.rejected_field]
         for f, v in ((self.chosen_field, chosen), (self.rejected_field, rejected)):
             if not isinstance(v, str | list):
@@ -114,8 +122,11 @@ class PairEncoder:
         else:
             prompt, chosen, rejected = split_prompt(chosen, rejected)
             if not prompt or not chosen or not rejected:
-                raise UnusablePair("no_prompt", f"{at}: no field {self.prompt_field!r}, and the "
-                                   "responses share no start to split off as the prompt")  # fmt: skip
+                raise UnusablePair(
+                    "no_prompt",
+                    f"{at}: no field {self.prompt_field!r}, and the "
+                    "responses share no start to split off as the prompt",
+                )
         if not isinstance(prompt, str | list) or not prompt:
             raise DataError(f"{at}: field {self.prompt_field!r} must be text or a list of messages")
         if isinstance(prompt, list):
@@ -138,8 +149,11 @@ class PairEncoder:
         """An HH-RLHF pair: messages through the chat template when the model has one, else text."""
         (prompt, c), (other, r) = split_transcript(chosen), split_transcript(rejected)
         if prompt != other:
-            raise UnusablePair("prompt_mismatch", f"{at}: the dialogues differ before their last "
-                               "Assistant turn, so the two responses answer different prompts")  # fmt: skip
+            raise UnusablePair(
+                "prompt_mismatch",
+                f"{at}: the dialogues differ before their last "
+                "Assistant turn, so the two responses answer different prompts",
+            )
         if not c.strip() or not r.strip():
             raise UnusablePair("empty_response", f"{at}: a last Assistant turn is empty")
         if not self.tok.chat_template:
@@ -181,8 +195,10 @@ class PairEncoder:
     def _chat(self, p: list[int], prompt: list, response: list, at: str) -> list[int]:
         full = self.tok.apply_chat_template(prompt + response, add_generation_prompt=False)
         if full[: len(p)] != p:
-            raise DataError(f"{at}: the chat template's prompt does not tokenize as a prefix of "
-                            "prompt + response, so the response boundary is unknown")  # fmt: skip
+            raise DataError(
+                f"{at}: the chat template's prompt does not tokenize as a prefix of "
+                "prompt + response, so the response boundary is unknown"
+            )
         ids = full[len(p) :]
         last = [j for j, t in enumerate(ids) if t in self.specials]
         # The response ends at its end-of-turn token (in the loss); template text after it is not.

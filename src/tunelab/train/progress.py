@@ -21,10 +21,16 @@ class Progress:
     def __init__(self, total: int, enabled: bool = True, start: int = 0, label: str = "train"):
         self.enabled = enabled and sys.stderr.isatty()
         self.bar = _RichProgress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=Console(stderr=True), disable=not self.enabled,
-        )  # fmt: skip
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not self.enabled,
+        )
         self.task = self.bar.add_task(label, total=total, completed=start, info="")
 
     def __enter__(self):

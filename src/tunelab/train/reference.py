@@ -100,9 +100,15 @@ def compute_reference(model, parts: dict[str, list[dict]], cfg: RunConfig, pad_i
 def reference_key(parts: dict[str, list[dict]], cfg: RunConfig) -> str:
     """What the cached reference log-probs depend on: the pairs, the start model and precision."""
     h = hashlib.sha256()
-    start = dict(model=cfg.model, arch=cfg.arch, tokenizer=cfg.tokenizer, method=cfg.method,
-                 seed=cfg.train.seed, precision=cfg.train.precision,
-                 compute=compute_precision(cfg.train))  # fmt: skip
+    start = dict(
+        model=cfg.model,
+        arch=cfg.arch,
+        tokenizer=cfg.tokenizer,
+        method=cfg.method,
+        seed=cfg.train.seed,
+        precision=cfg.train.precision,
+        compute=compute_precision(cfg.train),
+    )
     h.update(json.dumps(start, sort_keys=True, default=str).encode())
     for name, examples in parts.items():
         h.update(name.encode())
@@ -118,13 +124,18 @@ def cached_reference(model, parts: dict, cfg: RunConfig, pad_id: int, path: Path
         try:
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    return {n: (f.get_tensor(f"{n}.chosen"), f.get_tensor(f"{n}.rejected"))
-                            for n in parts}  # fmt: skip
+                    return {
+                        n: (f.get_tensor(f"{n}.chosen"), f.get_tensor(f"{n}.rejected"))
+                        for n in parts
+                    }
         except Exception:  # a damaged cache is recomputed, never fatal
             pass
     ref = compute_reference(model, parts, cfg, pad_id)
-    tensors = {f"{n}.{side}": t.contiguous() for n, (c, r) in ref.items()
-               for side, t in (("chosen", c), ("rejected", r))}  # fmt: skip
+    tensors = {
+        f"{n}.{side}": t.contiguous()
+        for n, (c, r) in ref.items()
+        for side, t in (("chosen", c), ("rejected", r))
+    }
     path.parent.mkdir(parents=True, exist_ok=True)  # before the run directory is opened
     with atomic_file(path) as tmp:  # a kill never leaves a half-written cache
         save_file(tensors, str(tmp), metadata={"key": key})

@@ -9,8 +9,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -21,6 +23,10 @@ from tunelab.loading import DTYPES, load
 from tunelab.runtime import prepare_runtime, resolve
 from tunelab.train.config import RunConfig, check_options, compute_precision, load_config
 from tunelab.train.lm import LMTask
+from tunelab.train.tasks import Task
+
+if TYPE_CHECKING:
+    from tunelab.train.loop import Callback
 
 log = logging.getLogger("tunelab")
 
@@ -68,8 +74,9 @@ def load_for_training(cfg: RunConfig, device: torch.device):
         from tunelab.adapt.lora import quantization
 
         quant = dict(zip(("quantize", "double_quant"), quantization(cfg.method)))
-    lm = load(cfg.model, precision=cfg.train.precision, device=str(device), **quant,
-                      runtime=cfg.runtime)  # fmt: skip
+    lm = load(
+        cfg.model, precision=cfg.train.precision, device=str(device), **quant, runtime=cfg.runtime
+    )
     return lm.model, lm.tokenizer
 
 
@@ -188,7 +195,12 @@ def before_after(before: dict, after: dict) -> dict:
     return out
 
 
-def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) -> dict:
+def run_training(
+    cfg: RunConfig,
+    kind: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    task: Task | None = None,
+) -> dict:
     """Train as the config says and return summary.json's contents; resumes when asked.
 
     Under torchrun every rank trains on its shard of the data; only rank 0 writes the run."""
@@ -231,9 +243,18 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         set_dropout(model, cfg.train.dropout)
         dist.shard(model)  # FSDP only; DDP wraps in the loop, which keeps the plain module
         steps = total_steps(cfg, train_b)
-        trainer = Trainer(model, task.objective, train_b, cfg.train, run_dir, steps, val_batches=val_b,
-                          callbacks=callbacks, evaluators=task.evaluators(cfg, tokenizer),
-                          dist=dist)  # fmt: skip
+        trainer = Trainer(
+            model,
+            task.objective,
+            train_b,
+            cfg.train,
+            run_dir,
+            steps,
+            val_batches=val_b,
+            callbacks=callbacks,
+            evaluators=task.evaluators(cfg, tokenizer),
+            dist=dist,
+        )
         checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
         checkpoint = dist.broadcast(checkpoint)  # rank 0's choice; other nodes need a shared disk
         if checkpoint is not None:
@@ -250,13 +271,18 @@ def run_training(cfg: RunConfig, kind: str = "auto", callbacks=(), task=None) ->
         summary.update(before_after(before, task.measure(model, tokenizer, cfg, val_b)))
         summary.update(task.finish(model, tokenizer, cfg, val_b, run_dir))
         summary["params"] = params
-        summary["precision"] = dict(weights=cfg.train.precision, trainable="fp32",
-                                    compute=compute_precision(cfg.train))  # fmt: skip
+        summary["precision"] = dict(
+            weights=cfg.train.precision, trainable="fp32", compute=compute_precision(cfg.train)
+        )
         if dist.auto_precision:
             summary["precision"]["auto"] = dist.auto_precision
         summary["runtime"] = runtime.record(model)
-        summary.update(task=cfg.task, model=cfg.model if not cfg.arch else cfg.arch,
-                       method=cfg.method.get("name", "full"), data=data_stats)  # fmt: skip
+        summary.update(
+            task=cfg.task,
+            model=cfg.model if not cfg.arch else cfg.arch,
+            method=cfg.method.get("name", "full"),
+            data=data_stats,
+        )
 
         def rebuild():  # the model as it was before FSDP, to hold the gathered weights
             plain = task.prepare(load_for_training(cfg, torch.device("cpu"))[0], tokenizer, cfg)

@@ -21,9 +21,13 @@ from tunelab.paths import check_folder_out
 LOCK = ".lock"
 # What atomic_dir (model/checkpoint.py) and atomic_file leave beside their target when a write
 # is killed.
-TEMPORARIES = (("checkpoints", ".step-*"), (".", ".final.*"), (".", ".adapter.*"),
-               (".", temporary_pattern("summary.json")),
-               (".", temporary_pattern("metrics.jsonl")))  # fmt: skip
+TEMPORARIES = (
+    ("checkpoints", ".step-*"),
+    (".", ".final.*"),
+    (".", ".adapter.*"),
+    (".", temporary_pattern("summary.json")),
+    (".", temporary_pattern("metrics.jsonl")),
+)
 
 
 def _owner(path: Path) -> str:
