@@ -210,7 +210,15 @@ def test_train_the_tiny_model_resume_it_then_generate(tmp_path, capsys):
         )
     )
     run = tmp_path / "run"
-    s = cli(["image", "train", "--config", config, "--out", run, "--json"], capsys)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the run's own setting (1) must not outlive it
+    try:
+        s = cli(["image", "train", "--config", config, "--out", run, "--json"], capsys)
+        assert torch.get_num_threads() == 2 and s["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
     assert s["steps"] == 2 and s["images"] == 8 and s["task"] == "image"
     assert {"config.yaml", "metrics.jsonl", "summary.json", "final"} <= {
         p.name for p in run.iterdir()

@@ -14,6 +14,7 @@ runtime` shows the table); kernels.py holds the kernels, allocator.py the malloc
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -147,3 +148,16 @@ def attention_backend(model: nn.Module, choice: str) -> str | None:
     if cfg is None or param is None:
         return None
     return backend_for(param.device, param.dtype, cfg.head_dim, cfg.causal, choice)
+
+
+@contextmanager
+def threads(n: int | None):
+    """torch's thread count set to n for a block of work and restored after it, so a study
+    cell's setting (one thread on a busy machine) does not outlive the cell."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -166,20 +166,23 @@ def _counting(model: str, config: dict, method: dict, seed: int, run_dir: Path, 
     """Generate and count as the counting section says (prompts: a YAML file, or variants,
     numbers and classes inline), the method's keys (a sweep's guidance, steps, variants)
     overriding it; the images, scores, grid and report stay in the cell's folder."""
+    from tunelab.runtime import threads
+
+    options = {**(config.get("counting") or {}), **{k: v for k, v in method.items() if k != "name"}}
+    for key in options:
+        if key not in COUNTING_KEYS:
+            raise ConfigError(f"counting: unknown key {key!r}{closest(key, COUNTING_KEYS)}")
+    with threads(options.get("threads")):  # on a busy machine one thread contends least
+        return _count(model, options, seed, run_dir, t0)
+
+
+def _count(model: str, options: dict, seed: int, run_dir: Path, t0) -> dict:
     from tunelab.image.counters import make_counter
     from tunelab.image.counting import evaluate, generate_set
     from tunelab.image.pipeline import load_pipeline
     from tunelab.image.prompts import expand, read_spec
     from tunelab.train.run import write_summary
 
-    options = {**(config.get("counting") or {}), **{k: v for k, v in method.items() if k != "name"}}
-    for key in options:
-        if key not in COUNTING_KEYS:
-            raise ConfigError(f"counting: unknown key {key!r}{closest(key, COUNTING_KEYS)}")
-    if options.get("threads"):  # on a busy machine one thread per process contends least
-        import torch
-
-        torch.set_num_threads(int(options["threads"]))
     extra = {"threshold": options["threshold"]} if options.get("threshold") is not None else {}
     counter = make_counter(options.get("counter", "ssd-mobilenet"), **extra)
     spec = read_spec(options["prompts"]) if options.get("prompts") else {}

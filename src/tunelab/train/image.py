@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError
+from tunelab.runtime import threads
 from tunelab.train.config import TrainConfig, _build, opt, set_dotted
 
 log = logging.getLogger("tunelab")
@@ -154,13 +155,12 @@ def run_image_training(cfg: ImageConfig) -> dict:
         )
     if not cfg.train.max_steps:
         raise ConfigError("train.max_steps: the rendered dataset is endless; say how many steps")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.train.seed)
     unet = {"sample_size": cfg.data.size, **cfg.model.unet}
     model = TinyDiffusion(vocabulary(), unet=unet, text=cfg.model.text)
     callbacks = [EMA(cfg.ema)] if cfg.ema else []
     with ExitStack() as owned:
+        owned.enter_context(threads(cfg.threads))  # restored after: the setting is this run's
         owned.enter_context(own_run_dir(out))
         cfg.out = str(out)
         (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
