@@ -1,6 +1,7 @@
 """LoRA against peft on tiny random models of every family: save, load, merge, rsLoRA, training."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -121,7 +122,13 @@ def test_saved_adapter_matches_peft(name, tmp_path):
     _randomise(ours)
     after = _ours(ours, ids, mask)
     assert _diff(after, before, mask) > 1e-2  # the adapter changes the output
-    save_adapter(ours, tmp_path / "adapter")
+    old = os.umask(0o022)
+    try:
+        save_adapter(ours, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o644  # the user's umask (safetensors wrote 0600)
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     assert _diff(_theirs(peft_model, ids, mask), after, mask) < 1e-4
 

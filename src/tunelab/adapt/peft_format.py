@@ -15,12 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from tunelab.adapt.lora import LoRALinear, _linears, _wrap, lora_modules
 from tunelab.errors import ConfigError, ModelError
 from tunelab.model.convert import _COMPILED, _canonical_hf, _rename
+from tunelab.model.weights import write_file
 
 CONFIG, WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 _QKV = re.compile(r"^transformer\.layers\.(\d+)\.attn\.([qkv])_proj$")
@@ -129,7 +130,8 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    # our writer: no second copy of the adapter in bytes, and the file follows the umask
+    write_file(tensors, path / WEIGHTS, {"format": "pt"})
     (path / CONFIG).write_text(json.dumps(config, indent=2))
 
 
