@@ -215,8 +215,11 @@ def write_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | No
         f.write(len(raw).to_bytes(8, "little") + raw)
         for t in tensors.values():
             if t.numel():
-                flat = t.detach().to("cpu").contiguous().reshape(-1)
-                f.write(memoryview(flat.view(torch.uint8).numpy()))
+                flat = t.detach().to("cpu").contiguous()
+                # the bytes seen through ctypes, not numpy: .numpy() would mark the storage
+                # unresizable for good, and FSDP frees its parameters' storage by resizing it
+                n = flat.numel() * flat.element_size()
+                f.write(memoryview((ctypes.c_char * n).from_address(flat.data_ptr())).cast("B"))
 
 
 def write_shards(

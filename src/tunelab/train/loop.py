@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tunelab.data.batching import FILLER
 from tunelab.errors import TunelabError
 from tunelab.model.checkpoint import atomic_dir
+from tunelab.model.weights import write_file
 from tunelab.train.config import TrainConfig, compute_precision
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
 from tunelab.train.optim import make_optimizer, stage_groups, trainable_named
@@ -159,7 +160,7 @@ class Trainer:
         target = self.run_dir / "checkpoints" / f"step-{self.step}"
         with atomic_dir(target) as tmp:
             weights = {n: w.contiguous() for n, w in weights.items()}
-            save_file(weights, str(tmp / "trainable.safetensors"))
+            write_file(weights, tmp / "trainable.safetensors")
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             state = dict(

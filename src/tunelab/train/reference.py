@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tunelab.data.preference import collate_pairs, pair_logps, pair_tokens
 from tunelab.files import atomic_file
+from tunelab.model.weights import write_file
 from tunelab.train.config import RunConfig, compute_precision
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -138,5 +138,5 @@ def cached_reference(model, parts: dict, cfg: RunConfig, pad_id: int, path: Path
     }
     path.parent.mkdir(parents=True, exist_ok=True)  # before the run directory is opened
     with atomic_file(path) as tmp:  # a kill never leaves a half-written cache
-        save_file(tensors, str(tmp), metadata={"key": key})
+        write_file(tensors, tmp, {"key": key})  # into atomic_file's file, keeping its mode
     return ref
