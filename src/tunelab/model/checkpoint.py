@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.errors import ModelError
@@ -22,7 +21,7 @@ from tunelab.files import umask
 from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
-from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
+from tunelab.model.weights import hf_entries, materialize, read_tensors, write_file, write_shards
 from tunelab.paths import check_folder_out
 from tunelab.tokenizer.tokenizer import Tokenizer
 
@@ -176,11 +175,7 @@ def export_hf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path) -
     check_model_out(path, force=True)
     with atomic_dir(path) as tmp:
         state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        save_file(
-            tunelab_to_hf(state, model.cfg),
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        write_file(tunelab_to_hf(state, model.cfg), tmp / "model.safetensors", {"format": "pt"})
         hf = to_hf_config(model.cfg)
         hf["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))

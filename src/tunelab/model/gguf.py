@@ -164,10 +164,10 @@ def gguf_to_hf_dir(path: str | os.PathLike, cache_root: str | os.PathLike | None
 
 def _write_hf_dir(contents: GGUFContents, directory: Path) -> None:
     """Write config, weights and tokenizer files the way `from_pretrained` expects them."""
-    from safetensors.torch import save_file
+    from tunelab.model.weights import write_file
 
     (directory / "config.json").write_text(json.dumps(contents.hf_config, indent=2) + "\n")
-    save_file(contents.tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_file(contents.tensors, directory / "model.safetensors", {"format": "pt"})
     contents.tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
         json.dumps(contents.tokenizer_config, indent=2, ensure_ascii=False) + "\n"
