@@ -23,6 +23,7 @@ def fake_machine(monkeypatch, tmp_path, speeds: dict) -> list:
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TUNELAB_ONEDNN", raising=False)
     monkeypatch.setattr(choose, "SHAPES", TINY)
+    monkeypatch.setattr(choose.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # a quiet machine
     monkeypatch.setattr(
         choose, "timer", lambda fn, cand, cls: calls.append(cls) or speeds.get(cand, 1.0)
     )
@@ -83,6 +84,24 @@ def test_the_table_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path
     assert len(calls) == 2 * n
     main(["runtime", "--rerun", "--json"])
     assert len(calls) == 3 * n
+
+
+def test_a_table_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet(
+    monkeypatch, tmp_path
+):
+    calls = fake_machine(monkeypatch, tmp_path, {"onednn": 0.5})
+    cores = choose.machine()["cores"] or 1
+    load = [cores + 3.0]
+    monkeypatch.setattr(choose.os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    busy = choose.measured()
+    n = len(calls)
+    assert busy["load"] > cores
+    assert choose.measured() == busy and len(calls) == n  # still busy: the guess serves
+    load[0] = 0.1
+    quiet = choose.measured()
+    assert len(calls) == 2 * n and quiet["load"] == 0.1  # quiet now: measured again
+    load[0] = cores + 3.0
+    assert choose.measured() == quiet and len(calls) == 2 * n  # a quiet table is kept
 
 
 def test_the_runtime_command_shows_the_table(monkeypatch, tmp_path, capsys):

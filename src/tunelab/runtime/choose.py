@@ -191,12 +191,18 @@ def _locked(path: Path):
 
 def measured(rerun: bool = False) -> dict:
     """This machine's table {machine, measured, seconds, load, rows, choice}: from the cache,
-    or measured now (once per machine) and cached."""
+    or measured now (once per machine) and cached. A table measured on a busy machine is a
+    guess (preempted calls once made torch look 30x faster than oneDNN and stuck): it serves
+    until the machine is quiet, and is measured again then."""
     key, path = machine(), cache_path()
-    if not rerun and (found := _cached(path, key)):
+
+    def usable(found: dict | None) -> bool:
+        return found is not None and not (_busy(found["load"], key) and not _busy(_load(), key))
+
+    if not rerun and usable(found := _cached(path, key)):
         return found
     with _locked(path):
-        if not rerun and (found := _cached(path, key)):
+        if not rerun and usable(found := _cached(path, key)):
             return found
         log.info(
             "measuring the linear kernels on this machine (once; `tunelab runtime` shows them)"
@@ -212,16 +218,20 @@ def measured(rerun: bool = False) -> dict:
             rows=rows,
             choice=decide(rows),
         )
-        if (found["load"] or 0) > (key["cores"] or 1):
+        if _busy(found["load"], key):
             log.warning(
                 f"the machine was busy (load {found['load']}): the kernel times are noisy; "
-                "`tunelab runtime --rerun` when it is idle"
+                "they are measured again the first time it is quiet"
             )
         try:
             atomic_write(path, json.dumps(found, indent=1))  # a concurrent reader never sees half
         except OSError:  # a read-only cache: measure again next time
             pass
     return found
+
+
+def _busy(load: float | None, key: dict) -> bool:
+    return (load or 0) > (key["cores"] or 1)
 
 
 def _load() -> float | None:
@@ -255,8 +265,6 @@ def format_table(found: dict) -> str:
         "chosen (*): " + ", ".join(f"{c} {k}" for c, k in found["choice"].items()),
         f"a path other than torch is chosen only when {MARGIN:.2f}x faster and slower nowhere",
     ]
-    if (found.get("load") or 0) > (m["cores"] or 1):
-        lines.append(
-            "the machine was busy (load above its cores): `tunelab runtime --rerun` when idle"
-        )
+    if _busy(found.get("load"), m):
+        lines.append("the machine was busy (load above its cores): measured again when it is quiet")
     return "\n".join(lines)
