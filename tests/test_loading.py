@@ -191,10 +191,11 @@ def _mapped_ranges(files) -> list[tuple[int, int]]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
-def test_weights_in_the_stored_dtype_are_mapped_in_place_and_private(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: transposed, split Conv1D views
+def test_weights_in_the_stored_dtype_are_mapped_in_place_and_private(tmp_path, family):
     import gc
 
-    _, path = _sharded(tmp_path)  # bf16 shards
+    _, path = _sharded(tmp_path, family)  # bf16 shards
     files = sorted(path.glob("*.safetensors"))
     before = [f.read_bytes() for f in files]
     model = tunelab.load(path, precision="bf16").model
@@ -213,6 +214,30 @@ def test_weights_in_the_stored_dtype_are_mapped_in_place_and_private(tmp_path):
     gc.collect()
     assert _mapped_ranges(files) == []  # converted as read: no mapping is kept
     assert {p.dtype for p in converted.parameters()} == {torch.float32}
+    assert all(p.is_contiguous() for p in converted.parameters())
+
+
+def test_gpt2_weights_used_as_stored_compute_like_transformers(tmp_path):
+    """bf16 GPT-2 keeps its Conv1D weights as transposed views of the file: same logits as
+    transformers, and a training step and a save work through the views."""
+    from tunelab.model.checkpoint import save_model_dir
+
+    ref, path = _sharded(tmp_path, "gpt2")
+    lm = tunelab.load(path, precision="bf16")
+    attn = lm.model.transformer.layers[0].attn
+    assert not attn.q_proj.weight.is_contiguous()  # a view, not a copy
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lm.model(ids).float(), ref(ids).logits.float(), atol=2e-2, rtol=0
+        )
+    out = lm.model(ids).float().logsumexp(-1).mean()
+    out.backward()
+    assert attn.q_proj.weight.grad.shape == attn.q_proj.weight.shape
+    save_model_dir(lm.model, lm.tokenizer, tmp_path / "saved")
+    again = tunelab.load(tmp_path / "saved", precision="bf16")
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids), lm.model(ids), atol=0, rtol=0)
 
 
 def test_nf4_on_read_never_holds_the_float_model(wide):

@@ -7,6 +7,7 @@ weights transposed and its fused q/k/v split. Nothing here touches the model cod
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -133,13 +134,17 @@ def hf_names(raw: str, cfg: ModelConfig) -> list[str]:
 
 
 def hf_tensor(raw: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """(tunelab name, tensor) pairs for one HF tensor; GPT-2's Conv1D is transposed and split."""
+    """(tunelab name, tensor) pairs for one HF tensor; GPT-2's Conv1D is transposed and split.
+
+    The transposed and split tensors are views, not copies: a weight used in the dtype it is
+    stored in stays on the file's mapping (a (out, in) view of HF's (in, out) bytes is what
+    F.linear reads best anyway), and a converted one is made contiguous as it is cast."""
     names = hf_names(raw, cfg)
     if cfg.family == "gpt2" and _CONV1D.search(_canonical_hf(raw, cfg.family)):
         tensor = tensor.t()  # HF's GPT-2 Conv1D stores (in, out)
     if len(names) == 3:
-        return [(n, c.contiguous()) for n, c in zip(names, tensor.chunk(3, dim=0))]
-    return [(n, tensor.contiguous()) for n in names]
+        return list(zip(names, tensor.chunk(3, dim=0)))
+    return [(n, tensor) for n in names]
 
 
 def hf_shapes(raw: str, shape: tuple, cfg: ModelConfig) -> dict[str, tuple]:
@@ -150,26 +155,31 @@ def hf_shapes(raw: str, shape: tuple, cfg: ModelConfig) -> dict[str, tuple]:
     return {n: (shape[0] // len(names), *shape[1:]) for n in names}
 
 
-def tunelab_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of hf_tensor: tunelab names back to a transformers checkpoint."""
-    pairs, out, qkv = _COMPILED[cfg.family], {}, {}
-    for name, tensor in state.items():
+def tunelab_to_hf(tensors: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig):
+    """The inverse of hf_tensor, as the tensors come: (transformers name, tensor) pairs. Only
+    GPT-2's q/k/v wait for each other (one fused c_attn), so no more than a layer is held."""
+    pairs, qkv = _COMPILED[cfg.family], {}
+    for name, tensor in tensors:
         if cfg.tie_embeddings and name in ("lm_head.weight", "mlm_head.decoder.weight"):
             continue
         m = re.match(r"^transformer\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)$", name)
         if cfg.family == "gpt2" and m:
-            qkv.setdefault((m[1], m[3]), {})[m[2]] = tensor
+            parts = qkv.setdefault((m[1], m[3]), {})
+            parts[m[2]] = tensor
+            if len(parts) == 3:
+                fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+                del qkv[(m[1], m[3])]
+                yield (
+                    f"transformer.h.{m[1]}.attn.c_attn.{m[3]}",
+                    fused.t().contiguous() if m[3] == "weight" else fused,
+                )
             continue
         hf = _rename(name, pairs, forward=False)
         if hf is None:
             raise ModelError(f"tensor {name!r} has no transformers name for family {cfg.family}")
-        out[hf] = tensor.t().contiguous() if cfg.family == "gpt2" and _CONV1D.search(hf) else tensor
-    for (i, kind), parts in qkv.items():
-        fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-        out[f"transformer.h.{i}.attn.c_attn.{kind}"] = (
-            fused.t().contiguous() if kind == "weight" else fused
-        )
-    return out
+        yield hf, tensor.t().contiguous() if cfg.family == "gpt2" and _CONV1D.search(hf) else tensor
+    if qkv:
+        raise ModelError(f"GPT-2 attention {sorted(qkv)} lacks some of q/k/v_proj")
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:

@@ -153,10 +153,10 @@ def materialize(
     for name, tensor in tensors:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
-        if tensor.is_floating_point():
-            tensor = tensor.to(device=device, dtype=dtype)
-        else:
-            tensor = tensor.to(device=device)
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        if tensor.dtype != target or tensor.device != torch.device(device):
+            # a cast copies anyway: the copy is contiguous, whatever view it was read through
+            tensor = tensor.to(device=device, dtype=target, memory_format=torch.contiguous_format)
         if leaf in module._parameters:
             old = module._parameters[leaf]
             module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)

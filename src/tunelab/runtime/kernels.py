@@ -212,7 +212,7 @@ class _Packed(_Plain):
 
     def __init__(self, m: nn.Linear, rows: int):
         super().__init__(m, rows)
-        self.w = reorder(self.w, rows)
+        self.w = reorder(self.w.contiguous(), rows)  # a loaded GPT-2 weight may be a view
 
 
 class _Torch:

@@ -173,6 +173,9 @@ class Dist:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # Weights are gathered in the compute dtype; gradients are reduced in fp32.
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for p in model.parameters():  # a loaded GPT-2 weight may be a transposed view of a file
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
         for block in getattr(getattr(model, "transformer", None), "layers", []):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)

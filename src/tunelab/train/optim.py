@@ -23,7 +23,7 @@ def fp32_master_weights(model, callbacks=(), everything: bool = False) -> int:
     converted = 0
     for name, p in model.named_parameters():
         if name in names and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
+            p.data = p.data.to(torch.float32, memory_format=torch.contiguous_format)
             converted += 1
     return converted
 
