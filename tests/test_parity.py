@@ -111,6 +111,23 @@ def test_export_reloads_in_transformers(name, tmp_path):
         assert (_theirs(back, ids, mask) - _theirs(hf, ids, mask))[mask.bool()].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_export_in_shards_reloads_in_transformers(name, tmp_path, monkeypatch):
+    from tunelab.model import weights
+
+    monkeypatch.setattr(weights, "SHARD_BYTES", 40_000)  # the tiny model in several shards
+    hf, path = _random_hf(name, tmp_path)
+    ours, _ = load_model_dir_no_tok(path)
+    export_hf(ours, None, tmp_path / "export")
+    assert len(list((tmp_path / "export").glob("model-*.safetensors"))) > 2
+    assert (tmp_path / "export" / "model.safetensors.index.json").exists()
+    _, cls = _configs()[name]
+    back = cls.from_pretrained(tmp_path / "export").eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        assert (_theirs(back, ids, mask) - _theirs(hf, ids, mask))[mask.bool()].abs().max() < 1e-5
+
+
 def test_bert_pooler_matches(tmp_path):
     hf, path = _random_hf("bert", tmp_path)
     ours, _ = load_model_dir_no_tok(path)

@@ -45,7 +45,14 @@ class LoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """The update B @ A * scaling, in float32."""
-        return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        a, b = self.lora_A.weight, self.lora_B.weight
+        return self.add_delta_(b.new_zeros(b.shape[0], a.shape[1], dtype=torch.float32))
+
+    def add_delta_(self, w: torch.Tensor) -> torch.Tensor:
+        """w += B @ A * scaling in place (float32 w): no weight-sized temporaries, which is
+        what keeps saving a 7B model's merged layers within a little of the model itself."""
+        b, a = self.lora_B.weight.detach().float(), self.lora_A.weight.detach().float()
+        return w.addmm_(b, a, alpha=self.scaling)
 
     def merge(self) -> None:
         """Fold the update into the base weight (a quantized base becomes a float nn.Linear)."""
@@ -55,7 +62,10 @@ class LoRALinear(nn.Module):
             self.base = self.base.to_linear().requires_grad_(False)
         with torch.no_grad():
             w = self.base.weight
-            w.copy_((w.float() + self.delta()).to(w.dtype))
+            if w.dtype == torch.float32:
+                self.add_delta_(w)
+            else:
+                w.copy_(self.add_delta_(w.float()))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -182,9 +192,9 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype | None = None):
                 w = base.dequantize(torch.float32)
             else:
                 out = dtype or base.weight.dtype
-                w = base.weight.detach().float()
+                w = base.weight.detach().to(torch.float32, copy=True)  # the model stays as is
             if isinstance(m, LoRALinear) and not m.merged:
-                w = w + m.delta()
+                m.add_delta_(w)
             yield prefix + "weight", w.to(out)
             if base.bias is not None:
                 yield prefix + "bias", base.bias.detach().to(out)

@@ -21,7 +21,7 @@ from tunelab.files import umask
 from tunelab.model.config import ModelConfig, from_hf_config
 from tunelab.model.convert import hf_shapes, hf_tensor, to_hf_config, tunelab_to_hf
 from tunelab.model.heads import EncoderModel, build_model
-from tunelab.model.weights import hf_entries, materialize, read_tensors, write_file, write_shards
+from tunelab.model.weights import hf_entries, materialize, read_tensors, write_shards
 from tunelab.paths import check_folder_out
 from tunelab.tokenizer.tokenizer import Tokenizer
 
@@ -171,11 +171,13 @@ def save_model_dir(
 
 
 def export_hf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path) -> None:
-    """Write an HF directory that transformers' AutoModel*.from_pretrained loads with equal logits."""
+    """Write an HF directory that transformers' AutoModel*.from_pretrained loads with equal logits:
+    float32 tensors made and written one at a time into shards (HF's index past 512 MiB), so
+    a 7B model is exported within a shard of memory over the model itself."""
     check_model_out(path, force=True)
     with atomic_dir(path) as tmp:
-        state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-        write_file(tunelab_to_hf(state, model.cfg), tmp / "model.safetensors", {"format": "pt"})
+        state = ((k, v.detach().float()) for k, v in model.state_dict().items())
+        write_shards(tunelab_to_hf(state, model.cfg), tmp, metadata={"format": "pt"})
         hf = to_hf_config(model.cfg)
         hf["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
