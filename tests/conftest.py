@@ -3,6 +3,7 @@ the kernels were measured per machine: no test measures this machine (a few seco
 $TUNELAB_CACHE moves). Tests of `auto` set their own environment."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -19,18 +20,39 @@ def tiny_gguf(tmp_path):
     return path, write_tiny(path, Q.Q8_0, tied=False)
 
 
+@contextmanager
+def cache_in(root):
+    """$TUNELAB_CACHE inside root while a module's fixture lives, restored after."""
+    saved = os.environ.get("TUNELAB_CACHE")
+    os.environ["TUNELAB_CACHE"] = str(root / "cache")
+    try:
+        yield root
+    finally:
+        if saved is None:
+            os.environ.pop("TUNELAB_CACHE")
+        else:
+            os.environ["TUNELAB_CACHE"] = saved
+
+
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     """A folder with a tiny tokenizer, base model and preference pairs (tests/tiny_prefs.py),
     with the encoding cache inside it."""
     from tiny_prefs import write_preference_setup
 
-    root = tmp_path_factory.mktemp("dpo")
-    saved = os.environ.get("TUNELAB_CACHE")
-    os.environ["TUNELAB_CACHE"] = str(root / "cache")
-    write_preference_setup(root)
-    yield root
-    if saved is None:
-        os.environ.pop("TUNELAB_CACHE")
-    else:
-        os.environ["TUNELAB_CACHE"] = saved
+    with cache_in(tmp_path_factory.mktemp("dpo")) as root:
+        write_preference_setup(root)
+        yield root
+
+
+@pytest.fixture(scope="module")
+def icl_setup(tmp_path_factory):
+    """A tiny tokenizer and decoder, 24 demonstration reviews (train.jsonl) and 8 to score
+    (test.jsonl), with the encoding cache inside the folder (test_icl*.py)."""
+    from tiny import make_models, write_reviews
+
+    with cache_in(tmp_path_factory.mktemp("icl")) as root:
+        make_models(root)
+        write_reviews(root / "train.jsonl", 24, 1)
+        write_reviews(root / "test.jsonl", 8, 2)
+        yield root

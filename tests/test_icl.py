@@ -3,13 +3,12 @@ distribution and intervals, the CLI's report of the prompt, and a prompt sweep a
 
 import json
 import math
-import os
 import shutil
 
 import pytest
 import torch
 import yaml
-from tiny import make_models, write_reviews
+from tiny import icl_args
 
 from tunelab.cli import main
 from tunelab.errors import ConfigError
@@ -29,23 +28,8 @@ from tunelab.tokenizer.tokenizer import Tokenizer
 LABELS = ["negative", "positive"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("icl")
-    saved = os.environ.get("TUNELAB_CACHE")
-    os.environ["TUNELAB_CACHE"] = str(root / "cache")
-    make_models(root)
-    write_reviews(root / "train.jsonl", 24, 1)
-    write_reviews(root / "test.jsonl", 8, 2)
-    yield root
-    if saved is None:
-        os.environ.pop("TUNELAB_CACHE")
-    else:
-        os.environ["TUNELAB_CACHE"] = saved
-
-
-def test_chat_prompt_puts_demonstrations_in_prior_turns(setup):
-    tok = Tokenizer.from_dir(setup / "tok")  # no template of its own: ChatML
+def test_chat_prompt_puts_demonstrations_in_prior_turns(icl_setup):
+    tok = Tokenizer.from_dir(icl_setup / "tok")  # no template of its own: ChatML
     p = resolve_prompt(
         PromptSpec(format="chat", layout="turns"), tok, LABELS, "review", "sentiment"
     )
@@ -85,12 +69,14 @@ CHATML = (
 )
 
 
-def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, tmp_path, capsys):
+def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(
+    icl_setup, tmp_path, capsys
+):
     # the default measured on IMDB (docs/BENCHMARKS.md, Prompting): plain text with the
     # demonstrations listed before the example, calibrated at 0 shots only; the chat layouts
     # fell to 50-56% at 4 shots. evaluate icl, compare --eval icl and study icl cells share it.
     model = tmp_path / "chat-decoder"
-    shutil.copytree(setup / "decoder", model)
+    shutil.copytree(icl_setup / "decoder", model)
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
     tok = Tokenizer.from_dir(model)
@@ -110,9 +96,9 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, t
                 "--model",
                 str(model),
                 "--data",
-                str(setup / "test.jsonl"),
+                str(icl_setup / "test.jsonl"),
                 "--demos",
-                str(setup / "train.jsonl"),
+                str(icl_setup / "train.jsonl"),
                 *fields,
             ]
         )
@@ -133,7 +119,7 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, t
                 "--out",
                 str(tmp_path / "cmp"),
                 "--data",
-                str(setup / "train.jsonl"),
+                str(icl_setup / "train.jsonl"),
                 "--limit",
                 "4",
                 *fields,
@@ -146,8 +132,8 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(setup, t
     assert {(str(c["shots"]), c["prompt"]["example"], c["calibrated"]) for c in cells} == want
 
 
-def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_turn(setup):
-    tok = Tokenizer.from_dir(setup / "tok")
+def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_turn(icl_setup):
+    tok = Tokenizer.from_dir(icl_setup / "tok")
     tok.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}"
         "{{ raise_exception('System role not supported') }}{% endif %}"
@@ -162,8 +148,8 @@ def test_chat_templates_without_a_system_turn_get_the_instruction_in_each_user_t
     )
 
 
-def test_plain_prompt_is_derived_from_the_field_names(setup):
-    tok = Tokenizer.from_dir(setup / "tok")
+def test_plain_prompt_is_derived_from_the_field_names(icl_setup):
+    tok = Tokenizer.from_dir(icl_setup / "tok")
     p = resolve_prompt(None, tok, LABELS, "review", "sentiment")
     assert (p.format, p.instruction, p.template) == ("plain", "", "Review: {text}\nSentiment:")
     assert (
@@ -189,12 +175,12 @@ def test_plain_prompt_is_derived_from_the_field_names(setup):
         PromptSpec(format="plain", template="Review: {text}\n\nIt was"),
     ],
 )
-def test_scores_with_shared_demonstrations_equal_a_whole_forward(setup, spec):
+def test_scores_with_shared_demonstrations_equal_a_whole_forward(icl_setup, spec):
     # the shared tokens are computed once; each input must score as if run whole, including
     # where text joined at the demonstrations' end would tokenize differently than as a whole
     from tunelab.model.checkpoint import load_model_dir
 
-    model, tok = load_model_dir(setup / "decoder")
+    model, tok = load_model_dir(icl_setup / "decoder")
     p = resolve_prompt(spec, tok, LABELS, "review", "sentiment")
     forms = [verbalizers(tok, f, p.space()) for f in surface_forms(p.words)]
     demos, texts = [("dull plot", 0), ("great cast", 1)], ["a film", "the worst", "fine"]
@@ -215,9 +201,9 @@ def test_scores_with_shared_demonstrations_equal_a_whole_forward(setup, spec):
         (PromptSpec(format="html"), "expected one of auto, chat, plain"),
     ],
 )
-def test_bad_prompts_are_one_line_errors(setup, spec, message):
+def test_bad_prompts_are_one_line_errors(icl_setup, spec, message):
     with pytest.raises(ConfigError, match=message):
-        resolve_prompt(spec, Tokenizer.from_dir(setup / "tok"), LABELS)
+        resolve_prompt(spec, Tokenizer.from_dir(icl_setup / "tok"), LABELS)
     with pytest.raises(ConfigError, match="did you mean 'template'"):
         PromptSpec.from_dict({"templat": "{text}"})
 
@@ -243,26 +229,8 @@ def test_metrics_report_the_predicted_distribution_and_an_interval():
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])  # 20 examples say much less
 
 
-def test_icl_cli_reports_the_prompt_and_both_calibrations(setup, capsys):
-    args = [
-        "evaluate",
-        "icl",
-        "--model",
-        str(setup / "decoder"),
-        "--data",
-        str(setup / "test.jsonl"),
-        "--demos",
-        str(setup / "train.jsonl"),
-        "--text-field",
-        "review",
-        "--label-field",
-        "sentiment",
-        "--shots",
-        "0,2",
-        "--format",
-        "chat",
-        "--json",
-    ]
+def test_icl_cli_reports_the_prompt_and_both_calibrations(icl_setup, capsys):
+    args = [*icl_args(icl_setup), "--format", "chat", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"]["format"] == "chat" and "<|im_start|>" in result["prompt"]["example"]
@@ -280,10 +248,10 @@ def test_icl_cli_reports_the_prompt_and_both_calibrations(setup, capsys):
     assert "calibrated," not in text.replace("uncalibrated,", "")  # off at every shot count
 
 
-def test_prompt_sweep_runs_as_a_study(setup, tmp_path, capsys):
+def test_prompt_sweep_runs_as_a_study(icl_setup, tmp_path, capsys):
     data = {
-        "path": str(setup / "train.jsonl"),
-        "val_path": str(setup / "test.jsonl"),
+        "path": str(icl_setup / "train.jsonl"),
+        "val_path": str(icl_setup / "test.jsonl"),
         "text_field": "review",
     }
     recipe = {
@@ -293,7 +261,7 @@ def test_prompt_sweep_runs_as_a_study(setup, tmp_path, capsys):
             {
                 "name": "prompts",
                 "task": "icl",
-                "models": [str(setup / "decoder")],
+                "models": [str(icl_setup / "decoder")],
                 "shots": [0, 2],
                 "prompts": {
                     "default": {},

@@ -40,6 +40,26 @@ def write_reviews(path, n: int, seed: int) -> None:
             )
 
 
+def icl_args(root) -> list[str]:
+    """`evaluate icl` on the icl_setup fixture's reviews (conftest.py), at 0 and 2 shots."""
+    return [
+        "evaluate",
+        "icl",
+        "--model",
+        str(root / "decoder"),
+        "--data",
+        str(root / "test.jsonl"),
+        "--demos",
+        str(root / "train.jsonl"),
+        "--text-field",
+        "review",
+        "--label-field",
+        "sentiment",
+        "--shots",
+        "0,2",
+    ]
+
+
 def make_models(root, corpus: list[str] | None = None) -> dict:
     """root/tok, root/decoder (llama-style) and root/encoder (BERT-style), tiny and random."""
     rng = random.Random(0)

@@ -133,3 +133,13 @@ def prompt_args(q) -> None:
         help="divide out the prompt's label prior, estimated from content-free inputs "
         "(Zhao et al. 2021) [at 0 shots only]",
     )
+    q.add_argument(
+        "--draws",
+        type=at_least(1),
+        default=None,  # evaluate.icl.DRAWS; imported when a command runs, not for --help
+        metavar="N",
+        help="at k > 0 shots, score each example under N draws of demonstrations (draw i "
+        "seeded --seed + 1000001*i) and predict from their averaged label probabilities; each "
+        "draw's accuracy is reported too. Costs N times the k-shot forward passes; 1: the "
+        "single draw --seed picks [3]",
+    )

@@ -97,11 +97,18 @@ def _icl_line(k: str, m: dict) -> str:
         f"{name} {n / max(1, m['examples']):.0%}" for name, n in m["predicted"].items()
     )
     other = m["without_calibration" if m["calibrated"] else "with_calibration"]
+    spread = m["draw_accuracy"]
+    draws = (  # the lottery a single draw would have been, beside the ensemble
+        f"; {m['draws']} demonstration draws averaged, each alone {spread['min']:.4f}-"
+        f"{spread['max']:.4f}"
+        if m["draws"] > 1
+        else ""
+    )
     return (
         f"{k}-shot: accuracy {m['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}]  macro-F1 "
         f"{m['macro_f1']:.4f}  predicted: {share}  ({m['examples']} examples; "
         f"{'calibrated' if m['calibrated'] else 'uncalibrated'}, the other way: accuracy "
-        f"{other['accuracy']:.4f})"
+        f"{other['accuracy']:.4f}{draws})"
     )
 
 
@@ -116,7 +123,7 @@ def prompt_spec(a):
 def cmd_icl(a) -> None:
     from tunelab.data import load_records
     from tunelab.data.templates import label_index
-    from tunelab.evaluate.icl import evaluate_icl
+    from tunelab.evaluate.icl import DRAWS, evaluate_icl
     from tunelab.evaluate.prompts import resolve_prompt
     from tunelab.train.progress import Progress
 
@@ -135,7 +142,9 @@ def cmd_icl(a) -> None:
     spec = prompt_spec(a)
     lm = load_model(a)
     resolve_prompt(spec, lm.tokenizer, labels, a.text_field, a.label_field)  # errors before work
-    with Progress(len(scored) * len(shots), label="prompting") as bar:
+    draws = a.draws or DRAWS
+    passes = sum(draws if k else 1 for k in shots)  # 0 shots: one prompt, one draw
+    with Progress(len(scored) * passes, label="prompting") as bar:
         result = evaluate_icl(
             lm.model,
             lm.tokenizer,
@@ -151,6 +160,7 @@ def cmd_icl(a) -> None:
             label_field=a.label_field,
             seed=a.seed,
             demo_order=a.demo_order,
+            draws=draws,
             progress=bar.advance,
         )
     if a.json:

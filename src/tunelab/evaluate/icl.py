@@ -10,6 +10,13 @@ On IMDB with SmolLM2-135M-Instruct it never hurt at 0 shots (+0 to +6 points) an
 points at 4 shots on held-out reviews (docs/BENCHMARKS.md, Prompting): after demonstrations,
 content-free inputs no longer stand for the bias real inputs have. So the default (None)
 calibrates without demonstrations and not with them; every result carries both variants.
+
+Which demonstrations are shown is a lottery: at 4 shots the same model scored 83.5, 65.0 and
+66.0% with demonstration seeds 0, 1 and 2 (docs/BENCHMARKS.md). So with k > 0 shots each
+example is scored under `draws` independent draws (the same variance Zhao et al. and Lu et al.
+2022 report over which demonstrations and their order), each draw's label probabilities (softmax
+of the label scores, calibrated where calibration is on) are averaged, and the prediction is the
+average's argmax; every draw's own accuracy is kept, so the spread stays visible.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from tunelab.evaluate.prompts import Prompt, PromptSpec, resolve_prompt
 from tunelab.model.heads import require_causal
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
+# Demonstration draws averaged per example at k > 0. Each costs a full pass over the scored
+# examples, so 3 triples the k-shot cost; 3 is a first choice, not a measured optimum.
+DRAWS = 3
+DRAW_STRIDE = 1_000_001  # draw i's seed is seed + i * DRAW_STRIDE (draw_seeds says why)
 
 
 def verbalizers(tokenizer, labels: list[str], space: str = " ") -> list[list[int]]:
@@ -101,6 +112,29 @@ def demonstrations(
     return picked
 
 
+def draw_seeds(seed: int, draws: int) -> list[int]:
+    """The demonstration seed of each draw: draw 0 is `seed` itself, so one draw is exactly the
+    single draw of before; draw i is seed + 1,000,001 * i, far from the seeds a study sweeps
+    (0, 1, 2, ...) so two seeds' ensembles share no draw, and odd so that with alternating
+    order consecutive draws start on different labels."""
+    return [seed + i * DRAW_STRIDE for i in range(draws)]
+
+
+def check_draws(draws) -> int:
+    """draws as given, or a one-line error naming the option."""
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ConfigError(
+            f"draws {draws!r}: expected a whole number of demonstration draws, at least 1"
+        )
+    return draws
+
+
+def average(scores: list[list[list[float]]]) -> list[list[float]]:
+    """Each example's label probabilities (softmax of its label scores) averaged over draws;
+    scores[draw][example][label]."""
+    return torch.tensor(scores, dtype=torch.float64).softmax(-1).mean(0).tolist()
+
+
 def surface_forms(words: list[str]) -> list[list[str]]:
     """Each label word as written and capitalised ('positive', 'Positive'): a model answering
     'Positive' means the label, and counting only one spelling leaves its score to chance."""
@@ -168,9 +202,57 @@ def score_texts(
     return out
 
 
+def _accuracy(gold: list[int], scores: list[list[float]]) -> float:
+    return sum(g == p for g, p in zip(gold, _argmax(scores))) / len(gold) if gold else 0.0
+
+
 def _summary(gold: list[int], predicted: list[int], labels: list[str]) -> dict:
     m = metrics(gold, predicted, labels)
     return {k: m[k] for k in ("accuracy", "macro_f1", "accuracy_interval", "predicted")}
+
+
+def _draw(model, tokenizer, prompt, demos, texts, forms, progress) -> tuple:
+    """(raw label scores, calibrated log-probabilities, label prior) under one set of demos."""
+    scores = score_texts(model, tokenizer, prompt, demos, texts, forms, progress)
+    prior = label_prior(score_texts(model, tokenizer, prompt, demos, list(CONTENT_FREE), forms))
+    return scores, calibrate(scores, prior), prior
+
+
+def _combine(gold: list[int], labels: list[str], seeds: list[int], runs: list, on: bool) -> dict:
+    """One shot count's metrics from its draws (runs: _draw's results, one per seed): predicted
+    from the draws' averaged probabilities, with each draw's own accuracy and their range."""
+    per_draw = []
+    for s, (scores, fixed, prior) in zip(seeds, runs):
+        raw_acc, fixed_acc = _accuracy(gold, scores), _accuracy(gold, fixed)
+        per_draw.append(
+            {
+                "seed": s,
+                "accuracy": fixed_acc if on else raw_acc,
+                "without_calibration": raw_acc,
+                "with_calibration": fixed_acc,
+                "label_prior": {name: round(p, 6) for name, p in zip(labels, prior)},
+            }
+        )
+    if len(runs) == 1:  # one draw predicts from its own scores, bit for bit as before draws
+        raw, fixed = _argmax(runs[0][0]), _argmax(runs[0][1])
+    else:
+        raw, fixed = (_argmax(average([r[i] for r in runs])) for i in (0, 1))
+    prior = [sum(p) / len(runs) for p in zip(*(r[2] for r in runs))]
+    accuracies = [d["accuracy"] for d in per_draw]
+    return {
+        **metrics(gold, fixed if on else raw, labels),
+        "calibrated": on,
+        "draws": len(runs),
+        "draw_accuracy": {
+            "min": min(accuracies),
+            "max": max(accuracies),
+            "spread": max(accuracies) - min(accuracies),
+        },
+        "per_draw": per_draw,
+        "label_prior": {name: round(p, 6) for name, p in zip(labels, prior)},  # mean over draws
+        "without_calibration": _summary(gold, raw, labels),
+        "with_calibration": _summary(gold, fixed, labels),
+    }
 
 
 def evaluate_icl(
@@ -190,14 +272,17 @@ def evaluate_icl(
     label_field: str = "label",
     seed: int = 0,
     demo_order: str = "shuffle",
+    draws: int = DRAWS,
     max_text_tokens: int = 256,
     progress=None,
 ) -> dict:
     """{"shots": {"k": metrics}, "prompt": what was used} for each k; demonstrations come from
-    demo_records (a pool kept apart from the scored records), the same for every example.
-    Each k's metrics are calibrated when calibrate_scores (None: at k = 0 only), with both
-    variants beside them."""
+    demo_records (a pool kept apart from the scored records). At k > 0 each example is scored
+    under `draws` demonstration draws (draw_seeds) and predicted from their averaged label
+    probabilities; "per_draw" holds each draw's own accuracy. Each k's metrics are calibrated
+    when calibrate_scores (None: at k = 0 only), with both variants beside them."""
     require_causal(model, "prompting")
+    check_draws(draws)
     model.eval()
     spec = prompt or PromptSpec()
     if template is not None:
@@ -210,23 +295,16 @@ def evaluate_icl(
     for k in shots:
         if k > len(pool):
             raise ConfigError(f"{k}-shot needs {k} demonstrations; the pool has {len(pool)}")
-        demos = [
-            (_clip(tokenizer, str(pool[i][text_field]), max_text_tokens), pool_gold[i])
-            for i in demonstrations(pool, pool_gold, k, seed, demo_order)
-        ]
-        scores = score_texts(model, tokenizer, resolved, demos, texts, forms, progress)
-        prior = label_prior(
-            score_texts(model, tokenizer, resolved, demos, list(CONTENT_FREE), forms)
-        )
-        raw, fixed = _argmax(scores), _argmax(calibrate(scores, prior))
         on = k == 0 if calibrate_scores is None else calibrate_scores
-        results[str(k)] = {
-            **metrics(gold, fixed if on else raw, labels),
-            "calibrated": on,
-            "label_prior": {name: round(p, 6) for name, p in zip(labels, prior)},
-            "without_calibration": _summary(gold, raw, labels),
-            "with_calibration": _summary(gold, fixed, labels),
-        }
+        seeds = draw_seeds(seed, draws if k else 1)  # no demonstrations: one prompt to score
+        runs = []
+        for s in seeds:
+            demos = [
+                (_clip(tokenizer, str(pool[i][text_field]), max_text_tokens), pool_gold[i])
+                for i in demonstrations(pool, pool_gold, k, s, demo_order)
+            ]
+            runs.append(_draw(model, tokenizer, resolved, demos, texts, forms, progress))
+        results[str(k)] = _combine(gold, labels, seeds, runs, on)
     return {
         "shots": results,
         "labels": labels,
@@ -234,4 +312,5 @@ def evaluate_icl(
         "template": resolved.template,
         "calibrate": "auto" if calibrate_scores is None else calibrate_scores,
         "demo_order": demo_order,
+        "draws": draws,
     }

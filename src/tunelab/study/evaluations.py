@@ -49,6 +49,7 @@ ICL_KEYS = (
     "shots",
     "prompt",
     "calibrate",
+    "draws",
     "max_text_tokens",
     "format",
     "template",
@@ -70,7 +71,7 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
     prompt comes from the icl section, the method (a sweep's prompt) overriding it."""
     from tunelab.data import load_records
     from tunelab.data.templates import label_index, label_names
-    from tunelab.evaluate.icl import evaluate_icl
+    from tunelab.evaluate.icl import DRAWS, evaluate_icl
     from tunelab.evaluate.prompts import SPEC_KEYS, PromptSpec
 
     data, c = config.get("data") or {}, config.get("classify") or {}
@@ -102,6 +103,7 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
         text_field=text_field,
         label_field=label_field,
         seed=seed,
+        draws=options.get("draws", DRAWS),
         max_text_tokens=int(options.get("max_text_tokens", 256)),
     )
     metrics = result["shots"][str(k)]

@@ -226,8 +226,9 @@ def build_blocks(study_dir: Path, results: dict) -> list[tuple]:
                 "p",
                 "Accuracy per prompt and shot count: mean ± std over the demonstration "
                 "seeds, the 95% bootstrap interval over the scored examples, the range "
-                "over seeds, and how often each label was predicted (a one-label "
-                "collapse shows there).",
+                "over seeds, the range over the demonstration draws a k-shot score "
+                "averages (each draw scored alone), and how often each label was "
+                "predicted (a one-label collapse shows there).",
             ),
             ("table", headers, prompts),
         ]

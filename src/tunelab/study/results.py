@@ -60,7 +60,11 @@ def metrics_of(task: str, summary: dict) -> dict:
             prompt=summary.get("prompt_name", "default"),
             prompt_format=prompt.get("format"),
             calibrated=summary.get("calibrated"),
+            draws=summary.get("draws"),
         )
+        if isinstance(summary.get("draw_accuracy"), dict):  # each demonstration draw alone
+            row["draw_low"] = summary["draw_accuracy"].get("min")
+            row["draw_high"] = summary["draw_accuracy"].get("max")
         for key in ("with_calibration", "without_calibration"):
             if isinstance(summary.get(key), dict):
                 row[f"accuracy_{key}"] = summary[key].get("accuracy")

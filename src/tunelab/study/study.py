@@ -15,7 +15,8 @@ Recipe shape (see recipes/quickstart.yaml):
         prompts: {default: {}, plain: {format: plain}}     # icl: a prompt sweep, name -> prompt
         shots: [0, 4]                                      # icl: shot counts of the sweep
 A prompt sweep's cells are models x prompts x shots (each a method `PROMPT-Kshot`); its seeds
-draw the demonstrations, so the spread over seeds is the sensitivity to which examples are shown.
+draw the demonstrations, so the spread over seeds is the sensitivity to which examples are shown
+(each k-shot cell averages icl.draws draws of its seed, 3 by default; `draws: 1` for one).
 Strings may name `${demo}` (the demo data, written on first use), `${study}`, and
 `${run:EXPERIMENT/CELL}` (that cell's final model, same seed).
 Each cell is a run directory under runs/; finished ones are skipped, interrupted ones resume,

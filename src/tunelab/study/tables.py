@@ -79,6 +79,15 @@ def seed_range(group: dict) -> str:
     return f"{fmt(v['min'])}–{fmt(v['max'])}"
 
 
+def draw_range(group: dict) -> str:
+    """'min–max' of accuracy over one seed's demonstration draws, each scored alone (bounds
+    averaged over seeds); '–' for one draw."""
+    low, high, draws = stat(group, "draw_low"), stat(group, "draw_high"), stat(group, "draws")
+    if not (low and high and draws) or draws[0] < 2:
+        return "–"
+    return f"{fmt(low[0])}–{fmt(high[0])}"
+
+
 def shares(group: dict) -> str:
     """How often each label was predicted, e.g. 'negative 48% · positive 52%'."""
     parts = [(k[6:], stat(group, k)) for k in group if str(k).startswith("share:")]
@@ -169,7 +178,8 @@ def results_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Prompting groups: accuracy per prompt and shot count, its interval over the examples,
-    its spread over demonstration seeds, and what the model predicted."""
+    its spread over demonstration seeds and over the draws averaged within a seed, and what
+    the model predicted."""
     headers = [
         "Experiment",
         "Model",
@@ -180,6 +190,8 @@ def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
         "Accuracy",
         "95% CI (examples)",
         "Seed range",
+        "Draws",
+        "Draw range",
         "Macro-F1",
         "Predicted",
         "Calibrated",
@@ -203,6 +215,8 @@ def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
                 cell(g, "value"),
                 interval(g),
                 seed_range(g),
+                fmt(stat(g, "draws")[0]) if stat(g, "draws") else "–",
+                draw_range(g),
                 cell(g, "macro_f1"),
                 shares(g),
                 {True: "yes", False: "no"}.get(g.get("calibrated"), "–"),
