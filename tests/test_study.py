@@ -200,6 +200,11 @@ def test_shipped_recipes_expand_in_both_modes():
         Study(load_recipe("recipes/imdb.yaml", quick=quick), "/nonexistent")
         names = {c["run"] for c in grid}
         assert "sentiment/smollm2-domain-lora-s0" in names and "preference/lora-s0" in names
+        runs = [c["run"] for c in grid]  # instruction following, before and after DPO
+        base, dpo = runs.index("instructions/base-s0"), runs.index("instructions/after-dpo-s0")
+        assert runs.index("preference/lora-s0") < base < dpo
+        assert grid[dpo]["model"] == "${run:preference/lora}"
+        assert grid[dpo]["config"]["instructions"]["limit"] == (8 if quick else 40)
         Study(load_recipe("recipes/quickstart.yaml", quick=quick), "/nonexistent")  # refs resolve
         sweep = cells(load_recipe("recipes/prompts.yaml", quick=quick))
         assert len(sweep) == (10 if quick else 35)  # 5 prompts; 0-shot once, k-shot per seed

@@ -1,5 +1,6 @@
 """Demo data written by us for the quickstart study: movie plots, labelled reviews, general
-English and preference pairs, generated from small grammars with a fixed seed.
+English, preference pairs and IFEval-style prompts (demo/instructions.py), generated from small
+grammars with a fixed seed.
 
 Real data lives in ../shared/data (IMDB, Wikipedia plots); these files only need to be
 plausible enough that continued pretraining, sentiment and DPO each have something to learn.
@@ -10,6 +11,18 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+
+from tunelab.demo.instructions import instruction_prompts
+
+FILES = (
+    "plots.txt",
+    "plots_test.txt",
+    "general.txt",
+    "reviews_train.jsonl",
+    "reviews_test.jsonl",
+    "preferences.jsonl",
+    "instructions.jsonl",
+)
 
 HEROES = [
     "a retired lighthouse keeper",
@@ -195,20 +208,12 @@ def preference(rng: random.Random) -> dict:
 
 
 def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, Path]:
-    """Write plots.txt (train), plots_test.txt, general.txt, reviews_{train,test}.jsonl and
-    preferences.jsonl to out."""
+    """Write plots.txt (train), plots_test.txt, general.txt, reviews_{train,test}.jsonl,
+    preferences.jsonl and instructions.jsonl (IFEval's input format) to out."""
     out, rng = Path(out), random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     shipped = (Path(__file__).parent / "plots.txt").read_text().strip()
-    names = (
-        "plots.txt",
-        "plots_test.txt",
-        "general.txt",
-        "reviews_train.jsonl",
-        "reviews_test.jsonl",
-        "preferences.jsonl",
-    )
-    files = {name: out / name for name in names}
+    files = {name: out / name for name in FILES}
     files["plots.txt"].write_text(shipped + "\n\n" + "\n\n".join(plots(n, rng)) + "\n")
     files["plots_test.txt"].write_text("\n\n".join(plots(n // 6, rng)) + "\n")
     general = [" ".join(rng.sample(TOPICS, 4)) for _ in range(n // 3)]
@@ -226,4 +231,7 @@ def write_demo_data(out: str | Path, seed: int = 0, n: int = 300) -> dict[str, P
     with open(files["preferences.jsonl"], "w") as f:
         for _ in range(n // 3):  # DPO's reference pass covers them all: keep the set small
             f.write(json.dumps(preference(rng)) + "\n")
+    with open(files["instructions.jsonl"], "w") as f:  # its own seeded draws: the files above
+        for record in instruction_prompts(n // 5, seed):  # stay as they were before it
+            f.write(json.dumps(record) + "\n")
     return files

@@ -234,11 +234,11 @@ class Study:
         return re.sub(r"\$\{run:([^}]+)\}", run_ref, value)
 
     def demo_dir(self) -> Path:
-        from tunelab.demo.generate import write_demo_data
+        from tunelab.demo.generate import FILES, write_demo_data
 
         path = self.out / "data"
-        if not (path / "preferences.jsonl").exists():
-            write_demo_data(path)
+        if not all((path / name).exists() for name in FILES):  # a study begun before a file
+            write_demo_data(path)  # was added gets it (the others are rewritten as they were)
         return path
 
     def run(self, isolate: bool = True) -> dict:
