@@ -351,3 +351,28 @@ def test_estimate_within_20_percent_of_measured_peak_rss(method):
 
 if __name__ == "__main__":
     print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_lora_on_every_linear_saves_what_the_estimate_counts(method):
+    """bf16 weights, fp32 adapters, bf16 autocast, LoRA on every linear layer (the 7B QLoRA
+    setting): autograd's saved tensors within 10% of the activations and autocast copies the
+    estimate counts. Each of q, k, v (and gate, up) and its LoRA once cast the norm output
+    for itself and kept the copy: 1.5x the estimate, until the norm output was cast once."""
+    from tunelab.adapt.lora import lora_method
+    from tunelab.train.optim import fp32_master_weights
+
+    cfg = ModelConfig(**SMALL)
+    model = CausalLM(cfg).to(torch.bfloat16)
+    options = {"r": 8, "targets": "all-linear"}
+    lora_method(model, dict(options), quantized=method == "qlora")
+    fp32_master_weights(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+
+    def forward():
+        with torch.autocast("cpu", torch.bfloat16):
+            model(ids)
+
+    est = estimate(cfg, method, 32, 2, precision="bf16", options=options)["memory"]
+    expected = est["activations"] + est["autocast_copies"]
+    assert saved_bytes(model, forward) == pytest.approx(expected, rel=0.1)

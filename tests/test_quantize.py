@@ -245,3 +245,50 @@ def test_cast_to_bf16_keeps_scales_and_lora_stays_float():
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert model(ids).dtype == torch.bfloat16
+
+
+def test_dequantize_rows_any_slice_and_threads_equal_the_whole():
+    """Rows that start inside a 64-weight block (in_features 100), chunks smaller than the
+    matrix, one thread or torch's: the same values as the whole weight, threads restored."""
+    import tunelab.runtime.dequant as dmod
+
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(100, 37, bias=False))
+    whole = q.dequantize()
+    before = torch.get_num_threads()
+    for chunk in (dmod.CHUNK, 192):
+        dmod.CHUNK, saved = chunk, dmod.CHUNK
+        try:
+            for start, stop, threads in ((0, 37, None), (3, 11, 1), (5, 37, None), (36, 37, 1)):
+                out = torch.empty(stop - start, 100)
+                got = q.dequantize_rows(start, stop, out, threads=threads)
+                assert torch.equal(got, whole[start:stop]), (chunk, start, stop)
+                assert torch.get_num_threads() == before
+        finally:
+            dmod.CHUNK = saved
+    q.dequant_threads = 1
+    assert torch.equal(q.dequantize(torch.bfloat16), whole.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("layer", [NF4Linear, Int8Linear])
+def test_autocast_forward_and_backward_use_the_autocast_dtype(layer):
+    """Under bf16 autocast a float32 input is multiplied by the weight dequantized straight to
+    bf16 (as F.linear would after casting both), through the buffer the layers share, and two
+    layers of different sizes in a row do not see each other's weights."""
+    import tunelab.adapt.quantize as qmod
+
+    torch.manual_seed(0)
+    a, b = layer(nn.Linear(256, 96, bias=False)), layer(nn.Linear(96, 300, bias=False))
+    x = torch.randn(7, 256, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = b(a(x))
+    wa, wb = a.dequantize(torch.bfloat16), b.dequantize(torch.bfloat16)
+    xr = x.detach().clone().requires_grad_()
+    ref = (xr.to(torch.bfloat16) @ wa.T) @ wb.T
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    g = torch.randn(7, 300)
+    y.backward(g.to(torch.bfloat16))
+    ref.backward(g.to(torch.bfloat16))
+    assert torch.equal(x.grad, xr.grad)
+    qmod.release_scratch()
+    assert getattr(qmod._scratch, "buf", None) is None

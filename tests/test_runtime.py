@@ -179,3 +179,20 @@ def test_a_run_records_its_runtime(monkeypatch, tmp_path, capsys):
     )
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["runtime"] == {"linear": "torch", "allocator": "auto", "attention": "mask"}
+
+
+def test_nf4_dequantization_threads_follow_the_measured_table(monkeypatch, tmp_path):
+    """dequant-nf4 is measured like the linear kernels (one thread against torch's) and a
+    prepared model's NF4 layers take the winner; forced choices keep torch's threads."""
+    from tunelab.adapt.quantize import quantize
+
+    calls = fake_machine(monkeypatch, tmp_path, {"one-thread": 0.5})
+    monkeypatch.setattr(choose, "SHAPES", {**TINY, "dequant": [(64, 32, 0)]})
+    cfg = ModelConfig(vocab_size=32, n_layer=1, n_head=2, d_model=64, d_ff=128)
+    model = quantize(CausalLM(cfg), "nf4")
+    rt = prepare_runtime(model, SimpleNamespace(linear="auto"))
+    layers = [m for m in model.modules() if hasattr(m, "dequant_threads")]
+    assert "dequant-nf4" in calls and rt.kernels["dequant-nf4"] == "one-thread"
+    assert layers and all(m.dequant_threads == 1 for m in layers)
+    prepare_runtime(model, SimpleNamespace(linear="torch"))
+    assert all(m.dequant_threads is None for m in layers)

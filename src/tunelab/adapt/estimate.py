@@ -20,10 +20,12 @@ LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its gr
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
 NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quantization: int8 absmax, fp32 per 256
 QUANT_OPTIONS = ("bits", "double_quant")
-# NF4 quantizes and dequantizes in chunks (adapt/quantize.py CHUNK, DEQUANT_CHUNK): a few
-# float32 and int64 copies of one chunk at a time, on top of the layer's own float weight.
+# NF4 quantizes in chunks (adapt/quantize.py CHUNK): a few float32 and int64 copies of one
+# chunk at a time, on top of the layer's own float weight. It dequantizes into one buffer the
+# layers share (counted as the largest weight) through an int32 and an int64 buffer of half a
+# chunk (runtime/dequant.py CHUNK).
 QUANTIZE_TEMP = 24 * 2**18
-DEQUANT_TEMP = 16 * 2**20
+DEQUANT_TEMP = 6 * 2**18
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # the frozen weights' storage
 AUTOCASTS = ("off", "bf16", "fp16")
 

@@ -40,7 +40,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x).to(self.lora_A.weight.dtype)
+        kind = x.device.type  # under autocast, A reads x in its dtype: no float32 copy first
+        on = torch.is_autocast_enabled(kind)
+        h = self.dropout(x).to(torch.get_autocast_dtype(kind) if on else self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:

@@ -10,12 +10,14 @@ method is ~150 lines of torch that runs wherever torch runs. The NF4 code table,
 from __future__ import annotations
 
 import re
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table
 
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' get_4bit_type("nf4")).
 NF4_CODE = (
@@ -24,16 +26,36 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
-BLOCK = 64  # weights per absmax
 BLOCK2 = 256  # absmax values per second-level scale (double quantization)
 # Weights quantized / dequantized at a time (multiples of BLOCK): small enough that a 7B
 # model's 58M-weight layers need a few MB of temporaries, not a GB that fragments the heap.
-CHUNK, DEQUANT_CHUNK = 1 << 18, 1 << 20
+CHUNK = 1 << 18
 
 
 def _blocks(values: torch.Tensor) -> torch.Tensor:
     """float32 (n / BLOCK, BLOCK) rows of values, the last one zero-padded."""
     return F.pad(values.float(), (0, (-values.numel()) % BLOCK)).view(-1, BLOCK)
+
+
+_scratch = threading.local()
+
+
+def scratch(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """The module's float weight in a buffer every layer shares (one per thread): a 7B layer's
+    fresh 117 MB tensor is mapped and page-faulted anew at every call (+50 ms of a 160 ms
+    forward on 2 CPUs), once per forward and once per backward. Only for products that keep no
+    reference to W; dequantize() gives a tensor of one's own."""
+    device, n = module.scales_device(), module.in_features * module.out_features
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        _scratch.buf = buf = None  # the old one goes before the new one is made
+        _scratch.buf = buf = torch.empty(n, dtype=dtype, device=device)
+    return module.dequantize_into(buf[:n].view(module.out_features, module.in_features))
+
+
+def release_scratch() -> None:
+    """Drop the shared buffer (after training, before a save that needs the memory)."""
+    _scratch.buf = None
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -42,12 +64,15 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
         ctx.module, ctx.x_dtype = module, x.dtype
-        return F.linear(x, module.dequantize(x.dtype))
+        # Autocast does not cast a Function's inputs: dequantize straight into its dtype, or
+        # F.linear would get a float32 weight and cast it again (two extra passes over W).
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        return F.linear(x.to(dtype), scratch(module, dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.module.dequantize(grad.dtype)
-        return (grad @ w).to(ctx.x_dtype), None
+        return (grad @ scratch(ctx.module, grad.dtype)).to(ctx.x_dtype), None
 
 
 class QuantLinear(nn.Module):
@@ -62,7 +87,15 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out, in) this module stands for."""
+        shape, device = (self.out_features, self.in_features), self.scales_device()
+        return self.dequantize_into(torch.empty(shape, dtype=dtype, device=device))
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """The float weight written into out ((out, in), any float dtype); returns out."""
         raise NotImplementedError
+
+    def scales_device(self) -> torch.device:
+        return next(b for b in self.buffers() if b is not None).device
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(bfloat16) must move the scales and code table, not round them
@@ -112,6 +145,8 @@ class NF4Linear(QuantLinear):
     with one float32 scale per 256 of them: 0.127 instead of 0.5 extra bits per weight.
     """
 
+    dequant_threads: int | None = None  # set by prepare_runtime from the kernel table
+
     def __init__(self, linear: nn.Linear, double_quant: bool = True):
         super().__init__(linear)
         flat = linear.weight.detach().flatten()
@@ -151,19 +186,17 @@ class NF4Linear(QuantLinear):
         """The 4-bit code (0..15) of every weight, padding included, as int64."""
         return torch.stack((self.packed >> 4, self.packed & 15), -1).flatten().long()
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # a byte -> (high, low) value table: one index_select per byte (tensor indexing is
-        # ~10x slower on CPU); computed in float32 a chunk at a time, stored in dtype
-        pairs = torch.stack((self.code.repeat_interleave(16), self.code.repeat(16)), -1)
-        absmax = self._absmax()
-        out = torch.empty(self.packed.numel() * 2, dtype=dtype, device=self.packed.device)
-        for start in range(0, out.numel(), DEQUANT_CHUNK):
-            codes = self.packed[start // 2 : (start + DEQUANT_CHUNK) // 2].long()
-            values = pairs.index_select(0, codes).view(-1, BLOCK)
-            first = start // BLOCK
-            values = values * absmax[first : first + len(values), None]
-            out[start : start + values.numel()] = values.flatten()
-        return out[: self.numel].view(self.out_features, self.in_features)
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features, out)
+
+    def dequantize_rows(
+        self, start: int, stop: int, out: torch.Tensor, threads: int | None = None
+    ) -> torch.Tensor:
+        """Rows start:stop of the float weight, written into out (their size, any float dtype),
+        with `threads` (default: the runtime's choice, dequant_threads)."""
+        table, first = pair_table(self.code), start * self.in_features
+        threads = threads or self.dequant_threads
+        return dequantize_nf4(self.packed, self._absmax(), table, first, out, threads)
 
 
 class Int8Linear(QuantLinear):
@@ -176,8 +209,8 @@ class Int8Linear(QuantLinear):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype)
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(self.qweight, self.scale.float()[:, None], out=out)
 
 
 BITS = ("nf4", "int8")

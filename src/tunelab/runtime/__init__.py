@@ -102,6 +102,9 @@ def resolve(
         kernels = {}
         for cls in choose.CLASSES:
             phase, dtype = cls.split("-")
+            if phase == "dequant":  # not a oneDNN product: torch's threads
+                kernels[cls] = "torch"
+                continue
             works = onednn_works(choose.DTYPES[dtype])
             kernels[cls] = ("onednn" if phase == "train" else "packed+fused") if works else "torch"
         why = "forced" + (f" ({lenv})" if lenv else "")
@@ -133,9 +136,12 @@ def prepare_runtime(model: nn.Module, config=None, *, sharded: bool = False) -> 
         sharded,
     )
     prepare_linears(model, runtime.kernels)
+    one = runtime.kernels.get("dequant-nf4") == "one-thread"
     for m in model.modules():
         if hasattr(m, "attention_backend"):
             m.attention_backend = runtime.attention
+        if hasattr(m, "dequant_threads"):  # NF4Linear
+            m.dequant_threads = 1 if one else None
     return runtime
 
 

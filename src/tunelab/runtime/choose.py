@@ -7,6 +7,10 @@ The candidates (runtime/kernels.py) are timed on the products that matter, per s
                             ("packed"), and the pair as one reordered product ("packed+fused")
   train-fp32, train-bf16    forward and backward of the SmolLM2-sized layer on 1024 rows:
                             F.linear against oneDNN
+  dequant-nf4               QLoRA's NF4 weights of a 4096 x 4096 layer dequantized to bf16 with
+                            torch's threads against one thread ("one-thread"): on 2 AMD EPYC
+                            vCPUs the gather and scaling ran 2.3x faster on one (36 against
+                            85 ms a 58M-weight matrix), the threads trading cache lines
 Each candidate runs in interleaved rounds and keeps its fastest time (other work on the
 machine only slows a run down). A class takes a candidate other than torch only when it wins
 by MARGIN over the shapes together and loses on none of them. The table is cached as JSON
@@ -37,13 +41,18 @@ from tunelab.runtime.kernels import _OneDNNLinear, free_memory, onednn_linear, o
 log = logging.getLogger("tunelab")
 MARGIN = 1.10  # a path other than torch's must be this much faster to be chosen
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16")
+CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16", "dequant-nf4")
 # (in, out, rows): decode shapes are a sibling pair (out each), train shapes one layer
 SHAPES = {
     "decode": [(576, 1536, 1), (576, 1536, 8), (4096, 14336, 1), (4096, 14336, 8)],
     "train": [(576, 1536, 1024)],
+    "dequant": [(4096, 4096, 0)],
 }
-CANDIDATES = {"decode": ("torch", "onednn", "packed", "packed+fused"), "train": ("torch", "onednn")}
+CANDIDATES = {
+    "decode": ("torch", "onednn", "packed", "packed+fused"),
+    "train": ("torch", "onednn"),
+    "dequant": ("torch", "one-thread"),
+}
 BUDGET_S = 8.0  # the whole measurement; rounds are cut short past it
 
 
@@ -106,6 +115,20 @@ def _train_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
     return calls
 
 
+def _dequant_calls(k: int, n: int) -> dict:
+    from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table
+
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (k * n // 2,), generator=gen, dtype=torch.int32).to(torch.uint8)
+    absmax = torch.rand(k * n // BLOCK, generator=gen)
+    table = pair_table(torch.linspace(-1, 1, 16))
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    return {
+        "torch": lambda: dequantize_nf4(packed, absmax, table, 0, out),
+        "one-thread": lambda: dequantize_nf4(packed, absmax, table, 0, out, threads=1),
+    }
+
+
 @contextmanager
 def _grad(phase: str):
     with torch.inference_mode() if phase == "decode" else torch.enable_grad():
@@ -117,15 +140,17 @@ def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
     rows, start = [], time.perf_counter()
     for cls in CLASSES:
         phase, dname = cls.split("-")
-        dtype = DTYPES[dname]
+        dtype = DTYPES.get(dname, torch.bfloat16)
         kinds = CANDIDATES[phase] if onednn_works(dtype) else ("torch",)
-        for k, n, r in SHAPES[phase]:
+        for k, n, r in SHAPES.get(phase, ()):
             if 6 * k * n * dtype.itemsize > free_memory():  # two weights and their copies
                 continue
             with _grad(phase):
-                calls = (_decode_calls if phase == "decode" else _train_calls)(
-                    k, n, r, dtype, kinds
-                )
+                if phase == "dequant":
+                    calls = _dequant_calls(k, n)
+                else:
+                    make = _decode_calls if phase == "decode" else _train_calls
+                    calls = make(k, n, r, dtype, kinds)
                 best = {c: math.inf for c in calls}
                 for fn in calls.values():  # a first call: primitives made, pages touched
                     fn()
@@ -135,6 +160,7 @@ def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
                     for c, fn in calls.items():
                         best[c] = min(best[c], timer(fn, c, cls))
             shape = f"{k}x{n}, {r} row{'s' * (r > 1)}" + (" (pair)" if phase == "decode" else "")
+            shape = f"{k}x{n} to bf16" if phase == "dequant" else shape
             rows += [
                 dict(cls=cls, shape=shape, candidate=c, ms=round(t * 1e3, 4))
                 for c, t in best.items()

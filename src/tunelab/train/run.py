@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
+from tunelab.adapt.quantize import release_scratch
 from tunelab.errors import ConfigError
 from tunelab.files import atomic_write
 from tunelab.loading import DTYPES, load
@@ -294,6 +295,7 @@ def run_training(
             return plain
 
         model = dist.unshard(model, rebuild)
+        release_scratch()  # QLoRA's shared dequantization buffer: the save merges afresh
         release_freed()  # what the final evaluation's activations held, before the save
         if dist.is_main:
             # fp32 runs stay fp32; bf16/fp16 runs are saved in the dtype they were loaded in
