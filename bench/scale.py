@@ -473,8 +473,9 @@ def main() -> None:
             + " Peaks: VmHWM read every 5 ms from outside when the model is ready "
             "(load-phase) and when the last step is recorded (training); command peak: "
             "the whole process, including what tunelab's command writes at the end "
-            "(checkpoint, final model). tunelab runs as its command does (glibc keeps "
-            "freed memory, src/tunelab/allocator.py); the reference with glibc's defaults."
+            "(checkpoint, final model). tunelab runs with the allocator its command picks "
+            "(src/tunelab/runtime/allocator.py: freed memory kept below 1B parameters, "
+            "glibc's defaults from 1B); the reference with glibc's defaults."
             + (
                 ""
                 if have_bnb
