@@ -202,7 +202,7 @@ def test_70b_config_without_weights_is_estimated_on_meta_with_little_memory(tmp_
     assert qlora["model"]["params"] == pytest.approx(70.55e9, rel=0.01)
     # NF4 block linears (~0.52 byte each) and bf16 embedding + head: ~37 GiB
     assert 35 * 2**30 < qlora["memory"]["weights"] < 39 * 2**30
-    assert full["memory"]["total"] > 16 * full["model"]["params"] and not full["fits"]
+    assert full["memory"]["total"] >= 16 * full["model"]["params"] and not full["fits"]
 
 
 def test_check_memory_names_the_settings_that_fit(monkeypatch):
@@ -292,6 +292,10 @@ def measure(method: str, batch: int) -> list[dict]:
         lora_method(model, {"r": 8, "targets": ("q_proj", "v_proj")}, quantized=method == "qlora")
     elif method == "freeze":
         freeze(model, "top:2")  # the tied head trains, so the embeddings do too
+    # The weights are a mapping of the converted GGUF file: touch every page now, or the first
+    # step's RSS counts the pages it reads (the tied head reads the whole 113 MB embedding).
+    for p in model.parameters():
+        p.detach().reshape(-1)[:: 4096 // p.element_size()].sum()
     results = []
     for seq_len in SEQ_LENS:
         ids = torch.randint(0, model.cfg.vocab_size, (batch, seq_len))
@@ -320,9 +324,6 @@ def measure(method: str, batch: int) -> list[dict]:
     return results
 
 
-# QLoRA measured 2026-12 (loaded machine): 366 MB vs 208 MB predicted at 64 tokens, 266 vs 405 MB
-# at 128 (the first length also holds the first step's one-off allocations); not yet explained.
-QLORA = pytest.param("qlora", marks=pytest.mark.xfail(reason="QLoRA peak RSS not yet within 20%"))
 
 
 @pytest.mark.slow
@@ -331,7 +332,7 @@ QLORA = pytest.param("qlora", marks=pytest.mark.xfail(reason="QLoRA peak RSS not
     not os.environ.get("TUNELAB_MEMORY_TESTS"),
     reason="trains SmolLM2 for minutes; set TUNELAB_MEMORY_TESTS=1 to run",
 )
-@pytest.mark.parametrize("method", ["full", "lora", QLORA, "freeze"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze"])
 def test_estimate_within_20_percent_of_measured_peak_rss(method):
     if method in ("lora", "qlora"):
         pytest.importorskip("tunelab.adapt.lora")

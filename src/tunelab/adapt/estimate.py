@@ -291,13 +291,15 @@ def estimate(
     dequant = 0
     if quantized:  # one linear's weight dequantized at a time, in the compute dtype
         dequant = act_bytes * max(p.numel() for p in quantized.values()) + DEQUANT_TEMP
+    fused = torch.device(device).type in ("cpu", "cuda")
     # A trained tied embedding gets a second dense V x d grad from the lookup, added to the head's
     # out of place; measured on SmolLM2 (freeze), it sets the peak at short lengths.
     phases = {
         "loading": weights + loading,
         "backward": weights + adam + acts + logits_phase + dequant + cast,
         "end of backward": weights + adam + grads + (2 * head_grad if tied and head_trains else 0),
-        "optimizer": weights + adam + grads + 4 * n_train,  # AdamW's foreach sqrt temporary
+        # fused AdamW (train/optim.py, CPU and CUDA) steps in place; foreach makes a sqrt temporary
+        "optimizer": weights + adam + grads + (0 if fused else 4 * n_train),
     }
     total = max(phases.values())
     memory = dict(
