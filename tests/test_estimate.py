@@ -324,8 +324,6 @@ def measure(method: str, batch: int) -> list[dict]:
     return results
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak RSS")
 @pytest.mark.skipif(

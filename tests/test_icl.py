@@ -105,9 +105,15 @@ def test_default_prompt_for_a_chat_model_is_plain_text_in_every_command(
         == 0
     )
     result = json.loads(capsys.readouterr().out)
-    want = {("0", "Review: {text}\nSentiment:", True), ("2", "Review: {text}\nSentiment:", False)}
-    got = {(k, result["prompt"]["example"], m["calibrated"]) for k, m in result["shots"].items()}
-    assert got == want
+    # 8 scored reviews: batch calibration at every shot count
+    example = "Review: {text}\nSentiment:"
+    got = {
+        (k, result["prompt"]["example"], m["calibrated"], m["calibration"])
+        for k, m in result["shots"].items()
+    }
+    assert got == {("0", example, True, "batch"), ("2", example, True, "batch")}
+    # 4 (--limit 4, below MIN_BATCH): content-free inputs stand in, at 0 shots only
+    want = {("0", example, True), ("2", example, False)}
     assert (
         main(
             [
@@ -230,11 +236,15 @@ def test_metrics_report_the_predicted_distribution_and_an_interval():
 
 
 def test_icl_cli_reports_the_prompt_and_both_calibrations(icl_setup, capsys):
-    args = [*icl_args(icl_setup), "--format", "chat", "--json"]
+    assert main([*icl_args(icl_setup), "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert batch["calibration"] == "batch"  # the default: calibrated at every shot count
+    assert all(m["calibrated"] and m["calibration"] == "batch" for m in batch["shots"].values())
+    args = [*icl_args(icl_setup), "--format", "chat", "--calibration", "content-free", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt"]["format"] == "chat" and "<|im_start|>" in result["prompt"]["example"]
-    assert result["calibrate"] == "auto"  # calibrated at 0 shots, not after demonstrations
+    assert result["calibrate"] == "auto"  # content-free: at 0 shots, not after demonstrations
     assert result["shots"]["0"]["calibrated"] is True
     m = result["shots"]["2"]
     assert m["calibrated"] is False and sum(m["predicted"].values()) == m["examples"] == 8

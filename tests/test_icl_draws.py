@@ -82,6 +82,7 @@ def test_one_draw_is_the_single_draw_of_before(icl_setup):
     scored, gold, pool, pool_gold = _data(icl_setup)
     seed = 3  # draw 0 is the seed itself
     data = {"demo_records": pool, "demo_gold": pool_gold, "seed": seed, **FIELDS}
+    data["calibration"] = "content-free"  # the prior of before: content-free inputs
     r = evaluate_icl(model, tok, scored, gold, LABELS, [0, 2], draws=1, **data)
     for k in (0, 2):
         scores, fixed, prior = _one_draw_by_hand(model, tok, scored, pool, pool_gold, k, seed)
@@ -112,6 +113,7 @@ def test_ensemble_is_the_mean_of_each_draws_probabilities(icl_setup):
         demo_gold=pool_gold,
         seed=1,
         draws=3,
+        calibration="content-free",
         **FIELDS,
     )["shots"]["2"]
     runs = [_one_draw_by_hand(model, tok, scored, pool, pool_gold, 2, s) for s in draw_seeds(1, 3)]
@@ -228,3 +230,32 @@ def test_draws_from_the_cli_and_a_study(icl_setup, tmp_path, capsys):
     results = Study(load_recipe(path), tmp_path / "bad").run(isolate=False)
     bad = next(r for r in results["rows"] if r["method"] == "default-2shot")
     assert bad["status"] == "failed" and "draws 0: expected" in bad["error"], bad
+
+
+def test_batch_calibration_divides_each_draw_by_its_own_mean_prediction(icl_setup):
+    """The default prior (Zhou et al. 2024): each draw's scores divided by their own mean label
+    probabilities over the scored examples, at every shot count, then averaged over draws;
+    no content-free input is scored."""
+    model, tok = load_model_dir(icl_setup / "decoder")
+    scored, gold, pool, pool_gold = _data(icl_setup)
+    assert len(scored) >= icl.MIN_BATCH
+    data = {"demo_records": pool, "demo_gold": pool_gold, "seed": 2, **FIELDS}
+    r = evaluate_icl(model, tok, scored, gold, LABELS, [0, 2], draws=2, **data)
+    assert r["calibration"] == "batch"
+    for k in (0, 2):
+        runs = []
+        for s in draw_seeds(2, 2 if k else 1):
+            scores = _one_draw_by_hand(model, tok, scored, pool, pool_gold, k, s)[0]
+            prior = label_prior(scores)  # the mean of the softmax over the scored examples
+            assert sum(prior) == pytest.approx(1)
+            runs.append(calibrate(scores, prior))
+        probs = torch.stack([torch.tensor(x, dtype=torch.float64).softmax(-1) for x in runs])
+        want = metrics(gold, probs.mean(0).argmax(-1).tolist(), LABELS)
+        got = r["shots"][str(k)]
+        assert got["calibrated"] is True and got["calibration"] == "batch"
+        assert {key: got[key] for key in want} == want
+        # after division every label's mean probability is nearly equal: no label is favoured
+        mean = probs.mean(1).mean(0)
+        assert float(mean.max() - mean.min()) < 0.2
+    with pytest.raises(ConfigError, match="calibration 'zhao'"):
+        evaluate_icl(model, tok, scored, gold, LABELS, [0], calibration="zhao", **FIELDS)

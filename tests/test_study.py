@@ -207,7 +207,7 @@ def test_shipped_recipes_expand_in_both_modes():
         assert grid[dpo]["config"]["instructions"]["limit"] == (8 if quick else 40)
         Study(load_recipe("recipes/quickstart.yaml", quick=quick), "/nonexistent")  # refs resolve
         sweep = cells(load_recipe("recipes/prompts.yaml", quick=quick))
-        assert len(sweep) == (10 if quick else 35)  # 5 prompts; 0-shot once, k-shot per seed
+        assert len(sweep) == (12 if quick else 42)  # 6 prompts; 0-shot once, k-shot per seed
 
 
 def test_demo_data_is_deterministic_and_labelled(tmp_path):

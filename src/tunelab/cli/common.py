@@ -130,8 +130,16 @@ def prompt_args(q) -> None:
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="divide out the prompt's label prior, estimated from content-free inputs "
-        "(Zhao et al. 2021) [at 0 shots only]",
+        help="divide out the prompt's label prior (see --calibration) [on; with "
+        "--calibration content-free: at 0 shots only]",
+    )
+    q.add_argument(
+        "--calibration",
+        choices=("batch", "content-free"),
+        default="batch",
+        help="where the label prior comes from: the scored examples' mean label "
+        "probabilities (batch calibration, Zhou et al. 2024; assumes no label dominates the "
+        "data) or content-free inputs such as 'N/A' (Zhao et al. 2021) [batch]",
     )
     q.add_argument(
         "--draws",

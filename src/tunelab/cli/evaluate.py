@@ -107,7 +107,8 @@ def _icl_line(k: str, m: dict) -> str:
     return (
         f"{k}-shot: accuracy {m['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}]  macro-F1 "
         f"{m['macro_f1']:.4f}  predicted: {share}  ({m['examples']} examples; "
-        f"{'calibrated' if m['calibrated'] else 'uncalibrated'}, the other way: accuracy "
+        f"{'calibrated (' + m['calibration'] + ')' if m['calibrated'] else 'uncalibrated'}, "
+        "the other way: accuracy "
         f"{other['accuracy']:.4f}{draws})"
     )
 
@@ -156,6 +157,7 @@ def cmd_icl(a) -> None:
             demo_gold=pool_gold,
             prompt=spec,
             calibrate_scores=a.calibrate,
+            calibration=a.calibration,
             text_field=a.text_field,
             label_field=a.label_field,
             seed=a.seed,

@@ -117,6 +117,7 @@ def compare_recipe(models: list[str], evals: list[str], data: dict) -> dict:
         icl = {
             "limit": data["limit"],
             "calibrate": data["calibrate"],
+            "calibration": data["calibration"],
             **({"draws": data["draws"]} if data["draws"] else {}),
             **{k: v for k, v in data["prompt"].items() if v is not None},
         }
@@ -194,6 +195,7 @@ def cmd_compare(a) -> None:
         "text_field": a.text_field,
         "label_field": a.label_field,
         "calibrate": a.calibrate,
+        "calibration": a.calibration,
         "draws": a.draws,
         "prompt": {
             "format": a.format,

@@ -49,6 +49,7 @@ ICL_KEYS = (
     "shots",
     "prompt",
     "calibrate",
+    "calibration",
     "draws",
     "max_text_tokens",
     "format",
@@ -62,7 +63,7 @@ ICL_KEYS = (
 
 
 def _optional_bool(value) -> bool | None:
-    """A recipe's calibrate: true, false, or absent/auto for the default (at 0 shots only)."""
+    """A recipe's calibrate: true, false, or absent/auto for the default (evaluate/icl.py)."""
     return None if value is None or value == "auto" else bool(value)
 
 
@@ -100,6 +101,7 @@ def _icl(lm, config: dict, method: dict, seed: int) -> dict:
         demo_gold=[label_index(r, label_field, labels) for r in pool],
         prompt=spec,
         calibrate_scores=_optional_bool(options.get("calibrate")),
+        calibration=str(options.get("calibration", "batch")),
         text_field=text_field,
         label_field=label_field,
         seed=seed,

@@ -59,7 +59,10 @@ def metrics_of(task: str, summary: dict) -> dict:
             examples=summary.get("examples"),
             prompt=summary.get("prompt_name", "default"),
             prompt_format=prompt.get("format"),
-            calibrated=summary.get("calibrated"),
+            # how: "batch" or "content-free" (True in runs from before the choice existed)
+            calibrated=(summary.get("calibration") or True)
+            if summary.get("calibrated")
+            else summary.get("calibrated"),
             draws=summary.get("draws"),
         )
         if isinstance(summary.get("draw_accuracy"), dict):  # each demonstration draw alone

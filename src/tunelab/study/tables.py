@@ -219,7 +219,7 @@ def prompt_table(ents: list[dict]) -> tuple[list[str], list[list[str]]]:
                 draw_range(g),
                 cell(g, "macro_f1"),
                 shares(g),
-                {True: "yes", False: "no"}.get(g.get("calibrated"), "–"),
+                {True: "yes", False: "no", None: "–"}.get(g.get("calibrated"), g.get("calibrated")),
                 cell(g, "accuracy_without_calibration"),
                 cell(g, "examples"),
             ]
