@@ -292,3 +292,22 @@ def test_autocast_forward_and_backward_use_the_autocast_dtype(layer):
     assert torch.equal(x.grad, xr.grad)
     qmod.release_scratch()
     assert getattr(qmod._scratch, "buf", None) is None
+
+
+def test_the_shared_buffer_made_under_inference_mode_serves_training():
+    """An evaluation before training (inference_mode) makes the shared dequantization buffer
+    first; training then writes into it outside inference mode (the quickstart's QLoRA cell
+    failed so: 'Inplace update to inference tensor outside InferenceMode')."""
+    import tunelab.adapt.quantize as qmod
+
+    qmod.release_scratch()
+    torch.manual_seed(0)
+    q = NF4Linear(nn.Linear(64, 32, bias=False))
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.inference_mode():
+        before = q(x.detach())
+    y = q(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), before) and x.grad is not None
+    with torch.inference_mode():
+        assert torch.equal(q(x.detach()), before)

@@ -196,3 +196,38 @@ def test_nf4_dequantization_threads_follow_the_measured_table(monkeypatch, tmp_p
     assert layers and all(m.dequant_threads == 1 for m in layers)
     prepare_runtime(model, SimpleNamespace(linear="torch"))
     assert all(m.dequant_threads is None for m in layers)
+
+
+def test_one_row_and_batch_decoding_are_chosen_apart():
+    """Plain oneDNN faster at 1 row, the fused reordered weights at 8 (as on 2 EPYC vCPUs):
+    each batch size gets its winner, and a layer asks for the one of the rows it decodes;
+    a table from before the split (no '/1' key) serves both."""
+    from tunelab.runtime.kernels import FastLinear
+
+    times = {
+        "576x1536, 1 row (pair)": {"torch": 1.0, "onednn": 0.65, "packed+fused": 0.85},
+        "4096x14336, 1 row (pair)": {"torch": 1.0, "onednn": 0.64, "packed+fused": 0.62},
+        "576x1536, 8 rows (pair)": {"torch": 1.0, "onednn": 0.72, "packed+fused": 0.54},
+        "4096x14336, 8 rows (pair)": {"torch": 1.0, "onednn": 0.32, "packed+fused": 0.20},
+    }
+    rows = [
+        dict(cls="decode-fp32", shape=s, candidate=c, ms=ms)
+        for s, t in times.items()
+        for c, ms in t.items()
+    ]
+    choice = choose.decide(rows)
+    assert choice["decode-fp32/1"] == "onednn" and choice["decode-fp32"] == "packed+fused"
+    assert set(choice) == set(choose.KEYS)
+    layer = FastLinear.of(torch.nn.Linear(4, 4), choice)
+    assert layer.kernel(torch.float32, "decode", rows=1) == "onednn"
+    assert layer.kernel(torch.float32, "decode", rows=8) == "packed+fused"
+    assert layer.kernel(torch.float32, "decode") == "packed+fused"  # the prefill's rows
+    old = FastLinear.of(torch.nn.Linear(4, 4), {"decode-fp32": "packed"})
+    assert old.kernel(torch.float32, "decode", rows=1) == "packed"
+    table = choose.format_table(
+        dict(
+            machine=choose.machine(), measured="now", seconds=1, load=0.0, rows=rows, choice=choice
+        )
+    )
+    marked = [line.split()[-4] for line in table.splitlines() if line.endswith(" *")]
+    assert marked == ["onednn", "onednn", "packed+fused", "packed+fused"]

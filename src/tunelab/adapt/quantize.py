@@ -49,7 +49,10 @@ def scratch(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
         _scratch.buf = buf = None  # the old one goes before the new one is made
-        _scratch.buf = buf = torch.empty(n, dtype=dtype, device=device)
+        # a plain tensor even when first made under inference_mode (an evaluation before
+        # training): an inference tensor could not be written again outside it
+        with torch.inference_mode(False):
+            _scratch.buf = buf = torch.empty(n, dtype=dtype, device=device)
     return module.dequantize_into(buf[:n].view(module.out_features, module.in_features))
 
 

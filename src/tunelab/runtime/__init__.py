@@ -37,7 +37,7 @@ class Runtime:
     """The resolved choices: the kernel per shape class, and where they came from."""
 
     linear: str = "torch"
-    kernels: dict = field(default_factory=lambda: {c: "torch" for c in choose.CLASSES})
+    kernels: dict = field(default_factory=lambda: {c: "torch" for c in choose.KEYS})
     source: str = "forced"
     allocator: str = "auto"
     attention: str = "auto"
@@ -100,8 +100,8 @@ def resolve(
         return Runtime(**common, source=f"forced ({lenv})" if lenv else "forced")
     if linear == "onednn":
         kernels = {}
-        for cls in choose.CLASSES:
-            phase, dtype = cls.split("-")
+        for cls in choose.KEYS:
+            phase, dtype = cls.removesuffix(choose.ONE_ROW).split("-")
             if phase == "dequant":  # not a oneDNN product: torch's threads
                 kernels[cls] = "torch"
                 continue

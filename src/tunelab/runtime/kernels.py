@@ -118,8 +118,13 @@ class FastLinear(nn.Linear):
     def __getstate__(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "decoder"}
 
-    def kernel(self, dtype: torch.dtype, phase: str = "train") -> str:
-        return self.choice.get(f"{phase}-{DTYPE_NAMES.get(dtype, '')}", "torch")
+    def kernel(self, dtype: torch.dtype, phase: str = "train", rows: int = 0) -> str:
+        """The kernel for this dtype and phase; decoding one row has its own ("decode-fp32/1"),
+        tables from before it exist fall back to the class's."""
+        cls = f"{phase}-{DTYPE_NAMES.get(dtype, '')}"
+        if phase == "decode" and rows == 1 and cls + "/1" in self.choice:
+            return self.choice[cls + "/1"]
+        return self.choice.get(cls, "torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -297,7 +302,7 @@ def decoding(model: nn.Module, rows: int):
         return
     kinds = {}
     for m in linears:
-        kind = m.kernel(m.weight.dtype, "decode")
+        kind = m.kernel(m.weight.dtype, "decode", rows)
         kinds[id(m)] = kind if kind == "torch" or onednn_works(m.weight.dtype) else "torch"
     copies = [m for m in linears if kinds[id(m)].startswith("packed")]
     if 2 * sum(m.weight.numel() * m.weight.element_size() for m in copies) > free_memory():
