@@ -11,6 +11,7 @@ from torch import nn
 
 from tunelab.adapt.quantize import QuantLinear, quantize
 from tunelab.errors import ConfigError, closest
+from tunelab.model.transformer import autocast_dtype
 
 
 class LoRALinear(nn.Module):
@@ -40,9 +41,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        kind = x.device.type  # under autocast, A reads x in its dtype: no float32 copy first
-        on = torch.is_autocast_enabled(kind)
-        h = self.dropout(x).to(torch.get_autocast_dtype(kind) if on else self.lora_A.weight.dtype)
+        # under autocast, A reads x in autocast's dtype: no float32 copy first
+        h = self.dropout(x).to(autocast_dtype(x.device.type) or self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:

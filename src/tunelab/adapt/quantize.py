@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.errors import ConfigError
+from tunelab.model.transformer import autocast_dtype
 from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table
 
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' get_4bit_type("nf4")).
@@ -69,8 +70,7 @@ class _DequantLinear(torch.autograd.Function):
         ctx.module, ctx.x_dtype = module, x.dtype
         # Autocast does not cast a Function's inputs: dequantize straight into its dtype, or
         # F.linear would get a float32 weight and cast it again (two extra passes over W).
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        dtype = autocast_dtype(x.device.type) or x.dtype
         return F.linear(x.to(dtype), scratch(module, dtype))
 
     @staticmethod
@@ -190,13 +190,13 @@ class NF4Linear(QuantLinear):
         return torch.stack((self.packed >> 4, self.packed & 15), -1).flatten().long()
 
     def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
-        return self.dequantize_rows(0, self.out_features, out)
+        return self.dequantize_rows(0, out)
 
     def dequantize_rows(
-        self, start: int, stop: int, out: torch.Tensor, threads: int | None = None
+        self, start: int, out: torch.Tensor, threads: int | None = None
     ) -> torch.Tensor:
-        """Rows start:stop of the float weight, written into out (their size, any float dtype),
-        with `threads` (default: the runtime's choice, dequant_threads)."""
+        """The float weight's rows from `start`, as many as out holds, written into out (any
+        float dtype), with `threads` (default: the runtime's choice, dequant_threads)."""
         table, first = pair_table(self.code), start * self.in_features
         threads = threads or self.dequant_threads
         return dequantize_nf4(self.packed, self._absmax(), table, first, out, threads)

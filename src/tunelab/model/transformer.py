@@ -45,15 +45,18 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
+def autocast_dtype(kind: str) -> torch.dtype | None:
+    """Autocast's dtype on this device type ("cpu", "cuda") while it is on, else None."""
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 def compute_dtype(h: torch.Tensor) -> torch.Tensor:
     """h in autocast's dtype, when autocast is on: the norm's float32 output feeds q, k, v (or
     gate and up) and each layer, and each LoRA beside it, would cast and keep its own copy for
     backward (measured: 1.5x the activations of a bf16 LoRA step). Cast once, the products see
     the same values and share one saved tensor."""
-    kind = h.device.type
-    if torch.is_autocast_enabled(kind) and h.is_floating_point():
-        return h.to(torch.get_autocast_dtype(kind))
-    return h
+    dtype = autocast_dtype(h.device.type)
+    return h.to(dtype) if dtype is not None and h.is_floating_point() else h
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 
 from tunelab.files import atomic_write
 from tunelab.model.weights import release_freed
-from tunelab.runtime.kernels import _OneDNNLinear, free_memory, onednn_linear, onednn_works, reorder
+from tunelab.runtime.kernels import (
+    ONE_ROW,
+    _OneDNNLinear,
+    free_memory,
+    onednn_linear,
+    onednn_works,
+    reorder,
+)
 
 log = logging.getLogger("tunelab")
 MARGIN = 1.10  # a path other than torch's must be this much faster to be chosen
@@ -45,7 +52,6 @@ CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16", "dequant-nf
 # Decoding one row and decoding a batch are chosen apart: on 2 EPYC vCPUs plain oneDNN won at 1
 # row (1.54x torch) and the fused reordered weights at 8 (1.84x against 1.38x), and one choice
 # over both flipped between measurements (IFEval's batches ran at 76 or 108 tok/s).
-ONE_ROW = "/1"
 KEYS = CLASSES + tuple(c + ONE_ROW for c in CLASSES if c.startswith("decode"))
 # (in, out, rows): decode shapes are a sibling pair (out each), train shapes one layer
 SHAPES = {
@@ -179,11 +185,9 @@ def decide(rows: list[dict], margin: float = MARGIN) -> dict:
     are chosen twice: over their batch shapes (the class) and their 1-row shapes (class/1)."""
     choice = {}
     for key in KEYS:
-        cls, one = key.removesuffix(ONE_ROW), key.endswith(ONE_ROW)
         table: dict[str, dict[str, float]] = {}
         for row in rows:
-            single = row["shape"].split(", ")[-1].startswith("1 row")
-            if row["cls"] == cls and (not cls.startswith("decode") or single == one):
+            if choice_key(row) == key:
                 table.setdefault(row["shape"], {})[row["candidate"]] = row["ms"]
         best, best_gain = "torch", margin
         for cand in {c for times in table.values() for c in times} - {"torch"}:
@@ -195,6 +199,12 @@ def decide(rows: list[dict], margin: float = MARGIN) -> dict:
                 best, best_gain = cand, gain
         choice[key] = best
     return choice
+
+
+def choice_key(row: dict) -> str:
+    """The choice a measured row counts toward: its class, or class/1 for 1-row decoding."""
+    one = row["cls"].startswith("decode") and row["shape"].split(", ")[-1].startswith("1 row")
+    return row["cls"] + ONE_ROW if one else row["cls"]
 
 
 def _cached(path: Path, key: dict) -> dict | None:
@@ -290,9 +300,7 @@ def format_table(found: dict) -> str:
     for r in found["rows"]:
         base = torch_ms.get((r["cls"], r["shape"]))
         speed = f"{base / r['ms']:.2f}x" if base and r["ms"] else ""
-        one = r["cls"].startswith("decode") and r["shape"].split(", ")[-1].startswith("1 row")
-        chosen = found["choice"].get(r["cls"] + ONE_ROW if one else r["cls"])
-        mark = " *" if chosen == r["candidate"] else ""
+        mark = " *" if found["choice"].get(choice_key(r)) == r["candidate"] else ""
         lines.append(
             f"{r['cls']:<12} {r['shape']:<28} {r['candidate']:<13} {r['ms']:>9.3f} {speed:>9}{mark}"
         )

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from tunelab.model.transformer import autocast_dtype
+
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 # Sibling layers that read the same input: decoding may run each group as one product.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -93,6 +95,9 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+ONE_ROW = "/1"  # suffix of the decode classes chosen for 1-row decoding (runtime/choose.py)
+
+
 class FastLinear(nn.Linear):
     """An nn.Linear whose product runs on the kernel chosen for it when the model was prepared.
 
@@ -122,8 +127,8 @@ class FastLinear(nn.Linear):
         """The kernel for this dtype and phase; decoding one row has its own ("decode-fp32/1"),
         tables from before it exist fall back to the class's."""
         cls = f"{phase}-{DTYPE_NAMES.get(dtype, '')}"
-        if phase == "decode" and rows == 1 and cls + "/1" in self.choice:
-            return self.choice[cls + "/1"]
+        if phase == "decode" and rows == 1 and cls + ONE_ROW in self.choice:
+            return self.choice[cls + ONE_ROW]
         return self.choice.get(cls, "torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +137,7 @@ class FastLinear(nn.Linear):
             return self.decoder(x)
         if x.device.type != "cpu" or not x.numel():  # oneDNN has no primitive for no rows
             return F.linear(x, w, b)
-        if torch.is_autocast_enabled("cpu"):  # compute in autocast's dtype, as F.linear would
-            dtype = torch.get_autocast_dtype("cpu")
+        if (dtype := autocast_dtype("cpu")) is not None:  # as F.linear would compute
             if not x.is_floating_point() or self.kernel(dtype) != "onednn":
                 return F.linear(x, w, b)
             with torch.autocast("cpu", enabled=False):
