@@ -125,14 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     runs = 1 if a.smoke else a.runs
     libs = ("bitsandbytes",) if bnb else ()
     sitting = common.Sitting(common.command_line("nf4.py", argv), libs)
-    rows = measure(SMOKE if a.smoke else MISTRAL, 16 if a.smoke else a.tokens, runs, bnb)
+    tokens = 16 if a.smoke else a.tokens
+    rows = measure(SMOKE if a.smoke else MISTRAL, tokens, runs, bnb)
     body = "\n".join(
         [
             sitting.preamble(),
             "",
             *table(rows, bnb),
             "",
-            f"{a.tokens} tokens, bf16 autocast, medians of {runs} runs, the sides alternating. "
+            f"{tokens} tokens, bf16 autocast, medians of {runs} runs, the sides alternating. "
             "Forward: the layer's output; input grad: backward of the output into x (the frozen "
             "base's share of a QLoRA step: LoRA's own products are not included).",
         ]
