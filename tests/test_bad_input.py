@@ -47,7 +47,7 @@ CASES = [
         2,
         "--predictions",
     ),
-    ("estimate --model {model} --seq-len 0", 2, "--seq-len: 0: must be at least 1"),
+    ("estimate --model {model} --seq-len 0", 2, "--seq-len 0: must be at least 1"),
     ("estimate --model {model} --batch -4", 2, "--batch: -4: must be at least 1"),
     ("export --model {model} --out {user}", 2, "not a model"),
     ("export --model {model} --out {user} --force", 2, "not a model"),

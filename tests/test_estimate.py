@@ -375,3 +375,66 @@ def test_bf16_lora_on_every_linear_saves_what_the_estimate_counts(method):
     est = estimate(cfg, method, 32, 2, precision="bf16", options=options)["memory"]
     expected = est["activations"] + est["autocast_copies"]
     assert saved_bytes(model, forward) == pytest.approx(expected, rel=0.1)
+
+
+def _cli_estimate(capsys, *argv) -> dict:
+    from tunelab.cli import main
+
+    assert main(["estimate", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_estimate_takes_the_training_commands_options_and_recipes(tmp_path, capsys):
+    from tunelab.adapt.estimate import run_settings
+    from tunelab.model.inspect import read_config
+    from tunelab.train.config import load_config
+
+    small = {**LLAMA_70B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2}
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**small, "num_attention_heads": 8}))
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(
+        f"model: {model}\nmethod: {{name: qlora, r: 4, targets: all-linear}}\n"
+        "train: {seq_len: 96, batch_size: 3, precision: bf16}\n"
+    )
+    spelled = ["--method", "qlora", "--method.r", "4", "--method.targets", "all-linear"]
+    spelled += ["--seq-len", "96", "--batch-size", "3", "--precision", "bf16"]
+    by_recipe = _cli_estimate(capsys, "--config", str(recipe), "--device", "cpu")
+    by_flags = _cli_estimate(capsys, "--model", str(model), *spelled)
+    older = ["--lora-r", "4", "--lora-targets", "all-linear", "--batch", "3"]
+    by_older = _cli_estimate(capsys, "--model", str(model), "--method", "qlora", *older,
+                             "--seq-len", "96", "--precision", "bf16")  # fmt: skip
+    # what the training command's own check computes for the same recipe
+    cfg = load_config(recipe, {"task": "finetune"})
+    run = run_settings("qlora", cfg.method, cfg.train, "cpu")
+    expected = estimate(read_config(str(model)), **run)
+    for got in (by_recipe, by_flags, by_older):
+        assert (got["seq_len"], got["batch"], got["method"]) == (96, 3, "qlora")
+        assert got["memory"] == json.loads(json.dumps(expected["memory"]))
+    # a flag overrides the recipe, as in the training commands
+    longer = _cli_estimate(capsys, "--config", str(recipe), "--seq-len", "192")
+    assert longer["seq_len"] == 192 and longer["memory"]["total"] > by_recipe["memory"]["total"]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{tmp}", "a folder, not a config file"),
+        ("recipes/quickstart.yaml", "a study recipe, not a run's: run it with `tunelab study"),
+    ],
+)
+def test_estimate_and_training_name_a_config_that_is_no_run_recipe(
+    tmp_path, capsys, config, message
+):
+    from pathlib import Path
+
+    from tunelab.cli import main
+
+    path = config.format(tmp=tmp_path)
+    if not Path(path).is_absolute():
+        path = str(Path(__file__).resolve().parents[1] / path)
+    for command in ("estimate", "finetune"):
+        assert main([command, "--config", path]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -15,6 +15,7 @@ import torch
 from tunelab.adapt import METHODS
 from tunelab.errors import ConfigError, MemoryLimitError
 from tunelab.model.config import ModelConfig
+from tunelab.runtime import fused_adamw
 
 LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its grads in backward)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
@@ -291,14 +292,14 @@ def estimate(
     dequant = 0
     if quantized:  # one linear's weight dequantized at a time, in the compute dtype
         dequant = act_bytes * max(p.numel() for p in quantized.values()) + DEQUANT_TEMP
-    fused = torch.device(device).type in ("cpu", "cuda")
+    fused = fused_adamw(device)  # the optimizer training makes for this device
     # A trained tied embedding gets a second dense V x d grad from the lookup, added to the head's
     # out of place; measured on SmolLM2 (freeze), it sets the peak at short lengths.
     phases = {
         "loading": weights + loading,
         "backward": weights + adam + acts + logits_phase + dequant + cast,
         "end of backward": weights + adam + grads + (2 * head_grad if tied and head_trains else 0),
-        # fused AdamW (train/optim.py, CPU and CUDA) steps in place; foreach makes a sqrt temporary
+        # fused AdamW steps in place; foreach makes a sqrt temporary
         "optimizer": weights + adam + grads + (0 if fused else 4 * n_train),
     }
     total = max(phases.values())
@@ -380,6 +381,21 @@ def fits(needed: float, device: str = "cpu") -> dict:
     return dict(device=str(device), device_total=total, device_free=free, fits=needed <= free)
 
 
+def run_settings(method: str, method_options: dict | None, train_cfg, device="cpu") -> dict:
+    """estimate()'s keyword arguments for a training run: the method and its options, and
+    train_cfg's (a TrainConfig) seq_len, batch_size, precision, autocast and checkpointing."""
+    return dict(
+        method=method,
+        options={k: v for k, v in (method_options or {}).items() if k != "name"},
+        seq_len=train_cfg.seq_len,
+        batch=train_cfg.batch_size,
+        precision=getattr(train_cfg, "precision", "fp32"),
+        autocast=getattr(train_cfg, "autocast", None),
+        activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
+        device=str(device),
+    )
+
+
 def check_memory(
     model_cfg: ModelConfig, method: str, method_options: dict, train_cfg, device="cpu"
 ) -> dict:
@@ -390,21 +406,11 @@ def check_memory(
     """
     if os.environ.get("TUNELAB_SKIP_MEMORY_CHECK", "") not in ("", "0"):
         return {}
-    options = {k: v for k, v in (method_options or {}).items() if k != "name"}
-    run = dict(
-        method=method,
-        options=options,
-        seq_len=train_cfg.seq_len,
-        batch=train_cfg.batch_size,
-        precision=getattr(train_cfg, "precision", "fp32"),
-        autocast=getattr(train_cfg, "autocast", None),
-        activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
-        device=str(device),
-    )
+    run = run_settings(method, method_options, train_cfg, device)
     est = estimate(model_cfg, **run)
     if est["fits"]:
         return est
-    lora = options if method in ("lora", "qlora") else {}
+    lora = run["options"] if method in ("lora", "qlora") else {}
     tries = []  # (flag, changes): each alternative alone, then all of them together
     if method != "qlora":
         tries.append(("--method qlora", dict(method="qlora", options=lora)))

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tunelab.cli.common import EPILOG
-from tunelab.cli.train import _train_args, print_instructions, resumable
+from tunelab.cli.train import print_instructions, resumable, run_overrides, train_args
 
 ALIGN_ALIASES = {
     "--loss": "align.loss",
@@ -21,8 +21,7 @@ def cmd_align(a) -> None:
     from tunelab.train.run import config_for_resume
     from tunelab.train.tasks import run_task
 
-    skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
-    overrides = {k: v for k, v in vars(a).items() if k not in skip}
+    overrides = run_overrides(a)
     if a.resume:
         cfg = config_for_resume(a.resume, overrides)
     else:
@@ -44,7 +43,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "align", help=HELP, description=HELP, epilog=EPILOG, usage="tunelab align [options]"
     )
-    _train_args(p)
+    train_args(p)
     from tunelab.train.config import option_docs
 
     docs = {key: (default, doc) for key, default, doc, _ in option_docs()}

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from tunelab.adapt import METHODS
 from tunelab.cli.common import (
     EPILOG,
     at_least,
@@ -17,6 +16,7 @@ from tunelab.cli.common import (
     sampling,
     sampling_args,
 )
+from tunelab.cli.train import train_args
 
 
 def cmd_models(a) -> None:
@@ -131,30 +131,28 @@ def cmd_merge(a) -> None:
 
 
 def cmd_estimate(a) -> None:
-    from tunelab.adapt.estimate import estimate, format_estimate
+    from tunelab.adapt.estimate import estimate, format_estimate, run_settings
+    from tunelab.cli.train import run_overrides
     from tunelab.errors import ModelError
-    from tunelab.model.inspect import bytes_per_param, read_config, weight_bytes
+    from tunelab.model.inspect import bytes_per_param, weight_bytes
+    from tunelab.runtime.precision import resolve_precision
+    from tunelab.train.config import check_options, load_config
+    from tunelab.train.distributed import pick_device
+    from tunelab.train.run import model_config
 
-    cfg = read_config(a.model)  # the config alone: no weight is loaded
-    try:
-        stored = weight_bytes(a.model)
-    except ModelError:  # a config without weights (or a hub id): assume fp32 files
-        stored = None
-    targets = tuple(t.strip() for t in a.lora_targets.split(","))
-    est = estimate(
-        cfg,
-        a.method,
-        a.seq_len,
-        a.batch,
-        a.precision,
-        lora_r=a.lora_r,
-        lora_targets=targets if a.lora_targets != "all-linear" else "all-linear",
-        trainable_layers=a.train_layers,
-        device=a.device,
-        autocast=a.autocast,
-        activation_checkpointing=a.activation_checkpointing,
-        source_bytes=bytes_per_param(stored) if stored else None,
-    )
+    cfg = load_config(a.config, {"task": "finetune", **run_overrides(a)})
+    check_options(cfg)
+    mcfg, _ = model_config(cfg)  # the config alone: no weight is loaded
+    stored = None
+    if not cfg.arch:
+        try:
+            stored = weight_bytes(cfg.model)
+        except ModelError:  # a config without weights (or a hub id): assume fp32 files
+            pass
+    device = pick_device(cfg.train.device, 0)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)[0]
+    run = run_settings(cfg.method.get("name", "full"), cfg.method, cfg.train, device)
+    est = estimate(mcfg, **run, source_bytes=bytes_per_param(stored) if stored else None)
     est["stored_weights"] = stored
     text = format_estimate(est)
     if stored:
@@ -164,7 +162,10 @@ def cmd_estimate(a) -> None:
 
 ESTIMATE_HELP = """\
 Sizes the model from its config alone (config.json, tunelab.json or a GGUF header), so it
-answers for a 70B model in seconds without loading a weight.
+answers for a 70B model in seconds without loading a weight. It takes the training commands'
+options (a recipe with --config, --batch-size, --method qlora --method.r 16, ...): the
+estimate is for the run `tunelab finetune` with the same options would make, and the same
+check every training command runs before it loads the model.
 
 --precision is the dtype the frozen weights are stored in (fp32, bf16, fp16). Trainable
 parameters are always fp32 (master weights, with fp32 gradients and AdamW states).
@@ -239,26 +240,21 @@ def register(sub) -> None:
     p = sub.add_parser(
         "estimate",
         help="predict peak memory and FLOPs of a training step",
+        usage="tunelab estimate [options]",
         epilog=EPILOG,
         description=ESTIMATE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    model_args(p)
-    p.add_argument("--method", default="full", choices=METHODS)
-    p.add_argument("--seq-len", type=at_least(1), default=512)
-    p.add_argument("--batch", type=at_least(1), default=1)
-    p.add_argument("--lora-r", type=at_least(1), default=8)
-    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
-    p.add_argument("--train-layers", default=None, help="freeze: blocks that train, e.g. top:2")
+    train_args(p, resume=False)
     p.add_argument(
-        "--autocast",
-        default=None,
-        choices=["off", "bf16", "fp16"],
-        help="compute dtype of the forward pass; default: follows --precision",
+        "--device", dest="train.device", default=argparse.SUPPRESS, help="alias of --train.device"
     )
-    p.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="keep block inputs only and recompute in backward",
-    )
-    p.set_defaults(func=cmd_estimate)
+    # estimate's first spellings, kept working: --batch-size, --method.r, --method.targets, ...
+    for flag, key, kind in (
+        ("--batch", "train.batch_size", at_least(1)),
+        ("--lora-r", "method.r", at_least(1)),
+        ("--lora-targets", "method.targets", str),
+        ("--train-layers", "method.train_layers", str),
+    ):
+        p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_estimate, overrides=True)

@@ -25,15 +25,20 @@ ALIASES = {
 SWITCHES = {"--activation-checkpointing": "train.activation_checkpointing"}
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def train_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    """Every option of the run config as a flag; resume: the --resume flag of a training run."""
     from tunelab.adapt import METHODS
     from tunelab.train.config import option_docs
 
     p.add_argument("--config", type=Path, help="YAML recipe (see recipes/); flags override it")
-    p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+    if resume:
+        p.add_argument(
+            "--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint"
+        )
+    done = (
+        "print summary.json on stdout at the end" if resume else "print one JSON object on stdout"
     )
-    p.add_argument("--json", action="store_true", help="print summary.json on stdout at the end")
+    p.add_argument("--json", action="store_true", help=done)
     docs = {key: (default, doc) for key, default, doc, _ in option_docs()}
     docs["method.name"] = (
         "full",
@@ -62,6 +67,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         )
 
 
+def run_overrides(a) -> dict:
+    """The dotted config keys a command line set ({'train.lr': '1e-4'}), the rest left out."""
+    skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
+    return {k: v for k, v in vars(a).items() if k not in skip}
+
+
 def resumable(fn, cfg):
     """fn(); an interruption (Ctrl-C, SIGTERM) is re-raised with how to resume the run."""
     try:
@@ -77,8 +88,7 @@ def cmd_train(a) -> None:
     from tunelab.train.run import config_for_resume
     from tunelab.train.tasks import run_task
 
-    skip = {"command", "func", "debug", "config", "resume", "json", "task", "overrides"}
-    overrides = {k: v for k, v in vars(a).items() if k not in skip}
+    overrides = run_overrides(a)
     if a.resume:
         cfg = config_for_resume(a.resume, overrides)
     else:
@@ -124,5 +134,5 @@ def register(sub) -> None:
         p = sub.add_parser(
             task, help=text, description=text, epilog=EPILOG, usage=f"tunelab {task} [options]"
         )
-        _train_args(p)
+        train_args(p)
         p.set_defaults(func=cmd_train, task=task, overrides=True)

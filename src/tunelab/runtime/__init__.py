@@ -26,7 +26,15 @@ from tunelab.runtime.allocator import CHOICES as ALLOCATOR
 from tunelab.runtime.allocator import active, allocator_choice, keep_freed_memory
 from tunelab.runtime.kernels import FastLinear, decoding, onednn_works, prepare_linears
 
-__all__ = ["Runtime", "resolve", "prepare_runtime", "decoding", "FastLinear", "keep_freed_memory"]
+__all__ = [
+    "Runtime",
+    "resolve",
+    "prepare_runtime",
+    "decoding",
+    "FastLinear",
+    "keep_freed_memory",
+    "fused_adamw",
+]
 
 LINEAR = ("auto", "torch", "onednn")
 ATTENTION = ("auto", "rows", "mask", "nested")
@@ -167,3 +175,10 @@ def threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def fused_adamw(device) -> bool:
+    """Whether AdamW runs fused on this device: one kernel, no model-sized temporaries (CPU since
+    torch 2.4, CUDA); elsewhere foreach, whose step makes a temporary the size of the parameters.
+    The optimizer (train/optim.py) and the memory estimate (adapt/estimate.py) both follow it."""
+    return torch.device(device).type in ("cuda", "cpu")

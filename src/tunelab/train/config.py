@@ -269,6 +269,10 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of options at the top level")
+        if "study" in data or "experiments" in data:
+            raise ConfigError(
+                f"{path}: a study recipe, not a run's: run it with `tunelab study {path}`"
+            )
     for dotted, value in (overrides or {}).items():
         if dotted.startswith("method."):
             set_dotted(data, dotted, yaml.safe_load(value) if isinstance(value, str) else value)

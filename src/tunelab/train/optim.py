@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.errors import ConfigError
+from tunelab.runtime import fused_adamw
 from tunelab.train.config import TrainConfig
 
 
@@ -57,7 +58,5 @@ def make_optimizer(model, cfg: TrainConfig, groups: list | None = None) -> torch
         if not params:
             raise ConfigError("no trainable parameters: check the method's freeze settings")
         groups = param_groups(params, cfg)
-    device = groups[0]["params"][0].device
-    # Fused AdamW (one kernel, no model-sized temporaries) exists on CPU since torch 2.4.
-    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    fast = {"fused": True} if fused_adamw(groups[0]["params"][0].device) else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fast)

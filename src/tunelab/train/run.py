@@ -33,41 +33,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunelab")
 
 
+def model_config(cfg: RunConfig):
+    """(the model's config, the tokenizer of a from-scratch run or None), read without loading a
+    weight: what the memory estimate sizes and what a from-scratch model is built from."""
+    from tunelab.model.config import preset
+    from tunelab.model.inspect import read_config
+    from tunelab.tokenizer.tokenizer import Tokenizer
+
+    if not cfg.arch:
+        return read_config(cfg.model), None
+    if not cfg.tokenizer:
+        raise ConfigError(
+            "training from scratch (arch) needs a tokenizer: --tokenizer DIR_OR_MODEL"
+        )
+    path = Path(cfg.tokenizer)
+    tokenizer = Tokenizer.from_dir(path) if path.is_dir() else load(cfg.tokenizer).tokenizer
+    ids = {
+        "eos_token_id": tokenizer.eos_id,
+        "bos_token_id": tokenizer.bos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+    mcfg = preset(
+        cfg.arch, vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.train.seq_len, 64), **ids
+    )
+    return mcfg, tokenizer
+
+
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
     from tunelab.adapt.estimate import check_memory
-    from tunelab.model.config import preset
     from tunelab.model.heads import build_model
-    from tunelab.tokenizer.tokenizer import Tokenizer
 
+    mcfg, tokenizer = model_config(cfg)
+    # stop with what would fit, before the OS kills a load that cannot
+    check_memory(mcfg, cfg.method.get("name", "full"), cfg.method, cfg.train, device)
     if cfg.arch:
-        if not cfg.tokenizer:
-            raise ConfigError(
-                "training from scratch (arch) needs a tokenizer: --tokenizer DIR_OR_MODEL"
-            )
-        path = Path(cfg.tokenizer)
-        tokenizer = Tokenizer.from_dir(path) if path.is_dir() else load(cfg.tokenizer).tokenizer
-        ids = {
-            "eos_token_id": tokenizer.eos_id,
-            "bos_token_id": tokenizer.bos_id,
-            "pad_token_id": tokenizer.pad_id,
-        }
-        mcfg = preset(
-            cfg.arch, vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.train.seq_len, 64), **ids
-        )
-        check_memory(mcfg, cfg.method.get("name", "full"), cfg.method, cfg.train, device)
         torch.manual_seed(cfg.train.seed)
         model = build_model(mcfg)
         init_weights(model)
         model = model.to(device)
         prepare_runtime(model, cfg.runtime)
         return model, tokenizer
-    from tunelab.model.inspect import read_config
-
-    # stop with what would fit, before the OS kills a load that cannot
-    check_memory(
-        read_config(cfg.model), cfg.method.get("name", "full"), cfg.method, cfg.train, device
-    )
     # a first run on a machine measures the kernels now, while no model takes the memory
     r = cfg.runtime
     resolve(r.linear, r.allocator, r.attention, device)
