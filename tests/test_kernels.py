@@ -52,9 +52,10 @@ def _model(seed=0):
     return CausalLM(cfg)
 
 
+@pytest.mark.parametrize("onednn_wgrad", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), "strided"])
-def test_onednn_linear_matches_f_linear_values_and_gradients(bias, shape):
+def test_onednn_linear_matches_f_linear_values_and_gradients(bias, shape, onednn_wgrad):
     g = torch.Generator().manual_seed(len(str(shape)) + bias)
     w = torch.randn(40, 24, generator=g, requires_grad=True)
     b = torch.randn(40, generator=g, requires_grad=True) if bias else None
@@ -64,12 +65,21 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(bias, shape):
         x = torch.randn(*shape, generator=g, requires_grad=True)
     upstream = torch.randn(*x.shape[:-1], 40, generator=g)
     grads = []
-    for fn in (_OneDNNLinear.apply, F.linear):
+    for fn in (lambda *a: _OneDNNLinear.apply(*a, onednn_wgrad), F.linear):
         y = fn(x, w, b)
         inputs = [x, w] + ([b] if bias else [])
         grads.append((y, *torch.autograd.grad(y, inputs, upstream)))
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("onednn_wgrad, products", [(True, 3), (False, 2)])
+def test_the_weight_grad_runs_where_the_kernel_says(monkeypatch, onednn_wgrad, products):
+    calls = _count_onednn(monkeypatch)
+    x, w = torch.randn(5, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    _OneDNNLinear.apply(x, w, None, onednn_wgrad).sum().backward()
+    assert len(calls) == products  # forward and input grad always; weight grad on oneDNN or mm
+    torch.testing.assert_close(w.grad, torch.ones(5, 6).t() @ x.detach())
 
 
 def test_only_the_gradients_asked_for_are_computed():
@@ -125,7 +135,7 @@ def test_each_dtype_trains_on_the_kernel_chosen_for_it(tmp_path, monkeypatch, au
     cfg = TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", autocast=autocast)
     dtype, other = ("fp32", "bf16") if autocast == "off" else ("bf16", "fp32")
     grads, batch = {}, data.next()
-    for kernel in ("torch", "onednn"):
+    for kernel in ("torch", "onednn", "onednn+mm"):
         model = _model()
         prepare_linears(model, {f"train-{dtype}": kernel, f"train-{other}": "onednn"})
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast == "bf16"):
@@ -135,11 +145,12 @@ def test_each_dtype_trains_on_the_kernel_chosen_for_it(tmp_path, monkeypatch, au
         model.zero_grad()
         calls = _count_onednn(monkeypatch)  # the trainer runs the same choice
         Trainer(model, causal_lm, data, cfg, tmp_path / kernel, total_steps=1).fit()
-        assert bool(calls) == (kernel == "onednn"), kernel
+        assert bool(calls) == (kernel != "torch"), kernel
         monkeypatch.undo()
     tol = 1e-5 if autocast == "off" else 3e-2
     for k, g in grads["torch"].items():
-        torch.testing.assert_close(grads["onednn"][k], g, rtol=tol, atol=tol, msg=k)
+        for kernel in ("onednn", "onednn+mm"):
+            torch.testing.assert_close(grads[kernel][k], g, rtol=tol, atol=tol, msg=k)
 
 
 def test_tunelab_onednn_overrides_the_configured_linear(monkeypatch):

@@ -6,7 +6,8 @@ The candidates (runtime/kernels.py) are timed on the products that matter, per s
                             F.linear, oneDNN on the weights as they are, on reordered copies
                             ("packed"), and the pair as one reordered product ("packed+fused")
   train-fp32, train-bf16    forward and backward of the SmolLM2-sized layer on 1024 rows:
-                            F.linear against oneDNN
+                            F.linear against oneDNN for all three products, and against
+                            oneDNN with the weight grad on torch's mm ("onednn+mm")
   dequant-nf4               QLoRA's NF4 weights of a 4096 x 4096 layer dequantized to bf16 with
                             torch's threads against one thread ("one-thread"): on 2 AMD EPYC
                             vCPUs the gather and scaling ran 2.3x faster on one (36 against
@@ -61,7 +62,7 @@ SHAPES = {
 }
 CANDIDATES = {
     "decode": ("torch", "onednn", "packed", "packed+fused"),
-    "train": ("torch", "onednn"),
+    "train": ("torch", "onednn", "onednn+mm"),
     "dequant": ("torch", "one-thread"),
 }
 BUDGET_S = 8.0  # the whole measurement; rounds are cut short past it
@@ -123,6 +124,7 @@ def _train_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
     calls = {"torch": lambda: run(F.linear)}
     if "onednn" in kinds:
         calls["onednn"] = lambda: run(_OneDNNLinear.apply)
+        calls["onednn+mm"] = lambda: run(lambda *a: _OneDNNLinear.apply(*a, False))
     return calls
 
 
