@@ -1,10 +1,12 @@
 """QLoRA's base layers on CPU: an NF4 linear layer's forward and input gradient, tunelab against
 bitsandbytes' Linear4bit on the same weights.
 
-    python bench/nf4.py [--tokens 256] [--runs 5] [--bnb-path DIR] [--no-write]
+    python bench/nf4.py [--tokens 256] [--runs 5] [--shapes mistral-7b gpt2-large]
+                        [--bnb-path DIR] [--no-write]
     python bench/nf4.py --smoke     # small shapes, one run: keeps the script working
 
-Per layer shape of Mistral-7B's blocks (q, k/v, o, gate/up, down): milliseconds of the forward
+Per layer shape of Mistral-7B's blocks (q, k/v, o, gate/up, down) and of GPT-2 large's (q/k/v/o
+and c_attn as peft quantizes it, the MLP both ways): milliseconds of the forward
 (x @ W.T) and of the input gradient (grad @ W) under bf16 autocast, the dequantization included
 — what a QLoRA step does 32 times per block stack, twice. Both sides hold the same NF4 codes
 (double quantization, block 64); bitsandbytes runs its native CPU kernels where its wheel has
@@ -29,6 +31,10 @@ import common  # noqa: E402  (bench/common.py)
 TITLE = "NF4 layers (QLoRA's base) on CPU"
 MISTRAL = [("q_proj, o_proj", 4096, 4096), ("k_proj, v_proj", 4096, 1024),
            ("gate_proj, up_proj", 4096, 14336), ("down_proj", 14336, 4096)]  # fmt: skip
+# GPT-2 large: tunelab splits c_attn into q, k, v (1280 -> 1280 each); peft keeps it whole
+GPT2_LARGE = [("q, k, v, c_proj (attn)", 1280, 1280), ("c_attn", 1280, 3840),
+              ("c_fc", 1280, 5120), ("c_proj (mlp)", 5120, 1280)]  # fmt: skip
+SHAPES = {"mistral-7b": MISTRAL, "gpt2-large": GPT2_LARGE}
 SMOKE = [("small", 256, 512), ("wide", 512, 1024)]
 
 
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=256, help="rows of x (batch x sequence)")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--bnb-path", help="folder holding bitsandbytes (an unpacked wheel)")
     ap.add_argument("--smoke", action="store_true", help="small shapes, one run")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     libs = ("bitsandbytes",) if bnb else ()
     sitting = common.Sitting(common.command_line("nf4.py", argv), libs)
     tokens = 16 if a.smoke else a.tokens
-    rows = measure(SMOKE if a.smoke else MISTRAL, tokens, runs, bnb)
+    layers = [(f"{name}: {n}", k, o) for name in a.shapes for n, k, o in SHAPES[name]]
+    rows = measure(SMOKE if a.smoke else layers, tokens, runs, bnb)
     body = "\n".join(
         [
             sitting.preamble(),
