@@ -294,6 +294,22 @@ def test_autocast_forward_and_backward_use_the_autocast_dtype(layer):
     assert getattr(qmod._scratch, "buf", None) is None
 
 
+def test_dequantization_keeps_its_work_buffers_between_calls_until_released():
+    """The gather's buffers are made once per thread and reused (made per call, their pages
+    are faulted anew every time); release_scratch drops them with the weight buffer."""
+    import tunelab.adapt.quantize as qmod
+    import tunelab.runtime.dequant as dmod
+
+    qmod.release_scratch()
+    big, small = NF4Linear(nn.Linear(256, 64, bias=False)), NF4Linear(nn.Linear(64, 32, bias=False))
+    big.dequantize()
+    first = [b.data_ptr() for b in dmod._work.bufs]
+    small.dequantize()
+    assert [b.data_ptr() for b in dmod._work.bufs] == first  # big enough already: reused
+    qmod.release_scratch()
+    assert dmod._work.bufs is None
+
+
 def test_the_shared_buffer_made_under_inference_mode_serves_training():
     """An evaluation before training (inference_mode) makes the shared dequantization buffer
     first; training then writes into it outside inference mode (the quickstart's QLoRA cell

@@ -18,7 +18,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.model.transformer import autocast_dtype
-from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table
+from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table, release_buffers
 
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' get_4bit_type("nf4")).
 NF4_CODE = (
@@ -58,8 +58,9 @@ def scratch(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
 
 
 def release_scratch() -> None:
-    """Drop the shared buffer (after training, before a save that needs the memory)."""
+    """Drop the shared buffers (after training, before a save that needs the memory)."""
     _scratch.buf = None
+    release_buffers()
 
 
 class _DequantLinear(torch.autograd.Function):
