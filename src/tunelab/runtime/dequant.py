@@ -71,9 +71,8 @@ def dequantize_nf4(
         codes[:m].copy_(packed[at // 2 : at // 2 + m])
         torch.index_select(table, 0, codes[:m], out=pairs[:m])
         blocks = pairs[:m].view(torch.float32).view(-1, BLOCK)
-        scales = absmax[at // BLOCK : at // BLOCK + len(blocks), None]
-        if lo == at and hi - lo == blocks.numel():  # whole blocks: scale straight into out
-            torch.mul(blocks, scales, out=flat[lo - first : hi - first].view(-1, BLOCK))
-        else:
-            flat[lo - first : hi - first] = (blocks * scales).view(-1)[lo - at : hi - at]
+        # scaled in place, then rounded into out: a product into out's dtype would make a
+        # float32 temporary per chunk (4 MB at 1M weights) and the allocator churn with it
+        blocks.mul_(absmax[at // BLOCK : at // BLOCK + len(blocks), None])
+        flat[lo - first : hi - first] = blocks.view(-1)[lo - at : hi - at]
     return out
