@@ -276,6 +276,7 @@ def test_autocast_forward_and_backward_use_the_autocast_dtype(layer):
     bf16 (as F.linear would after casting both), through the buffer the layers share, and two
     layers of different sizes in a row do not see each other's weights."""
     import tunelab.adapt.quantize as qmod
+    import tunelab.runtime.dequant as dmod
 
     torch.manual_seed(0)
     a, b = layer(nn.Linear(256, 96, bias=False)), layer(nn.Linear(96, 300, bias=False))
@@ -291,7 +292,7 @@ def test_autocast_forward_and_backward_use_the_autocast_dtype(layer):
     ref.backward(g.to(torch.bfloat16))
     assert torch.equal(x.grad, xr.grad)
     qmod.release_scratch()
-    assert getattr(qmod._scratch, "buf", None) is None
+    assert "weight" not in dmod._kept.__dict__
 
 
 def test_dequantization_keeps_its_work_buffers_between_calls_until_released():
@@ -303,11 +304,12 @@ def test_dequantization_keeps_its_work_buffers_between_calls_until_released():
     qmod.release_scratch()
     big, small = NF4Linear(nn.Linear(256, 64, bias=False)), NF4Linear(nn.Linear(64, 32, bias=False))
     big.dequantize()
-    first = [b.data_ptr() for b in dmod._work.bufs]
+    names = ("nf4-codes", "nf4-pairs")
+    first = [dmod._kept.__dict__[k].data_ptr() for k in names]
     small.dequantize()
-    assert [b.data_ptr() for b in dmod._work.bufs] == first  # big enough already: reused
+    assert [dmod._kept.__dict__[k].data_ptr() for k in names] == first  # big enough: reused
     qmod.release_scratch()
-    assert dmod._work.bufs is None
+    assert not any(k in dmod._kept.__dict__ for k in names)
 
 
 def test_the_shared_buffer_made_under_inference_mode_serves_training():

@@ -10,7 +10,6 @@ method is ~150 lines of torch that runs wherever torch runs. The NF4 code table,
 from __future__ import annotations
 
 import re
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.model.transformer import autocast_dtype
-from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table, release_buffers
+from tunelab.runtime.dequant import BLOCK, dequantize_nf4, kept_buffer, pair_table, release_kept
 
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' get_4bit_type("nf4")).
 NF4_CODE = (
@@ -38,29 +37,18 @@ def _blocks(values: torch.Tensor) -> torch.Tensor:
     return F.pad(values.float(), (0, (-values.numel()) % BLOCK)).view(-1, BLOCK)
 
 
-_scratch = threading.local()
-
-
 def scratch(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
-    """The module's float weight in a buffer every layer shares (one per thread): a 7B layer's
-    fresh 117 MB tensor is mapped and page-faulted anew at every call (+50 ms of a 160 ms
-    forward on 2 CPUs), once per forward and once per backward. Only for products that keep no
-    reference to W; dequantize() gives a tensor of one's own."""
+    """The module's float weight in a buffer every layer shares (one per thread, kept between
+    calls: runtime/dequant.kept_buffer). Only for products that keep no reference to W;
+    dequantize() gives a tensor of one's own."""
     device, n = module.scales_device(), module.in_features * module.out_features
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-        _scratch.buf = buf = None  # the old one goes before the new one is made
-        # a plain tensor even when first made under inference_mode (an evaluation before
-        # training): an inference tensor could not be written again outside it
-        with torch.inference_mode(False):
-            _scratch.buf = buf = torch.empty(n, dtype=dtype, device=device)
-    return module.dequantize_into(buf[:n].view(module.out_features, module.in_features))
+    buf = kept_buffer("weight", n, dtype, device)
+    return module.dequantize_into(buf.view(module.out_features, module.in_features))
 
 
 def release_scratch() -> None:
     """Drop the shared buffers (after training, before a save that needs the memory)."""
-    _scratch.buf = None
-    release_buffers()
+    release_kept()
 
 
 class _DequantLinear(torch.autograd.Function):

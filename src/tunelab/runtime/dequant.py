@@ -11,27 +11,27 @@ BLOCK = 64  # weights per absmax
 # Weights per step. 1M against 256K: 15-22% faster from 1.6M to 58.7M weights on 2 EPYC vCPUs
 # (fewer, longer passes share out better over the threads) with the buffers below kept.
 CHUNK = 1 << 20
-_work = threading.local()  # each thread's (codes, pairs) buffers, kept between calls
+_kept = threading.local()  # each thread's buffers, by name, kept between calls
 
 
-def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 codes and int64 pairs for n bytes, kept between calls: made anew at each call, the
-    6 MB of a 1M chunk are mapped and page-faulted every time (1.6M weights: 3.9 against 0.7 ms).
-    """
-    bufs = getattr(_work, "bufs", None)
-    if bufs is None or bufs[0].numel() < n or bufs[0].device != device:
-        _work.bufs = None
-        with torch.inference_mode(False):  # writable after an evaluation made them
-            _work.bufs = bufs = (
-                torch.empty(n, dtype=torch.int32, device=device),
-                torch.empty(n, dtype=torch.int64, device=device),
-            )
-    return bufs
+def kept_buffer(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of n elements, this thread's `name`, kept between calls and grown when
+    short: made anew at each call, a big temporary is mapped and page-faulted every time (a
+    1M-weight chunk's 6 MB of codes and pairs: 1.6M weights in 3.9 against 0.7 ms; a 7B layer's
+    117 MB weight: +50 ms of a 160 ms forward). Made outside inference_mode even under it (an
+    evaluation before training), so training can write it again."""
+    bufs = _kept.__dict__
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        bufs[name] = buf = None  # the old one goes before the new one is made
+        with torch.inference_mode(False):
+            bufs[name] = buf = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
 
 
-def release_buffers() -> None:
-    """Drop this thread's dequantization buffers."""
-    _work.bufs = None
+def release_kept() -> None:
+    """Drop this thread's kept buffers (after training, before a save that needs the memory)."""
+    _kept.__dict__.clear()
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def dequantize_nf4(
 
     One gather per byte gives both values, by int32 index (int64 indices and tensor indexing
     are slower on CPU); scaled in float32 and rounded once into out, equal to bitsandbytes'
-    values. A chunk at a time through two buffers kept between calls (_buffers): fresh tensors
+    values. A chunk at a time through two buffers kept between calls (kept_buffer): fresh tensors
     cost more in page faults than the gather itself (133 against 26 ms for a 58M-weight matrix
     on 2 CPUs, when made per chunk). threads: torch's thread count for the work (None: as it is); one thread ran 2.3x
     faster than two on 2 AMD EPYC vCPUs, which choose.py measures per machine."""
@@ -63,7 +63,9 @@ def dequantize_nf4(
         with using(threads):
             return dequantize_nf4(packed, absmax, table, first, out, threads)
     flat = out.view(-1)
-    codes, pairs = _buffers(min(CHUNK, flat.numel() + BLOCK) // 2 + BLOCK, out.device)
+    n = min(CHUNK, flat.numel() + BLOCK) // 2 + BLOCK
+    codes = kept_buffer("nf4-codes", n, torch.int32, out.device)
+    pairs = kept_buffer("nf4-pairs", n, torch.int64, out.device)
     for lo in range(first, first + flat.numel(), CHUNK):
         hi = min(lo + CHUNK, first + flat.numel())
         at = lo - lo % BLOCK  # the chunk's first block: a slice need not start on one
