@@ -51,27 +51,37 @@ def dequantize_nf4(
     """Weights first .. first + out.numel() of a packed NF4 tensor (two codes per byte, one
     float32 absmax per BLOCK), written into out (any float dtype); returns out.
 
-    One gather per byte gives both values, by int32 index (int64 indices and tensor indexing
-    are slower on CPU); scaled in float32 and rounded once into out, equal to bitsandbytes'
-    values. A chunk at a time through two buffers kept between calls (kept_buffer): fresh tensors
-    cost more in page faults than the gather itself (133 against 26 ms for a 58M-weight matrix
-    on 2 CPUs, when made per chunk). threads: torch's thread count for the work (None: as it is); one thread ran 2.3x
-    faster than two on 2 AMD EPYC vCPUs, which choose.py measures per machine."""
+    One gather per byte gives both values; scaled in float32 and rounded once into out, equal
+    to bitsandbytes' values. With more than one thread the gather goes by rows of a block's
+    bytes, which torch shares out over its threads (index_select runs on one: 1.2-1.5x faster
+    with two threads than the old serial gather at its best, on GPT-2 large and Mistral-7B
+    layers, 2 AMD EPYC vCPUs), with one thread by index_select, faster there. A chunk at a time
+    through buffers kept between calls (kept_buffer): fresh tensors cost more in page faults
+    than the gather itself (133 against 26 ms for a 58M-weight matrix on 2 CPUs, made per
+    chunk). threads: torch's thread count for the work (None: as it is); choose.py measures
+    per machine whether one thread does it faster."""
     if threads and threads != torch.get_num_threads():
         from tunelab.runtime import threads as using
 
         with using(threads):
             return dequantize_nf4(packed, absmax, table, first, out, threads)
-    flat = out.view(-1)
+    flat, serial = out.view(-1), torch.get_num_threads() == 1
     n = min(CHUNK, flat.numel() + BLOCK) // 2 + BLOCK
-    codes = kept_buffer("nf4-codes", n, torch.int32, out.device)
+    codes = kept_buffer("nf4-codes", n, torch.int32 if serial else torch.int64, out.device)
     pairs = kept_buffer("nf4-pairs", n, torch.int64, out.device)
+    rows = table.expand(n // (BLOCK // 2), len(table))  # the table once per block's bytes
     for lo in range(first, first + flat.numel(), CHUNK):
         hi = min(lo + CHUNK, first + flat.numel())
         at = lo - lo % BLOCK  # the chunk's first block: a slice need not start on one
         m = -(-(hi - at) // BLOCK) * BLOCK // 2  # bytes of the whole blocks it touches
         codes[:m].copy_(packed[at // 2 : at // 2 + m])
-        torch.index_select(table, 0, codes[:m], out=pairs[:m])
+        if serial:
+            torch.index_select(table, 0, codes[:m], out=pairs[:m])
+        else:
+            by_block = (-1, BLOCK // 2)
+            torch.gather(
+                rows[: m * 2 // BLOCK], 1, codes[:m].view(by_block), out=pairs[:m].view(by_block)
+            )
         blocks = pairs[:m].view(torch.float32).view(-1, BLOCK)
         # scaled in place, then rounded into out: a product into out's dtype would make a
         # float32 temporary per chunk (4 MB at 1M weights) and the allocator churn with it
