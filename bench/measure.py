@@ -24,7 +24,7 @@ def batch_plan(n_records: int, batch: int, seed: int, steps: int) -> list[list[i
 
 def count_params(model) -> dict:
     """Base (frozen or not, quantized or not) and trainable parameter counts."""
-    from tunelab.adapt.estimate import param_report
+    from tunelab.adapt.params import param_report
 
     report = param_report(model)  # counts NF4 weights (buffers) too, tied weights once
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from saved import saved_bytes  # tests/ is on sys.path
 
-from tunelab.adapt.estimate import _block_saved, estimate, format_estimate, param_report
+from tunelab.adapt.estimate import _block_saved, estimate, format_estimate
 from tunelab.adapt.freeze import freeze
+from tunelab.adapt.params import param_report
 from tunelab.errors import ConfigError
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM

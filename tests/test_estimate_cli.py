@@ -69,6 +69,7 @@ def test_70b_config_without_weights_is_estimated_on_meta_with_little_memory(tmp_
 
 def test_check_memory_names_the_settings_that_fit(monkeypatch):
     from tunelab.adapt import estimate as est_mod
+    from tunelab.adapt import memcheck
     from tunelab.errors import MemoryLimitError
     from tunelab.train.config import TrainConfig
 
@@ -90,7 +91,7 @@ def test_check_memory_names_the_settings_that_fit(monkeypatch):
     monkeypatch.setattr(est_mod, "free_memory", lambda device: (free, 64 * 2**30))
     monkeypatch.delenv("TUNELAB_SKIP_MEMORY_CHECK", raising=False)
     with pytest.raises(MemoryLimitError) as info:
-        est_mod.check_memory(cfg, "full", {}, train, "cpu")
+        memcheck.check_memory(cfg, "full", {}, train, "cpu")
     message = str(info.value)
     assert "\n" not in message and f"needs ~{needs['full'] / 2**30:.1f} GiB" in message
     expected = ["--method qlora", "--method lora"] + [
@@ -105,15 +106,15 @@ def test_check_memory_names_the_settings_that_fit(monkeypatch):
     assert f"try {' or '.join(expected)} (" in message
     monkeypatch.setattr(est_mod, "free_memory", lambda device: (10, 64 * 2**30))
     with pytest.raises(MemoryLimitError, match="even --method qlora --precision bf16"):
-        est_mod.check_memory(cfg, "full", {}, train, "cpu")
+        memcheck.check_memory(cfg, "full", {}, train, "cpu")
     monkeypatch.setenv("TUNELAB_SKIP_MEMORY_CHECK", "1")
-    assert est_mod.check_memory(cfg, "full", {}, train, "cpu") == {}
+    assert memcheck.check_memory(cfg, "full", {}, train, "cpu") == {}
     monkeypatch.delenv("TUNELAB_SKIP_MEMORY_CHECK")
     monkeypatch.setattr(est_mod, "free_memory", lambda device: (2**40, 2**40))
-    fine = est_mod.check_memory(cfg, "lora", {"r": "16", "targets": "all-linear"}, train, "cpu")
+    fine = memcheck.check_memory(cfg, "lora", {"r": "16", "targets": "all-linear"}, train, "cpu")
     assert fine["fits"] and fine["options"] == {"r": "16", "targets": "all-linear"}
     with pytest.raises(ConfigError, match="rank"):
-        est_mod.check_memory(cfg, "lora", {"rank": 16}, train, "cpu")
+        memcheck.check_memory(cfg, "lora", {"rank": 16}, train, "cpu")
 
 
 def _cli_estimate(capsys, *argv) -> dict:
@@ -124,7 +125,7 @@ def _cli_estimate(capsys, *argv) -> dict:
 
 
 def test_estimate_takes_the_training_commands_options_and_recipes(tmp_path, capsys):
-    from tunelab.adapt.estimate import run_settings
+    from tunelab.adapt.memcheck import run_settings
     from tunelab.model.inspect import read_config
     from tunelab.train.config import load_config
 

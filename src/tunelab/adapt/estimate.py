@@ -1,4 +1,4 @@
-"""Parameter report and a memory / FLOPs estimate of one training step, before anything trains.
+"""A memory / FLOPs estimate of one training step, before anything trains.
 
 The estimate builds the model on the meta device (no memory), applies the method with the real
 code (freeze, LoRA), and counts what one step holds: weights, gradients, AdamW's two fp32
@@ -13,9 +13,11 @@ import os
 import torch
 
 from tunelab.adapt import METHODS
-from tunelab.errors import ConfigError, MemoryLimitError
+from tunelab.adapt.params import mib_text
+from tunelab.errors import ConfigError
 from tunelab.model.config import ModelConfig
 from tunelab.runtime import fused_adamw
+from tunelab.runtime.dequant import CHUNK as DEQUANT_CHUNK
 
 LOGIT_COPIES = 3  # logits, the shifted copy the loss reads, log-softmax (its grads in backward)
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
@@ -23,68 +25,12 @@ NF4_DQ_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # double quantization: int8 absmax
 QUANT_OPTIONS = ("bits", "double_quant")
 # NF4 quantizes in chunks (adapt/quantize.py CHUNK): a few float32 and int64 copies of one
 # chunk at a time, on top of the layer's own float weight. It dequantizes into one buffer the
-# layers share (counted as the largest weight) through an int32 and an int64 buffer of half a
-# chunk (runtime/dequant.py CHUNK).
+# layers share (counted as the largest weight) through two int64 buffers of half a chunk
+# (runtime/dequant.py CHUNK: codes and value pairs; codes are int32 with one thread).
 QUANTIZE_TEMP = 24 * 2**18
-DEQUANT_TEMP = 6 * 2**18
+DEQUANT_TEMP = DEQUANT_CHUNK // 2 * 16
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # the frozen weights' storage
 AUTOCASTS = ("off", "bf16", "fp16")
-
-
-def param_report(model) -> dict:
-    """Trainable and total parameters and their bytes, by dtype (tied tensors counted once)."""
-    by_dtype: dict[str, dict] = {}
-    for p in model.parameters():
-        row = by_dtype.setdefault(
-            str(p.dtype).removeprefix("torch."),
-            dict.fromkeys(("params", "bytes", "trainable_params", "trainable_bytes"), 0),
-        )
-        size = p.numel() * p.element_size()
-        row["params"] += p.numel()
-        row["bytes"] += size
-        if p.requires_grad:
-            row["trainable_params"] += p.numel()
-            row["trainable_bytes"] += size
-    from tunelab.adapt.quantize import NF4Linear, QuantLinear
-
-    for m in model.modules():  # quantized weights are buffers, yet still the model's parameters
-        if isinstance(m, QuantLinear):
-            row = by_dtype.setdefault(
-                "nf4" if isinstance(m, NF4Linear) else "int8",
-                dict.fromkeys(("params", "bytes", "trainable_params", "trainable_bytes"), 0),
-            )
-            row["params"] += m.in_features * m.out_features
-            row["bytes"] += m.storage_bytes()
-    total = {k: sum(r[k] for r in by_dtype.values()) for k in ("params", "bytes")}
-    train = {k: sum(r[f"trainable_{k}"] for r in by_dtype.values()) for k in ("params", "bytes")}
-    quantized = sum(by_dtype[k]["bytes"] for k in ("nf4", "int8") if k in by_dtype)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers()) - quantized
-    return dict(
-        total_params=total["params"],
-        trainable_params=train["params"],
-        trainable_pct=100 * train["params"] / max(total["params"], 1),
-        total_bytes=total["bytes"],
-        trainable_bytes=train["bytes"],
-        buffer_bytes=buffers,
-        by_dtype=by_dtype,
-    )
-
-
-def format_report(report: dict) -> str:
-    """One line: 'trainable 1.6M of 134.5M parameters (1.2%); 6.3 MiB of 513.1 MiB'."""
-    return (
-        f"trainable {_count(report['trainable_params'])} of {_count(report['total_params'])} "
-        f"parameters ({report['trainable_pct']:.2f}%); {_mib(report['trainable_bytes'])} of "
-        f"{_mib(report['total_bytes'] + report['buffer_bytes'])}"
-    )
-
-
-def _count(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{int(n)}"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _meta_model(cfg: ModelConfig, method: str, options: dict):
@@ -381,72 +327,6 @@ def fits(needed: float, device: str = "cpu") -> dict:
     return dict(device=str(device), device_total=total, device_free=free, fits=needed <= free)
 
 
-def run_settings(method: str, method_options: dict | None, train_cfg, device="cpu") -> dict:
-    """estimate()'s keyword arguments for a training run: the method and its options, and
-    train_cfg's (a TrainConfig) seq_len, batch_size, precision, autocast and checkpointing."""
-    return dict(
-        method=method,
-        options={k: v for k, v in (method_options or {}).items() if k != "name"},
-        seq_len=train_cfg.seq_len,
-        batch=train_cfg.batch_size,
-        precision=getattr(train_cfg, "precision", "fp32"),
-        autocast=getattr(train_cfg, "autocast", None),
-        activation_checkpointing=bool(getattr(train_cfg, "activation_checkpointing", False)),
-        device=str(device),
-    )
-
-
-def check_memory(
-    model_cfg: ModelConfig, method: str, method_options: dict, train_cfg, device="cpu"
-) -> dict:
-    """Estimate the run before loading; raise MemoryLimitError, naming what would fit, if it won't.
-
-    train_cfg is a TrainConfig (seq_len, batch_size, precision, autocast,
-    activation_checkpointing). TUNELAB_SKIP_MEMORY_CHECK=1 skips the check (returns {}).
-    """
-    if os.environ.get("TUNELAB_SKIP_MEMORY_CHECK", "") not in ("", "0"):
-        return {}
-    run = run_settings(method, method_options, train_cfg, device)
-    est = estimate(model_cfg, **run)
-    if est["fits"]:
-        return est
-    lora = run["options"] if method in ("lora", "qlora") else {}
-    tries = []  # (flag, changes): each alternative alone, then all of them together
-    if method != "qlora":
-        tries.append(("--method qlora", dict(method="qlora", options=lora)))
-    if method in ("full", "freeze"):
-        tries.append(("--method lora", dict(method="lora", options={})))
-    if run["precision"] == "fp32":
-        tries.append(("--precision bf16", dict(precision="bf16", autocast=None)))
-    if not run["activation_checkpointing"]:
-        tries.append(("--activation-checkpointing", dict(activation_checkpointing=True)))
-    if run["batch"] > 1:
-        tries.append(("--batch-size 1", dict(batch=1)))
-    fitting = [flag for flag, change in tries if estimate(model_cfg, **{**run, **change})["fits"]]
-    needs = f"needs ~{est['memory']['total'] / 2**30:.1f} GiB, {est['device_free'] / 2**30:.1f} GiB free"
-    where = f" on {device}" if str(device) != "cpu" else ""
-    if fitting:
-        advice = f"try {' or '.join(fitting)}"
-    else:  # none alone: all of them together (qlora, the smallest method, over lora)
-        together = [(f, c) for f, c in tries if f != "--method lora"]
-        flags = " ".join(f for f, _ in together)
-        least = estimate(model_cfg, **{**run, **{k: v for _, c in together for k, v in c.items()}})
-        if not together:
-            advice = (
-                "no smaller setting to try: use a shorter --seq-len, a smaller model or more memory"
-            )
-        elif least["fits"]:
-            advice = f"try {flags} together"
-        else:
-            advice = (
-                f"even {flags} together needs ~{least['memory']['total'] / 2**30:.1f} GiB: "
-                "use a shorter --seq-len, a smaller model or more memory"
-            )
-    raise MemoryLimitError(
-        f"this run {needs}{where}: {advice} (TUNELAB_SKIP_MEMORY_CHECK=1 skips this check)"
-    )
-
-
 def format_estimate(est: dict) -> str:
     """A small table of the estimate for the terminal."""
     m, f = est["memory"], est["flops"]
@@ -459,7 +339,7 @@ def format_estimate(est: dict) -> str:
         )
     ]
     rows += [
-        (k, _mib(m[k]))
+        (k, mib_text(m[k]))
         for k in (
             "weights",
             "gradients",
@@ -471,14 +351,14 @@ def format_estimate(est: dict) -> str:
         )
         if m[k]
     ]
-    rows += [(f"{phase} phase", _mib(v)) for phase, v in m["phases"].items()]
+    rows += [(f"{phase} phase", mib_text(v)) for phase, v in m["phases"].items()]
     rows += [
-        ("peak (total)", f"{_mib(m['total'])}  ({m['peak_phase']} phase)"),
+        ("peak (total)", f"{mib_text(m['total'])}  ({m['peak_phase']} phase)"),
         ("FLOPs / step", f"{f['total']:.3g}  ({f['per_token']:.3g} per token)"),
         (
             "fits",
-            f"{'yes' if est['fits'] else 'NO'}: {_mib(est['device_free'])} free of "
-            f"{_mib(est['device_total'])} on {est['device']}",
+            f"{'yes' if est['fits'] else 'NO'}: {mib_text(est['device_free'])} free of "
+            f"{mib_text(est['device_total'])} on {est['device']}",
         ),
     ]
     return "\n".join(f"{k:<22}{v}" for k, v in rows)

@@ -131,7 +131,8 @@ def cmd_merge(a) -> None:
 
 
 def cmd_estimate(a) -> None:
-    from tunelab.adapt.estimate import estimate, format_estimate, run_settings
+    from tunelab.adapt.estimate import estimate, format_estimate
+    from tunelab.adapt.memcheck import run_settings
     from tunelab.cli.train import run_overrides
     from tunelab.errors import ModelError
     from tunelab.model.inspect import bytes_per_param, weight_bytes

@@ -61,7 +61,7 @@ def model_config(cfg: RunConfig):
 
 def load_for_training(cfg: RunConfig, device: torch.device):
     """(model, tokenizer): a pretrained model, or a fresh one from an architecture preset."""
-    from tunelab.adapt.estimate import check_memory
+    from tunelab.adapt.memcheck import check_memory
     from tunelab.model.heads import build_model
 
     mcfg, tokenizer = model_config(cfg)
@@ -213,7 +213,7 @@ def run_training(
 
     Under torchrun every rank trains on its shard of the data; only rank 0 writes the run."""
     from tunelab.adapt import apply_method
-    from tunelab.adapt.estimate import format_report, param_report
+    from tunelab.adapt.params import format_report, param_report
     from tunelab.train.distributed import launch
     from tunelab.train.loop import Trainer, latest_checkpoint
     from tunelab.train.optim import fp32_master_weights
