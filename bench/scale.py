@@ -40,7 +40,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import common  # bench/, beside this script: the one section writer and commit line
 import shapes
+from scale_tables import load_table, train_table
 from scale_workers import LORA, SHORT, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,86 +236,6 @@ def full_mb(name: str, scale: bool) -> float:
     """Full fine-tuning's state: bf16 weights with fp32 master copies, fp32 gradients and two
     AdamW moments, 18 bytes a parameter (the reference's fp32 weights: 16), and 1 GiB besides."""
     return shapes.n_params(name, scale) * 18 / 2**20 + 1024
-
-
-# -- the table ---------------------------------------------------------------------------------------
-def _agg(values: list[float], fmt: str) -> str:
-    """The median, with min–max when there are several."""
-    if not values:
-        return "–"
-    med = fmt.format(statistics.median(values))
-    return (
-        med if len(values) == 1 else f"{med} ({fmt.format(min(values))}–{fmt.format(max(values))})"
-    )
-
-
-def _gib(mb_values) -> list[float]:
-    return [v / 1024 for v in mb_values]
-
-
-def _side_rows(row: dict):
-    """(row head, successful runs) per side; a side with none gets its reason in the row."""
-    for side, runs in row["sides"].items():
-        ok = [r for r in runs if "failed" not in r]
-        how = next((r["how"] for r in ok if r.get("how")), None)
-        method = f"{row['method']} ({how})" if how else row["method"]
-        reason = (runs[0]["failed"] if runs else row.get("skipped", "not run")) if not ok else ""
-        yield f"| {row['shape']} | {method} | {side} ", ok, reason
-
-
-def load_table(rows: list[dict]) -> str:
-    lines = [
-        "| shape | load | side | storage | seconds | RSS before (GiB) | peak while loading "
-        "(GiB) | RSS after (GiB) | peak − before (GiB) | weights (GiB) | target (GiB) |",
-        "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        for head, ok, reason in _side_rows(row):
-            if not ok:
-                lines.append(head + f"| {reason} | | | | | | | |")
-                continue
-            grow = [r["peak_mb"] - r["rss_before_mb"] for r in ok]
-            target = (
-                f"{1.15 * row['weights_gib'] + 0.5e9 / 2**30:.2f}"
-                if row["method"] == "load"
-                else "–"
-            )
-            lines.append(
-                head + f"| {ok[0]['storage']} | {_agg([r['seconds'] for r in ok], '{:.1f}')} "
-                f"| {_agg(_gib(r['rss_before_mb'] for r in ok), '{:.2f}')} "
-                f"| {_agg(_gib(r['peak_mb'] for r in ok), '{:.2f}')} "
-                f"| {_agg(_gib(r['rss_after_mb'] for r in ok), '{:.2f}')} "
-                f"| {_agg(_gib(grow), '{:.2f}')} | {row['weights_gib']:.3g} | {target} |"
-            )
-    return "\n".join(lines)
-
-
-def train_table(rows: list[dict], warmup: int) -> str:
-    lines = [
-        "| shape | method | side | frozen / trainable | trainable | ready (s) | load-phase "
-        "peak (GiB) | training peak (GiB) | command peak (GiB) | s/step | real tok/s | "
-        "loss first → last |",
-        "|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|",
-    ]
-    for row in rows:
-        for head, ok, reason in _side_rows(row):
-            if not ok:
-                lines.append(head + f"| {reason} | | | | | | | | |")
-                continue
-            step = [statistics.median(r["step_s"][warmup:]) for r in ok]
-            tps = [sum(r["tokens"][warmup:]) / sum(r["step_s"][warmup:]) for r in ok]
-            n = ok[0]["trainable"]
-            cmd_peak = _agg(_gib(r["process_peak_mb"] for r in ok), "{:.2f}")
-            cmd_peak += "".join(f" ({r['after']})" for r in ok[:1] if r.get("after"))
-            lines.append(
-                head + f"| {ok[0]['storage']} | {f'{n / 1e6:.2f}M' if isinstance(n, int) else n} "
-                f"| {_agg([r['ready_s'] for r in ok], '{:.1f}')} "
-                f"| {_agg(_gib(r['load_peak_mb'] for r in ok), '{:.2f}')} "
-                f"| {_agg(_gib(r['train_peak_mb'] for r in ok), '{:.2f}')} "
-                f"| {cmd_peak} | {_agg(step, '{:.2f}')} | {_agg(tps, '{:.1f}')} "
-                f"| {ok[0]['losses'][0]:.3f} → {ok[0]['losses'][-1]:.3f} |"
-            )
-    return "\n".join(lines)
 
 
 def machine(threads) -> str:

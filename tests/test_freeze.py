@@ -9,8 +9,9 @@ from tunelab.adapt.freeze import GradualUnfreezing, freeze, parse_layers
 from tunelab.errors import ConfigError
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
+from tunelab.train.checkpoints import latest_checkpoint
 from tunelab.train.config import TrainConfig
-from tunelab.train.loop import Trainer, latest_checkpoint
+from tunelab.train.loop import Trainer
 from tunelab.train.objectives import causal_lm
 from tunelab.train.schedule import lr_factor
 

@@ -139,7 +139,8 @@ def run_image_training(cfg: ImageConfig) -> dict:
     """Train the tiny model as cfg says; returns summary.json's contents."""
     from tunelab.image.shapes import vocabulary
     from tunelab.image.tiny import TinyDiffusion
-    from tunelab.train.loop import Trainer, latest_checkpoint
+    from tunelab.train.checkpoints import latest_checkpoint
+    from tunelab.train.loop import Trainer
     from tunelab.train.objectives import denoising
     from tunelab.train.run import resume_notes, write_summary
     from tunelab.train.rundir import check_run_dir, own_run_dir

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import resource
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -20,12 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file
 
 from tunelab.data.batching import FILLER
-from tunelab.errors import TunelabError
-from tunelab.model.checkpoint import atomic_dir
-from tunelab.model.weights import write_file
+from tunelab.train.checkpoints import (
+    TrainingError,
+    checkpoints,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
 from tunelab.train.config import TrainConfig, compute_precision
 from tunelab.train.distributed import full, full_state, load_weights, no_sync, shard_optimizer_state
 from tunelab.train.optim import make_optimizer, stage_groups, trainable_named
@@ -34,10 +35,6 @@ from tunelab.train.schedule import make_scheduler
 
 if TYPE_CHECKING:
     from tunelab.train.tasks import Objective
-
-
-class TrainingError(TunelabError):
-    """Training cannot go on (a NaN loss, an unusable checkpoint)."""
 
 
 def autocast(device: torch.device, precision: str):
@@ -51,13 +48,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 @runtime_checkable
@@ -157,28 +147,18 @@ class Trainer:
         if not self.is_main:
             self._barrier()
             return None
-        target = self.run_dir / "checkpoints" / f"step-{self.step}"
-        with atomic_dir(target) as tmp:
-            weights = {n: w.contiguous() for n, w in weights.items()}
-            write_file(weights, tmp / "trainable.safetensors")
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            state = dict(
-                step=self.step,
-                tokens=self.tokens,
-                elapsed=self.elapsed,
-                best_val=self.best_val,
-                bad_evals=self.bad_evals,
-                last_val=self.last_val,
-                scheduler=self.scheduler.state_dict(),
-                data=self.batches.state_dict(),
-                python_rng=random.getstate()[1],
-                trainable=sorted(weights),
-            )
-            (tmp / "state.json").write_text(json.dumps(state))
-        old = sorted(_checkpoints(self.run_dir))[: -self.cfg.keep_checkpoints or None]
-        for _, path in old:
-            shutil.rmtree(path, ignore_errors=True)
+        state = dict(
+            step=self.step,
+            tokens=self.tokens,
+            elapsed=self.elapsed,
+            best_val=self.best_val,
+            bad_evals=self.bad_evals,
+            last_val=self.last_val,
+            scheduler=self.scheduler.state_dict(),
+            data=self.batches.state_dict(),
+        )
+        keep = self.cfg.keep_checkpoints
+        target = write_checkpoint(self.run_dir, self.step, weights, optim, state, keep)
         self._barrier()
         return target
 
@@ -187,13 +167,7 @@ class Trainer:
             self.dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = json.loads((path / "state.json").read_text())
-            weights = load_file(str(path / "trainable.safetensors"))
-            optim = torch.load(path / "optimizer.pt", weights_only=True)
-            rng = torch.load(path / "rng.pt", weights_only=True)
-        except Exception as e:
-            raise TrainingError(f"{path}: unusable checkpoint ({e})") from None
+        state, weights, optim, rng = read_checkpoint(path)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
         self.last_val = state.get("last_val")  # a kill after the last checkpoint keeps it
@@ -212,10 +186,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self._stream = None
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate((3, tuple(state["python_rng"]), None))
+        restore_rng(rng, state)
 
     # -- steps -------------------------------------------------------------------------------
     def _next_batch(self) -> dict:
@@ -258,7 +229,7 @@ class Trainer:
             grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)))
         loss = float(loss_sum) / max(int(count), 1)
         if not math.isfinite(loss):
-            last = sorted(_checkpoints(self.run_dir))
+            last = sorted(checkpoints(self.run_dir))
             where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint written yet"
             raise TrainingError(f"loss is {loss} at step {self.step + 1}; {where}")
         if self.scaler:
@@ -414,19 +385,3 @@ def _tensorboard(run_dir: Path):
     except ImportError:
         return False
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.name.startswith("step-") and (p / "state.json").exists():
-            found.append((int(p.name.split("-")[1]), p))
-    return found
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(_checkpoints(run_dir))
-    return found[-1][1] if found else None

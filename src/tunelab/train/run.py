@@ -214,8 +214,9 @@ def run_training(
     Under torchrun every rank trains on its shard of the data; only rank 0 writes the run."""
     from tunelab.adapt import apply_method
     from tunelab.adapt.params import format_report, param_report
+    from tunelab.train.checkpoints import latest_checkpoint
     from tunelab.train.distributed import launch
-    from tunelab.train.loop import Trainer, latest_checkpoint
+    from tunelab.train.loop import Trainer
     from tunelab.train.optim import fp32_master_weights
 
     check_options(cfg)  # every option before any loading or writing
