@@ -241,3 +241,20 @@ def test_one_row_and_batch_decoding_are_chosen_apart():
     )
     marked = [line.split()[-4] for line in table.splitlines() if line.endswith(" *")]
     assert marked == ["onednn", "onednn", "packed+fused", "packed+fused"]
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_candidates_time_the_same_products(rows):
+    """Every decode candidate's timed call computes the products torch's does: SmolLM2's whole
+    block (q/k/v, o, gate/up, down; joined where "+fused") and the 7B-sized pair alike."""
+    for k, n in ((576, 1536), (64, 96)):  # the block choose.DECODE_BLOCKS names, and a pair
+        calls = choose._decode_calls(k, n, rows, torch.float32, choose.CANDIDATES["decode"])
+        assert set(calls) == set(choose.CANDIDATES["decode"])
+        want = calls["torch"]()
+        assert len(want) == (7 if (k, n) in choose.DECODE_BLOCKS else 2)
+        for name, fn in calls.items():
+            got = fn()
+            assert [y.shape for y in got] == [y.shape for y in want], name
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3, msg=name)

@@ -3,16 +3,16 @@
 The candidates (runtime/kernels.py) are timed on the products that matter, per shape class:
   decode-fp32, decode-bf16  a sibling pair (gate/up) of a SmolLM2-sized layer (576 -> 1536)
                             and a 7B-sized one (4096 -> 14336) with 1 and 8 rows: torch's
-                            F.linear, oneDNN on the weights as they are, on reordered copies
-                            ("packed"), and the pair as one reordered product ("packed+fused")
+                            F.linear, oneDNN on the weights as they are, the pair joined as
+                            one product ("onednn+fused"), on reordered copies ("packed"), and
+                            the pair as one reordered product ("packed+fused")
   train-fp32, train-bf16    forward and backward of SmolLM2's MLP products (576 <-> 1536, 1024
                             rows) and LM head (576 -> 49152, 256 rows): F.linear against
                             oneDNN for all three products, and against oneDNN with the
                             weight grad on torch's mm ("onednn+mm")
   dequant-nf4               QLoRA's NF4 weights of a 4096 x 4096 layer dequantized to bf16 with
-                            torch's threads against one thread ("one-thread"): on 2 AMD EPYC
-                            vCPUs the gather and scaling ran 2.3x faster on one (36 against
-                            85 ms a 58M-weight matrix), the threads trading cache lines
+                            torch's threads against one thread ("one-thread"; runtime/
+                            dequant.py gathers by index_select there, by rows over threads)
 Each candidate runs in interleaved rounds and keeps its fastest time (other work on the
 machine only slows a run down). A class takes a candidate other than torch only when it wins
 by MARGIN over the shapes together and loses on none of them. The table is cached as JSON
@@ -22,6 +22,7 @@ and torch version; `tunelab runtime --rerun` measures again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,12 +55,18 @@ MARGIN = 1.10  # a path other than torch's must be this much faster to be chosen
 # made full fp32 fine-tuning 7.8% faster end to end (docs/BENCHMARKS.md, Training).
 MARGINS = {"train": 1.04}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Decoding streams weights from memory (SmolLM2's 540 MB in fp32 each token): each decode call
+# is timed after writing this many bytes, so no candidate reads weights another left in cache
+# (torch's F.linear ran first on the same weights as oneDNN's, which then looked 2x faster
+# at 1 row than a joined copy that decoded 6% faster end to end).
+EVICT_BYTES = 128 << 20
 CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16", "dequant-nf4")
 # Decoding one row and decoding a batch are chosen apart: on 2 EPYC vCPUs plain oneDNN won at 1
 # row (1.54x torch) and the fused reordered weights at 8 (1.84x against 1.38x), and one choice
 # over both flipped between measurements (IFEval's batches ran at 76 or 108 tok/s).
 KEYS = CLASSES + tuple(c + ONE_ROW for c in CLASSES if c.startswith("decode"))
-# (in, out, rows): decode shapes are a sibling pair (out each), train shapes one layer
+# (in, out, rows): decode shapes are a sibling pair (out each) or the block DECODE_BLOCKS
+# names, train shapes one layer
 SHAPES = {
     "decode": [(576, 1536, 1), (576, 1536, 8), (4096, 14336, 1), (4096, 14336, 8)],
     # train: SmolLM2's MLP products both ways and its LM head (49152 outputs), where oneDNN's
@@ -67,8 +74,20 @@ SHAPES = {
     "train": [(576, 1536, 1024), (1536, 576, 1024), (576, 49152, 256)],
     "dequant": [(4096, 4096, 0)],
 }
+# Decode shapes timed as a whole block: SmolLM2's, in groups of siblings (q/k/v, o, gate/up,
+# down). Its gate/up pair alone undercounted what joining saves: one call instead of five per
+# block at ~15 us each (bf16, 8 rows: the pair chose "packed", 216 tok/s, over "packed+fused",
+# 230 tok/s end to end). 7B-sized shapes stay a pair: a whole block is 870 MB in fp32.
+DECODE_BLOCKS = {
+    (576, 1536): [
+        [(576, 576), (576, 192), (576, 192)],
+        [(576, 576)],
+        [(576, 1536)] * 2,
+        [(1536, 576)],
+    ]
+}
 CANDIDATES = {
-    "decode": ("torch", "onednn", "packed", "packed+fused"),
+    "decode": ("torch", "onednn", "onednn+fused", "packed", "packed+fused"),
     "train": ("torch", "onednn", "onednn+mm"),
     "dequant": ("torch", "one-thread"),
 }
@@ -105,16 +124,36 @@ def timer(fn, candidate: str, cls: str) -> float:
 
 
 def _decode_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
+    """One call per candidate over a block's decode products: groups of siblings that read the
+    same input (DECODE_BLOCKS), each product on its own or, "+fused", a group as one."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(rows, k, generator=gen, dtype=torch.float32).to(dtype)
-    w1, w2 = (torch.rand(n, k, generator=gen, dtype=torch.float32).to(dtype) for _ in range(2))
-    calls = {"torch": lambda: (F.linear(x, w1), F.linear(x, w2))}
+    groups = []
+    for group in DECODE_BLOCKS.get((k, n), [[(k, n), (k, n)]]):
+        x = torch.rand(rows, group[0][0], generator=gen, dtype=torch.float32).to(dtype)
+        ws = [torch.rand(o, i, generator=gen, dtype=torch.float32).to(dtype) for i, o in group]
+        groups.append((x, ws))
+
+    def each(op, weights):
+        return lambda: [op(x, w) for (x, _), ws in zip(groups, weights) for w in ws]
+
+    def fused(joined):
+        def call():
+            out = []
+            for (x, ws), w in zip(groups, joined):
+                out += onednn_linear(x, w, None).split([v.shape[0] for v in ws], dim=-1)
+            return out
+
+        return call
+
+    plain = [ws for _, ws in groups]
+    calls = {"torch": each(F.linear, plain)}
     if "onednn" in kinds:
-        calls["onednn"] = lambda: (onednn_linear(x, w1, None), onednn_linear(x, w2, None))
-        p1, p2 = reorder(w1, rows), reorder(w2, rows)
-        calls["packed"] = lambda: (onednn_linear(x, p1, None), onednn_linear(x, p2, None))
-        both = reorder(torch.cat([w1, w2]), rows)
-        calls["packed+fused"] = lambda: onednn_linear(x, both, None).split(n, dim=-1)
+        onednn = functools.partial(onednn_linear, b=None)
+        joined = [torch.cat(ws) for ws in plain]
+        calls["onednn"] = each(onednn, plain)
+        calls["onednn+fused"] = fused(joined)
+        calls["packed"] = each(onednn, [[reorder(w, rows) for w in ws] for ws in plain])
+        calls["packed+fused"] = fused([reorder(w, rows) for w in joined])
     return calls
 
 
@@ -149,6 +188,16 @@ def _dequant_calls(k: int, n: int) -> dict:
     }
 
 
+_evicting: list[torch.Tensor] = []
+
+
+def _evict() -> None:
+    """Write EVICT_BYTES, so the next call reads its weights from memory, not cache."""
+    if not _evicting:
+        _evicting.append(torch.empty(EVICT_BYTES, dtype=torch.uint8))
+    _evicting[0].add_(1)
+
+
 @contextmanager
 def _grad(phase: str):
     with torch.inference_mode() if phase == "decode" else torch.enable_grad():
@@ -172,19 +221,23 @@ def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
                     make = _decode_calls if phase == "decode" else _train_calls
                     calls = make(k, n, r, dtype, kinds)
                 best = {c: math.inf for c in calls}
+                evict = _evict if phase == "decode" else lambda: None
                 for fn in calls.values():  # a first call: primitives made, pages touched
                     fn()
                 for i in range(rounds if k * n < 1 << 24 else min(rounds, 3)):  # 7B-sized: 3
                     if i >= 2 and time.perf_counter() - start > budget_s:
                         break
                     for c, fn in calls.items():
+                        evict()
                         best[c] = min(best[c], timer(fn, c, cls))
-            shape = f"{k}x{n}, {r} row{'s' * (r > 1)}" + (" (pair)" if phase == "decode" else "")
+            what = " (block)" if (k, n) in DECODE_BLOCKS else " (pair)"
+            shape = f"{k}x{n}, {r} row{'s' * (r > 1)}" + (what if phase == "decode" else "")
             shape = f"{k}x{n} to bf16" if phase == "dequant" else shape
             rows += [
                 dict(cls=cls, shape=shape, candidate=c, ms=round(t * 1e3, 4))
                 for c, t in best.items()
             ]
+    _evicting.clear()  # 128 MB given back
     return rows
 
 
@@ -225,7 +278,8 @@ def choice_key(row: dict) -> str:
 def design() -> str:
     """What a table measures and how it decides: one made otherwise (an older tunelab's) is
     measured again rather than trusted."""
-    what = [SHAPES, CANDIDATES, KEYS, MARGIN, MARGINS]
+    blocks = sorted(DECODE_BLOCKS.items())
+    what = [SHAPES, blocks, CANDIDATES, KEYS, MARGIN, MARGINS, EVICT_BYTES]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
