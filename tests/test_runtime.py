@@ -245,14 +245,15 @@ def test_one_row_and_batch_decoding_are_chosen_apart():
 
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 8])
-def test_decode_candidates_time_the_same_products(rows):
+def test_decode_candidates_time_the_same_products(rows, monkeypatch):
     """Every decode candidate's timed call computes the products torch's does: SmolLM2's whole
-    block (q/k/v, o, gate/up, down; joined where "+fused") and the 7B-sized pair alike."""
+    blocks (q/k/v, o, gate/up, down; joined where "+fused") and the 7B-sized pair alike."""
+    monkeypatch.setattr(choose, "BLOCK_LAYERS", 2)
     for k, n in ((576, 1536), (64, 96)):  # the block choose.DECODE_BLOCKS names, and a pair
         calls = choose._decode_calls(k, n, rows, torch.float32, choose.CANDIDATES["decode"])
         assert set(calls) == set(choose.CANDIDATES["decode"])
         want = calls["torch"]()
-        assert len(want) == (7 if (k, n) in choose.DECODE_BLOCKS else 2)
+        assert len(want) == (7 * 2 if (k, n) in choose.DECODE_BLOCKS else 2)
         for name, fn in calls.items():
             got = fn()
             assert [y.shape for y in got] == [y.shape for y in want], name
