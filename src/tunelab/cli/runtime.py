@@ -39,7 +39,11 @@ def register(sub) -> None:
         description="Shows the table measured once per machine (cached under $TUNELAB_CACHE/"
         "runtime): each candidate kernel's time per shape class, and the choice.",
     )
-    p.add_argument("--rerun", action="store_true", help="measure again (a few seconds)")
+    p.add_argument(
+        "--rerun",
+        action="store_true",
+        help="measure again (about 20 s on 2 CPUs; on an idle machine)",
+    )
     p.add_argument(
         "--linear",
         default="auto",
