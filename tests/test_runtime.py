@@ -11,7 +11,7 @@ import yaml
 from tunelab.cli import main
 from tunelab.model.config import ModelConfig
 from tunelab.model.heads import CausalLM
-from tunelab.runtime import choose, prepare_runtime, resolve
+from tunelab.runtime import candidates, choose, prepare_runtime, resolve
 from tunelab.runtime.kernels import FastLinear, onednn_works
 
 TINY = {"decode": [(8, 16, 1), (8, 16, 8)], "train": [(8, 16, 32)]}
@@ -253,12 +253,12 @@ def test_one_row_and_batch_decoding_are_chosen_apart():
 def test_decode_candidates_time_the_same_products(rows, monkeypatch):
     """Every decode candidate's timed call computes the products torch's does: SmolLM2's whole
     blocks (q/k/v, o, gate/up, down; joined where "+fused") and the 7B-sized pair alike."""
-    monkeypatch.setattr(choose, "BLOCK_LAYERS", 2)
-    for k, n in ((576, 1536), (64, 96)):  # the block choose.DECODE_BLOCKS names, and a pair
-        calls = choose._decode_calls(k, n, rows, torch.float32, choose.CANDIDATES["decode"])
+    monkeypatch.setattr(candidates, "BLOCK_LAYERS", 2)
+    for k, n in ((576, 1536), (64, 96)):  # the block candidates.DECODE_BLOCKS names, and a pair
+        calls = candidates.decode_calls(k, n, rows, torch.float32, choose.CANDIDATES["decode"])
         assert set(calls) == set(choose.CANDIDATES["decode"])
         want = calls["torch"]()
-        assert len(want) == (7 * 2 if (k, n) in choose.DECODE_BLOCKS else 2)
+        assert len(want) == (7 * 2 if (k, n) in candidates.DECODE_BLOCKS else 2)
         for name, fn in calls.items():
             got = fn()
             assert [y.shape for y in got] == [y.shape for y in want], name

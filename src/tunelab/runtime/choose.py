@@ -1,11 +1,12 @@
 """Which linear kernel wins on this machine: measured once per machine, cached, then reused.
 
-The candidates (runtime/kernels.py) are timed on the products that matter, per shape class:
-  decode-fp32, decode-bf16  a sibling pair (gate/up) of a SmolLM2-sized layer (576 -> 1536)
-                            and a 7B-sized one (4096 -> 14336) with 1 and 8 rows: torch's
-                            F.linear, oneDNN on the weights as they are, the pair joined as
-                            one product ("onednn+fused"), on reordered copies ("packed"), and
-                            the pair as one reordered product ("packed+fused")
+The candidates (runtime/kernels.py) are timed on the products that matter, per shape class
+(the calls: runtime/candidates.py):
+  decode-fp32, decode-bf16  SmolLM2's block over 8 layers and a 7B-sized sibling pair (4096 ->
+                            14336), with 1 and 8 rows, from cold caches: torch's F.linear,
+                            oneDNN on the weights as they are, siblings joined as one product
+                            ("onednn+fused"), on reordered copies ("packed"), and siblings as
+                            one reordered product ("packed+fused")
   train-fp32, train-bf16    forward and backward of SmolLM2's MLP products (576 <-> 1536, 1024
                             rows) and LM head (576 -> 49152, 256 rows): F.linear against
                             oneDNN for all three products, and against oneDNN with the
@@ -15,14 +16,13 @@ The candidates (runtime/kernels.py) are timed on the products that matter, per s
                             dequant.py gathers by index_select there, by rows over threads)
 Each candidate runs in interleaved rounds and keeps its fastest time (other work on the
 machine only slows a run down). A class takes a candidate other than torch only when it wins
-by MARGIN over the shapes together and loses on none of them. The table is cached as JSON
+by MARGIN over the shapes together and loses on none of them beyond TIE. The table is cached as JSON
 under $TUNELAB_CACHE/runtime (default ~/.cache/tunelab), keyed by CPU model, cores, threads
 and torch version; `tunelab runtime --rerun` measures again.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -35,17 +35,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.files import atomic_write
 from tunelab.model.weights import release_freed
+from tunelab.runtime.candidates import (
+    BLOCK_LAYERS,
+    DECODE_BLOCKS,
+    EVICT_BYTES,
+    decode_calls,
+    dequant_calls,
+    evict,
+    release_eviction,
+    train_calls,
+    weight_bytes,
+)
 from tunelab.runtime.kernels import (
     ONE_ROW,
-    _OneDNNLinear,
     free_memory,
-    onednn_linear,
     onednn_works,
-    reorder,
 )
 
 log = logging.getLogger("tunelab")
@@ -60,40 +67,19 @@ MARGINS = {"train": 1.04}
 # three. A loss beyond 3% on any shape still rules a candidate out.
 TIE = 0.97
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Decoding streams weights from memory (SmolLM2's 540 MB in fp32 each token): each decode call
-# is timed after reading this many bytes, so no candidate reads weights another left in cache
-# (torch's F.linear ran first on the same weights as oneDNN's, which then looked 2x faster
-# at 1 row than a joined copy that decoded 6% faster end to end). Read, not written: written
-# lines would still be going back to memory while the timed call runs.
-EVICT_BYTES = 128 << 20
 CLASSES = ("decode-fp32", "decode-bf16", "train-fp32", "train-bf16", "dequant-nf4")
 # Decoding one row and decoding a batch are chosen apart: on 2 EPYC vCPUs plain oneDNN won at 1
 # row (1.54x torch) and the fused reordered weights at 8 (1.84x against 1.38x), and one choice
 # over both flipped between measurements (IFEval's batches ran at 76 or 108 tok/s).
 KEYS = CLASSES + tuple(c + ONE_ROW for c in CLASSES if c.startswith("decode"))
-# (in, out, rows): decode shapes are a sibling pair (out each) or the block DECODE_BLOCKS
-# names, train shapes one layer
+# (in, out, rows): decode shapes are a sibling pair (out each) or the block
+# candidates.DECODE_BLOCKS names, train shapes one layer
 SHAPES = {
     "decode": [(576, 1536, 1), (576, 1536, 8), (4096, 14336, 1), (4096, 14336, 8)],
     # train: SmolLM2's MLP products both ways and its LM head (49152 outputs), where oneDNN's
     # weight grad ran 0.96x torch while its forward and input grad ran faster
     "train": [(576, 1536, 1024), (1536, 576, 1024), (576, 49152, 256)],
     "dequant": [(4096, 4096, 0)],
-}
-# Decode shapes timed as whole blocks: SmolLM2's, in groups of siblings (q/k/v, o, gate/up,
-# down), BLOCK_LAYERS of them with weights of their own, streamed one after the other as a
-# token does (112 MB in fp32: one ~1 ms block timed alone could not tell 5% apart on a busy
-# host). Its gate/up pair alone undercounted what joining saves: one call instead of five per
-# block at ~15 us each (bf16, 8 rows: the pair chose "packed", 216 tok/s, over "packed+fused",
-# 230 tok/s end to end). 7B-sized shapes stay a pair: a whole block is 870 MB in fp32.
-BLOCK_LAYERS = 8
-DECODE_BLOCKS = {
-    (576, 1536): [
-        [(576, 576), (576, 192), (576, 192)],
-        [(576, 576)],
-        [(576, 1536)] * 2,
-        [(1536, 576)],
-    ]
 }
 CANDIDATES = {
     "decode": ("torch", "onednn", "onednn+fused", "packed", "packed+fused"),
@@ -130,96 +116,12 @@ def cache_path(key: dict | None = None) -> Path:
 
 def timer(fn, candidate: str, cls: str) -> float:
     """Seconds one call of fn (candidate's product for cls) takes, a decode call from cold
-    caches (_evict); tests fake a machine here."""
+    caches (candidates.evict); tests fake a machine here."""
     if cls.startswith("decode"):
-        _evict()
+        evict()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _weight_bytes(phase: str, k: int, n: int, dtype: torch.dtype) -> int:
-    """Bytes of the weights one shape's calls read (a decode block's over its layers)."""
-    if phase == "decode" and (k, n) in DECODE_BLOCKS:
-        shapes = [s for group in DECODE_BLOCKS[k, n] for s in group] * BLOCK_LAYERS
-        return sum(i * o for i, o in shapes) * dtype.itemsize
-    return 2 * k * n * dtype.itemsize
-
-
-def _decode_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
-    """One call per candidate over a block's decode products: groups of siblings that read the
-    same input (DECODE_BLOCKS), each product on its own or, "+fused", a group as one."""
-    gen = torch.Generator().manual_seed(0)
-    groups = []
-    layers = BLOCK_LAYERS if (k, n) in DECODE_BLOCKS else 1
-    for group in DECODE_BLOCKS.get((k, n), [[(k, n), (k, n)]]) * layers:
-        x = torch.rand(rows, group[0][0], generator=gen, dtype=torch.float32).to(dtype)
-        ws = [torch.rand(o, i, generator=gen, dtype=torch.float32).to(dtype) for i, o in group]
-        groups.append((x, ws))
-
-    def each(op, weights):
-        return lambda: [op(x, w) for (x, _), ws in zip(groups, weights) for w in ws]
-
-    def fused(joined):
-        def call():
-            out = []
-            for (x, ws), w in zip(groups, joined):
-                out += onednn_linear(x, w, None).split([v.shape[0] for v in ws], dim=-1)
-            return out
-
-        return call
-
-    plain = [ws for _, ws in groups]
-    calls = {"torch": each(F.linear, plain)}
-    if "onednn" in kinds:
-        onednn = functools.partial(onednn_linear, b=None)
-        joined = [torch.cat(ws) for ws in plain]
-        calls["onednn"] = each(onednn, plain)
-        calls["onednn+fused"] = fused(joined)
-        calls["packed"] = each(onednn, [[reorder(w, rows) for w in ws] for ws in plain])
-        calls["packed+fused"] = fused([reorder(w, rows) for w in joined])
-    return calls
-
-
-def _train_calls(k: int, n: int, rows: int, dtype: torch.dtype, kinds) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, k, generator=gen).to(dtype).requires_grad_(True)
-    w = torch.randn(n, k, generator=gen).div(k**0.5).to(dtype).requires_grad_(True)
-    g = torch.randn(rows, n, generator=gen).to(dtype)
-
-    def run(fn):
-        x.grad = w.grad = None
-        fn(x, w, None).backward(g)
-
-    calls = {"torch": lambda: run(F.linear)}
-    if "onednn" in kinds:
-        calls["onednn"] = lambda: run(_OneDNNLinear.apply)
-        calls["onednn+mm"] = lambda: run(lambda *a: _OneDNNLinear.apply(*a, False))
-    return calls
-
-
-def _dequant_calls(k: int, n: int) -> dict:
-    from tunelab.runtime.dequant import BLOCK, dequantize_nf4, pair_table
-
-    gen = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (k * n // 2,), generator=gen, dtype=torch.int32).to(torch.uint8)
-    absmax = torch.rand(k * n // BLOCK, generator=gen)
-    table = pair_table(torch.linspace(-1, 1, 16))
-    out = torch.empty(n, k, dtype=torch.bfloat16)
-    return {
-        "torch": lambda: dequantize_nf4(packed, absmax, table, 0, out),
-        "one-thread": lambda: dequantize_nf4(packed, absmax, table, 0, out, threads=1),
-    }
-
-
-_evicting: list[torch.Tensor] = []
-
-
-def _evict() -> None:
-    """Read EVICT_BYTES, so the next call reads its weights from memory, not cache."""
-    if not _evicting:
-        _evicting.append(torch.ones(EVICT_BYTES // 4))
-    _evicting[0].sum()
 
 
 @contextmanager
@@ -237,13 +139,13 @@ def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
         dtype = DTYPES.get(dname, torch.bfloat16)
         kinds = CANDIDATES[phase] if onednn_works(dtype) else ("torch",)
         for k, n, r in SHAPES.get(phase, ()):
-            if 3 * _weight_bytes(phase, k, n, dtype) > free_memory():  # weights, their copies
+            if 3 * weight_bytes(phase, k, n, dtype) > free_memory():  # weights, their copies
                 continue
             with _grad(phase):
                 if phase == "dequant":
-                    calls = _dequant_calls(k, n)
+                    calls = dequant_calls(k, n)
                 else:
-                    make = _decode_calls if phase == "decode" else _train_calls
+                    make = decode_calls if phase == "decode" else train_calls
                     calls = make(k, n, r, dtype, kinds)
                 best = {c: math.inf for c in calls}
                 for fn in calls.values():  # a first call: primitives made, pages touched
@@ -264,15 +166,15 @@ def measure(rounds: int = 5, budget_s: float = BUDGET_S) -> list[dict]:
                 dict(cls=cls, shape=shape, candidate=c, ms=round(t * 1e3, 4))
                 for c, t in best.items()
             ]
-    _evicting.clear()  # 128 MB given back
+    release_eviction()
     return rows
 
 
 def decide(rows: list[dict], margin: float | None = None) -> dict:
     """Per class, the fastest candidate that beats torch by `margin` (default: the class's
     margin(key)) over the class's shapes (geometric mean) and is slower than torch on none of
-    them beyond timing noise (TIE); else torch. Decode classes are chosen twice: over their batch shapes (the class) and
-    their 1-row shapes (class/1)."""
+    them beyond timing noise (TIE); else torch. Decode classes are chosen twice: over their
+    batch shapes (the class) and their 1-row shapes (class/1)."""
     choice = {}
     for key in KEYS:
         table: dict[str, dict[str, float]] = {}

@@ -106,9 +106,10 @@ class FastLinear(nn.Linear):
     """An nn.Linear whose product runs on the kernel chosen for it when the model was prepared.
 
     `choice` maps a shape class to a kernel: "train-fp32" / "train-bf16" (every forward and
-    backward outside decoding: "torch", "onednn" or "onednn+mm") and "decode-fp32" / "decode-bf16" (inside
-    `decoding`: "torch", "onednn", "onednn+fused", "packed" or "packed+fused"). The parameters are the ones of
-    the nn.Linear it replaces, under the same names. `decoder` is set only inside `decoding`;
+    backward outside decoding: "torch", "onednn" or "onednn+mm") and "decode-fp32" /
+    "decode-bf16" (inside `decoding`: "torch", "onednn", "onednn+fused", "packed" or
+    "packed+fused"). The parameters are the ones of the nn.Linear it replaces, under the same
+    names. `decoder` is set only inside `decoding`;
     copies and pickles leave it out, so a copy always computes with its own weights."""
 
     choice: dict
@@ -257,7 +258,7 @@ class _Fused:
         # "onednn+fused": the joined weights as they are. Each oneDNN call costs ~15 us before
         # any arithmetic (3 us for F.linear): one call for q/k/v and one for gate/up instead
         # of five saves ~1.4 ms of SmolLM2's ~40 ms fp32 token.
-        self.packed = reorder(w, rows) if kind == "packed+fused" else w
+        self.joined = reorder(w, rows) if kind == "packed+fused" else w
         self.sizes = [m.out_features for m in group]
         self.ref, self.meta, self.outputs, self.unread = None, None, [], set()
 
@@ -277,7 +278,7 @@ class _Fused:
         same = self.ref is not None and self.ref() is x and self.meta == meta
         if not same or i not in self.unread:
             x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            y = onednn_linear(x2, self.packed, self.bias).view(*x.shape[:-1], -1)
+            y = onednn_linear(x2, self.joined, self.bias).view(*x.shape[:-1], -1)
             self.ref, self.meta = weakref.ref(x), meta
             self.outputs, self.unread = y.split(self.sizes, dim=-1), set(range(len(self.sizes)))
         out = self.outputs[i]
@@ -305,11 +306,11 @@ def decoding(model: nn.Module, rows: int):
     """Inside, each FastLinear decodes on the kernel chosen for decoding: reordered weight
     copies ("packed"; q/k/v and gate/up as one product each with "packed+fused"), oneDNN on
     the weights as they are ("onednn"; siblings joined into one copy with "onednn+fused"), or
-    torch's F.linear. The copies live for the call (reordering
-    costs about one pass over the weights) and are dropped after; the model's own weights
-    never change. Packing is skipped where the copies would not fit in memory. Nested inside
-    another `decoding` (many generate calls under one: IFEval's batches), the outer copies
-    serve: reordering them again cost 150 ms a call for SmolLM2, 10 s of an IFEval run."""
+    torch's F.linear. The copies live for the call (reordering costs about one pass over the
+    weights) and are dropped after; the model's own weights never change. Packing is skipped
+    where the copies would not fit in memory. Nested inside another `decoding` (many generate
+    calls under one: IFEval's batches), the outer copies serve: reordering them again cost
+    150 ms a call for SmolLM2, 10 s of an IFEval run."""
     linears = [
         m for m in model.modules() if isinstance(m, FastLinear) and m.weight.device.type == "cpu"
     ]
@@ -326,8 +327,6 @@ def decoding(model: nn.Module, rows: int):
     fused = {id(m) for m in linears if kinds[id(m)] in FUSED_KINDS}
     try:
         for group in _fusable(model, fused):
-            if len({kinds[id(m)] for m in group}) > 1:
-                continue  # siblings told different kernels: each runs its own
             shared = _Fused(group, rows, kinds[id(group[0])])
             for i, m in enumerate(group):
                 m.decoder = shared.slot(i)
